@@ -1,0 +1,1 @@
+"""The shared evaluation library: data sets and splits, metrics, protocols, result tables."""

@@ -1,0 +1,133 @@
+"""Load a data set by name, through an on-disk cache keyed by the source files' hashes.
+
+The cache holds `data.npz` (sequences, timestamps, ratings, evaluation examples),
+`items.json` (the item table and drop report) and `manifest.json` (source hashes, options).
+It is rebuilt whenever a source file or an option changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+
+import numpy as np
+
+from eval.data.dataset import Dataset, DropReport, EvalExamples, ItemTable, Ragged
+from eval.data.formats import build_dataset
+from eval.data.registry import get_spec
+
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> pathlib.Path:
+    """`$LLM4REC_CACHE`, else `$XDG_CACHE_HOME/llm4rec`, else `~/.cache/llm4rec`."""
+    if os.environ.get("LLM4REC_CACHE"):
+        return pathlib.Path(os.environ["LLM4REC_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base).expanduser() / "llm4rec"
+
+
+def load(
+    name: str,
+    data_dir: str | os.PathLike,
+    *,
+    fmt: str | None = None,
+    min_rating: float | None = None,
+    k_core: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+) -> Dataset:
+    """The canonical `Dataset` for `name` read from `data_dir` (cached; see module doc)."""
+    spec = get_spec(name, fmt)
+    data_dir = pathlib.Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"--data_dir={data_dir}: not a directory")
+    sources = sorted({p for g in spec.source_globs for p in data_dir.glob(g) if p.is_file()})
+    manifest = {
+        "version": CACHE_VERSION,
+        "dataset": name,
+        "format": fmt,
+        "options": {"min_rating": min_rating, "k_core": k_core},
+        "sources": {p.name: _sha256(p) for p in sources},
+    }
+    key = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    folder = pathlib.Path(cache_dir or default_cache_dir()) / "processed" / f"{name}-{key}"
+    if use_cache and (folder / "manifest.json").exists():
+        try:
+            if json.loads((folder / "manifest.json").read_text()) == manifest:
+                return _read(folder, name)
+        except (OSError, ValueError, KeyError):
+            pass  # A damaged cache is rebuilt below.
+    ds = build_dataset(name, spec.reader(data_dir), min_rating=min_rating, k_core=k_core)
+    if use_cache:
+        _write(folder, ds, manifest)
+    return ds
+
+
+def _sha256(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write(folder: pathlib.Path, ds: Dataset, manifest: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {"seq_values": ds.sequences.values, "seq_offsets": ds.sequences.offsets}
+    if ds.timestamps is not None:
+        arrays["ts_values"] = ds.timestamps.values
+    if ds.ratings is not None:
+        arrays["rating_values"] = ds.ratings.values
+    for split, ex in ds.examples.items():
+        arrays.update(
+            {
+                f"{split}/users": ex.users,
+                f"{split}/targets": ex.targets,
+                f"{split}/history_values": ex.history.values,
+                f"{split}/history_offsets": ex.history.offsets,
+            }
+        )
+        if ex.history_timestamps is not None:
+            arrays[f"{split}/history_ts_values"] = ex.history_timestamps.values
+            arrays[f"{split}/target_ts"] = ex.target_timestamps
+    np.savez(folder / "data.npz", **arrays)
+    items = {
+        "user_ids": ds.user_ids,
+        "original_ids": ds.items.original_ids,
+        "titles": ds.items.titles,
+        "fields": ds.items.fields,
+        "report": ds.report.counts,
+        "splits": sorted(ds.examples),
+    }
+    (folder / "items.json").write_text(json.dumps(items))
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def _read(folder: pathlib.Path, name: str) -> Dataset:
+    meta = json.loads((folder / "items.json").read_text())
+    with np.load(folder / "data.npz") as z:
+        offsets = z["seq_offsets"]
+        examples = {}
+        for split in meta["splits"]:
+            hist_offsets = z[f"{split}/history_offsets"]
+            has_ts = f"{split}/target_ts" in z
+            examples[split] = EvalExamples(
+                users=z[f"{split}/users"],
+                history=Ragged(z[f"{split}/history_values"], hist_offsets),
+                targets=z[f"{split}/targets"],
+                history_timestamps=Ragged(z[f"{split}/history_ts_values"], hist_offsets) if has_ts else None,
+                target_timestamps=z[f"{split}/target_ts"] if has_ts else None,
+            )
+        return Dataset(
+            name=name,
+            items=ItemTable(meta["original_ids"], meta["titles"], meta["fields"]),
+            user_ids=meta["user_ids"],
+            sequences=Ragged(z["seq_values"], offsets),
+            timestamps=Ragged(z["ts_values"], offsets) if "ts_values" in z else None,
+            ratings=Ragged(z["rating_values"], offsets) if "rating_values" in z else None,
+            examples=examples,
+            report=DropReport(dict(meta["report"])),
+        )

@@ -1,0 +1,62 @@
+"""Data sets by name: which parser reads them, and how they are described and evaluated."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Callable
+
+from eval.data import formats
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """How to read one named data set and what its items are called in prompts."""
+
+    name: str
+    reader: Callable[[pathlib.Path], formats.RawData]
+    noun: str = "items"
+    description: str = ""
+    # Files whose content identifies the source (hashed for the cache manifest).
+    source_globs: tuple[str, ...] = ("*",)
+    # The published evaluation protocol: "full" ranking or "sampled" (100 negatives, SASRec).
+    protocol: str = "full"
+
+
+FORMATS: dict[str, Callable[[pathlib.Path], formats.RawData]] = {
+    "grouplens": formats.read_grouplens,
+    "sasrec": formats.read_sasrec,
+    "lcrec": formats.read_lcrec,
+    "amazon-csv": formats.read_amazon_csv,
+    "recbole": formats.read_recbole,
+}
+
+DATASETS: dict[str, DatasetSpec] = {}
+
+
+def register(spec: DatasetSpec) -> DatasetSpec:
+    """Add a named data set (see WORKSPACE.md, 'Adding a data set')."""
+    DATASETS[spec.name] = spec
+    return spec
+
+
+_MOVIELENS = ("u.data", "u.item", "*.dat", "ratings.csv", "movies.csv", "*.inter", "*.item")
+for _name in ("ml-100k", "ml-1m", "ml-20m"):
+    register(DatasetSpec(_name, formats.read_grouplens, "movies", f"MovieLens {_name[3:].upper()}", _MOVIELENS))
+register(DatasetSpec("amazon-games-2014", formats.read_sasrec, "video games", "Amazon Video Games 2014 (SASRec's Games)", ("*.txt",), "sampled"))
+register(DatasetSpec("amazon-scientific-2018", formats.read_lcrec, "industrial and scientific products", "Amazon Industrial & Scientific 2018 (LC-Rec JSON)", ("*.inter.json", "*.item.json")))
+register(DatasetSpec("amazon-cds-vinyl-2018", formats.read_amazon_csv, "CDs or vinyl", "Amazon CDs & Vinyl 2018 (BIGRec/D3 CSV)", ("valid.csv", "test.csv", "info.txt")))
+
+
+def get_spec(name: str, fmt: str | None = None) -> DatasetSpec:
+    """The spec of a registered name, or an ad-hoc one for `fmt` (one of FORMATS)."""
+    if fmt:
+        if fmt not in FORMATS:
+            raise ValueError(f"--format={fmt!r}: unknown; choose one of {sorted(FORMATS)}")
+        return DatasetSpec(name, FORMATS[fmt])
+    if name not in DATASETS:
+        raise ValueError(
+            f"--dataset={name!r}: unknown; registered: {sorted(DATASETS)} "
+            f"(or pass --format={'|'.join(FORMATS)} for other data)"
+        )
+    return DATASETS[name]

@@ -1,0 +1,67 @@
+"""The interface every recommender implements to appear in `tools.leaderboard`.
+
+A recommender is fitted on a `Split` and then either scores every item for a batch of
+evaluation examples (`score`) or returns ranked item lists (`rank`, for generative models).
+`evaluate` runs the data set's protocol on whichever the recommender provides.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+import numpy as np
+
+from eval import protocols
+from eval.data.dataset import Dataset, EvalExamples
+from eval.data.splits import Split
+from eval.metrics import DEFAULT_KS, metrics_from_ranks, ranks_from_lists
+
+BUDGETS = ("demo", "full")
+
+
+class Recommender(abc.ABC):
+    """Base class: implement `fit` and one of `score` / `rank`."""
+
+    @abc.abstractmethod
+    def fit(self, ds: Dataset, split: Split, *, budget: str, seed: int) -> dict:
+        """Train on `split.train`; may select on `split.valid`. Returns info to report."""
+
+    def score(self, examples: EvalExamples, index: np.ndarray) -> np.ndarray:
+        """Scores [len(index), N+1] (higher = better) for examples `index`."""
+        raise NotImplementedError
+
+    def rank(self, examples: EvalExamples, index: np.ndarray, k: int) -> np.ndarray:
+        """Ranked item ids [len(index), k] (0 = empty slot) for examples `index`."""
+        raise NotImplementedError
+
+    @property
+    def generative(self) -> bool:
+        return type(self).rank is not Recommender.rank
+
+
+def evaluate(
+    rec: Recommender,
+    ds: Dataset,
+    examples: EvalExamples,
+    protocol: str = "full",
+    ks: Sequence[int] = DEFAULT_KS,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Metrics of `rec` on `examples` under `protocol` ('full' or 'sampled')."""
+    if rec.generative:
+        if protocol != "full":
+            raise ValueError(f"protocol {protocol!r} needs scores; {type(rec).__name__} only ranks")
+        k = max(ks)
+        lists = np.concatenate(
+            [rec.rank(examples, idx, k) for idx in np.array_split(np.arange(len(examples)), max(1, len(examples) // 256))]
+        )
+        return {**metrics_from_ranks(ranks_from_lists(lists, examples.targets), ks), "num_examples": len(examples)}
+    if protocol == "full":
+        return protocols.full_ranking(lambda idx: rec.score(examples, idx), examples, ds.num_items, ks)
+    if protocol == "sampled":
+        def sampled(idx, candidates):
+            return np.take_along_axis(rec.score(examples, idx), candidates, axis=1)
+
+        return protocols.sampled_ranking(sampled, examples, ds.num_items, seed=seed, ks=ks)
+    raise ValueError(f"unknown protocol {protocol!r}; use 'full' or 'sampled'")

@@ -1,0 +1,1 @@
+"""HSTU and SASRec sequential recommenders in Flax NNX."""

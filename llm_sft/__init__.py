@@ -1,0 +1,1 @@
+"""Fine-tuning Qwen LLMs for generative recommendation (BIGRec) in JAX/Flax NNX."""

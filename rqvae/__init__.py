@@ -1,0 +1,1 @@
+"""RQ-VAE semantic-ID tokenizer (TIGER-style residual quantisation) in Flax NNX."""

@@ -1,0 +1,231 @@
+"""eval.data: loaders for every format, errors naming file and line, cache, splits, examples."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from conftest import shared_data
+
+from eval import data
+from eval.data import examples
+from eval.data.dataset import Ragged
+from eval.data.stats import describe
+
+# Three users; user "2" has a tie in timestamps (file order kept) and a low rating.
+U_DATA = "1\t10\t5\t300\n1\t11\t4\t100\n2\t10\t3\t50\n2\t12\t1\t50\n1\t12\t5\t200\n3\t11\t4\t10\n"
+U_ITEM = "10|Alpha (1995)|01-Jan-1995||url|0|1|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0\n11|B\xe9ta (1996)|x||u|0\n12|Gamma|x||u|0\n13|Unseen|x||u|0\n"
+
+
+def write(folder, files: dict[str, str], encoding="utf-8"):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding="latin-1" if name == "u.item" else encoding)
+    return folder
+
+
+def test_grouplens_canonical_form(tmp_path):
+    ds = data.load("ml-100k", write(tmp_path / "ml", {"u.data": U_DATA, "u.item": U_ITEM}))
+    assert ds.items.original_ids == ["", "10", "11", "12", "13"]
+    assert ds.items.titles[2] == "Béta (1996)"  # latin-1 decoded
+    assert ds.items.fields["genres"][1] == "Action"
+    assert ds.user_ids == ["1", "2", "3"]
+    # user 1 sorted by time: 11 (100), 12 (200), 10 (300) -> dense 2, 3, 1
+    np.testing.assert_array_equal(ds.sequences[0], [2, 3, 1])
+    np.testing.assert_array_equal(ds.timestamps[0], [100, 200, 300])
+    np.testing.assert_array_equal(ds.sequences[1], [1, 3])  # tie at 50: file order
+    np.testing.assert_array_equal(ds.ratings[1], [3, 1])
+    assert ds.report.counts == {"catalogue items without interactions (kept)": 1}
+    assert describe(ds)[-1] == "users=3 items=4 interactions=6"
+
+
+def test_rating_threshold_and_k_core_are_reported(tmp_path):
+    folder = write(tmp_path / "ml", {"u.data": U_DATA, "u.item": U_ITEM})
+    ds = data.load("ml-100k", folder, min_rating=3)
+    assert ds.num_interactions == 5
+    assert ds.report.counts["interactions with rating < 3"] == 1
+    ds = data.load("ml-100k", folder, k_core=2)
+    # user 3 (one interaction) goes, then item 11 (now seen once), then nothing more.
+    assert ds.user_ids == ["1", "2"] and ds.items.original_ids == ["", "10", "12"]
+    assert ds.report.counts["interactions removed by 2-core filter"] == 2
+    assert ds.report.counts["catalogue items without interactions (dropped)"] == 2
+
+
+def test_sasrec_lcrec_recbole_formats(tmp_path):
+    ds = data.load("amazon-games-2014", write(tmp_path / "g", {"Video.txt": "1 5\n1 3\n2 5\n"}))
+    assert ds.num_users == 2 and ds.num_items == 2
+    np.testing.assert_array_equal(ds.sequences[0], [2, 1])  # file order, dense ids by original id
+    assert ds.report.counts["items without title (kept, empty title)"] == 2
+
+    inter = {"0": [0, 1, 2], "1": [2, 0]}
+    items = {"0": {"title": "A", "brand": "X"}, "1": {"title": "B  b"}, "2": {"title": "C"}}
+    folder = write(tmp_path / "s", {"S.inter.json": json.dumps(inter), "S.item.json": json.dumps(items)})
+    ds = data.load("amazon-scientific-2018", folder)
+    assert ds.items.titles == ["", "A", "B b", "C"]
+    assert ds.items.text(1, ("title", "brand")) == "Title: A; Brand: X"
+    np.testing.assert_array_equal(ds.sequences[1], [3, 1])
+
+    atomic = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n7\t1\t4\t20\n7\t2\t5\t10\n"
+    item = "item_id:token\tmovie_title:token_seq\n1\tOne\n2\tTwo\n"
+    ds = data.load("x", write(tmp_path / "r", {"x.inter": atomic, "x.item": item}), fmt="recbole")
+    np.testing.assert_array_equal(ds.sequences[0], [2, 1])
+    assert ds.items.titles == ["", "One", "Two"]
+
+
+CSV_HEADER = "user_id,item_asins,item_asin,history_item_id,item_id,history_item_title,item_title,history_rating,rating,history_timestamp,timestamp\n"
+
+
+def csv_row(user, hist, target, ts):
+    asins = [f"A{h}" for h in hist]
+    titles = [f"t{h}" for h in hist]
+    return (
+        f'{user},"{asins}",A{target},"{hist}",{target},"{titles}",t{target},'
+        f'"{[5.0] * len(hist)}",5.0,"{[ts - 10 + i for i in range(len(hist))]}",{ts}\n'
+    )
+
+
+def amazon_folder(tmp_path):
+    valid = CSV_HEADER + csv_row("u1", [0, 1], 2, 100) + csv_row("u1", [0, 1, 2], 3, 110)
+    test = CSV_HEADER + csv_row("u1", [1, 2, 3], 4, 200) + csv_row("u2", [4], 0, 210)
+    info = "".join(f"title {i}\t{i}\n" for i in range(6)).replace("title 5", "<span class=x")
+    return write(tmp_path / "a", {"valid.csv": valid, "test.csv": test, "info.txt": info})
+
+
+def test_amazon_csv_rebuilds_histories_and_split_has_no_leakage(tmp_path):
+    ds = data.load("amazon-cds-vinyl-2018", amazon_folder(tmp_path))
+    assert ds.num_items == 6  # info.txt is the catalogue; item 5 has no interactions
+    u1 = ds.user_ids.index("u1")
+    np.testing.assert_array_equal(ds.sequences[u1], [1, 2, 3, 4, 5])  # original 0..4 -> dense 1..5
+    sp = data.split(ds)
+    assert len(sp.valid) == 2 and len(sp.test) == 2
+    # u1's first evaluation target is original item 2 (dense 3): train only on [1, 2].
+    np.testing.assert_array_equal(sp.train[u1], [1, 2])
+    u2 = ds.user_ids.index("u2")
+    np.testing.assert_array_equal(sp.train[u2], [5])  # history of its only (test) row
+    for ex in (sp.valid, sp.test):
+        for e in range(len(ex)):
+            assert ex.targets[e] not in set(sp.train[ex.users[e]][len(ex.history[e]) :])
+    assert sp.summary()["train_examples"] == 1
+    lines = describe(ds)
+    assert "HTML-debris titles: 1" in lines
+
+
+def test_leave_one_out_split():
+    ds = data.Dataset(
+        "t", data.ItemTable([""] + list("abcde"), [""] + list("ABCDE")), ["u", "v"],
+        Ragged.from_rows([[1, 2, 3, 4], [5, 1]]),
+    )  # fmt: skip
+    sp = data.split(ds)
+    np.testing.assert_array_equal(sp.train[0], [1, 2])
+    np.testing.assert_array_equal(sp.train[1], [5, 1])  # < 3 items: train only
+    np.testing.assert_array_equal(sp.valid.targets, [3])
+    np.testing.assert_array_equal(sp.test.targets, [4])
+    np.testing.assert_array_equal(sp.test.history[0], [1, 2, 3])
+    assert sp.report.counts == {"users with < 3 interactions (train only, not evaluated)": 1}
+
+
+BAD_INPUTS = {
+    "ml-100k": ({"u.data": U_DATA.replace("1\t12\t5\t200", "1\t12\tfive\t200"), "u.item": U_ITEM}, "u.data", 5),
+    "amazon-games-2014": ({"Video.txt": "1 5\n1 3\n2\n"}, "Video.txt", 3),
+    "x-recbole": ({"x.inter": "user_id:token\titem_id:token\n7\t1\n8\n"}, "x.inter", 3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_corrupt_line_names_file_and_line(tmp_path, name):
+    files, bad_file, line = BAD_INPUTS[name]
+    folder = write(tmp_path / "d", files)
+    fmt = "recbole" if name == "x-recbole" else None
+    with pytest.raises(data.DataFormatError, match=rf"{re.escape(bad_file)}:{line}:"):
+        data.load(name, folder, fmt=fmt)
+
+
+def test_corrupt_json_and_csv_name_file_and_line(tmp_path):
+    folder = write(tmp_path / "s", {"S.inter.json": '{"0": [0, 1],\n "1": [2,, 0]}', "S.item.json": "{}"})
+    with pytest.raises(data.DataFormatError, match=r"S\.inter\.json:2:"):
+        data.load("amazon-scientific-2018", folder)
+    folder = amazon_folder(tmp_path)
+    text = (folder / "test.csv").read_text().splitlines(keepends=True)
+    text[2] = text[2].replace('"[4]"', '"[4"')
+    (folder / "test.csv").write_text("".join(text))
+    with pytest.raises(data.DataFormatError, match=r"test\.csv:3:"):
+        data.load("amazon-cds-vinyl-2018", folder)
+
+
+def test_cache_is_reused_and_rebuilt_when_source_changes(tmp_path):
+    folder = write(tmp_path / "ml", {"u.data": U_DATA, "u.item": U_ITEM})
+    first = data.load("ml-100k", folder)
+    cached = list((tmp_path / "cache" / "processed").iterdir())
+    assert len(cached) == 1 and (cached[0] / "manifest.json").exists()
+    again = data.load("ml-100k", folder)
+    np.testing.assert_array_equal(again.sequences.values, first.sequences.values)
+    assert again.items.titles == first.items.titles and again.report.counts == first.report.counts
+    (folder / "u.data").write_text(U_DATA + "4\t13\t5\t1\n")
+    changed = data.load("ml-100k", folder)
+    assert changed.num_users == 4 and changed.report.counts == {}
+
+
+def test_amazon_examples_roundtrip_through_cache(tmp_path):
+    folder = amazon_folder(tmp_path)
+    a = data.load("amazon-cds-vinyl-2018", folder)
+    b = data.load("amazon-cds-vinyl-2018", folder)
+    for split in ("valid", "test"):
+        np.testing.assert_array_equal(a.examples[split].history.values, b.examples[split].history.values)
+        np.testing.assert_array_equal(a.examples[split].target_timestamps, b.examples[split].target_timestamps)
+
+
+def test_unknown_dataset_and_missing_dir_errors(tmp_path):
+    with pytest.raises(ValueError, match="--dataset='nope'"):
+        data.load("nope", tmp_path)
+    with pytest.raises(FileNotFoundError, match="--data_dir"):
+        data.load("ml-100k", tmp_path / "missing")
+
+
+def test_padding_and_prefix_examples():
+    rows = Ragged.from_rows([[1, 2, 3], [4, 5]])
+    np.testing.assert_array_equal(examples.pad(rows, 2, "left"), [[2, 3], [4, 5]])
+    np.testing.assert_array_equal(examples.pad(rows, 4, "right"), [[1, 2, 3, 0], [4, 5, 0, 0]])
+    src = examples.prefix_source(rows, max_len=2)
+    assert len(src) == 3  # (1->2), (1,2->3), (4->5)
+    np.testing.assert_array_equal(src.arrays["history"], [[0, 1], [1, 2], [0, 4]])
+    np.testing.assert_array_equal(src.arrays["target"], [2, 3, 5])
+    win = examples.window_source(rows, max_len=3)
+    np.testing.assert_array_equal(win.arrays["inputs"], [[1, 2, 0], [4, 0, 0]])
+    np.testing.assert_array_equal(win.arrays["targets"], [[2, 3, 0], [5, 0, 0]])
+
+
+def test_batches_are_seeded_reshuffled_and_resumable():
+    src = examples.ArraySource({"x": np.arange(10)})
+    a = [b["x"] for b in examples.batches(src, 3, seed=1, num_epochs=2)]
+    b = [b["x"] for b in examples.batches(src, 3, seed=1, num_epochs=2)]
+    assert len(a) == 6 and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert len(set(np.concatenate(a[:3]).tolist())) == 9  # no repeats within an epoch
+    assert not np.array_equal(np.concatenate(a[:3]), np.concatenate(a[3:]))  # reshuffled
+    resumed = [b["x"] for b in examples.batches(src, 3, seed=1, num_epochs=2, start_batch=4)]
+    assert all(np.array_equal(x, y) for x, y in zip(resumed, a[4:], strict=True))
+    other = [b["x"] for b in examples.batches(src, 3, seed=2, num_epochs=1)]
+    assert not all(np.array_equal(x, y) for x, y in zip(other, a, strict=False))
+
+
+# The counts stated in ../shared/data/README.md.
+SHARED_COUNTS = {
+    "ml-100k": (943, 1682, 100_000),
+    "amazon-games-2014": (31_013, 23_715, 287_107),
+    "amazon-scientific-2018": (8_317, 4_344, 58_492),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_COUNTS))
+def test_shared_datasets_match_published_counts(name):
+    ds = data.load(name, shared_data(name))
+    assert describe(ds)[-1] == "users={} items={} interactions={}".format(*SHARED_COUNTS[name])
+
+
+def test_shared_amazon_cds_examples_and_quirks():
+    ds = data.load("amazon-cds-vinyl-2018", shared_data("amazon-cds-vinyl-2018"))
+    assert ds.num_items == 5841
+    assert len(ds.examples["valid"]) == 6156 and len(ds.examples["test"]) == 6157
+    assert len(np.unique(ds.examples["test"].users)) == 1723
+    lines = describe(ds)
+    assert "distinct titles: 5377" in lines and "HTML-debris titles: 29" in lines
+    assert not any("disagrees" in line for line in lines)  # every row's history is consistent

@@ -1,0 +1,76 @@
+"""eval baselines, the Recommender protocol dispatch and tools.leaderboard end to end."""
+
+import json
+
+import numpy as np
+
+from eval import data
+from eval.baselines import MostPopular, Transitions
+from eval.data.dataset import ItemTable, Ragged
+from eval.recommender import evaluate
+from tools import leaderboard
+
+
+def tiny_dataset():
+    # Leave-one-out train rows: [1,2,3], [1,2], [1,2,3]: transitions 1->2 x3, 2->3 x2.
+    seqs = [[1, 2, 3, 4, 4], [1, 2, 1, 3], [1, 2, 3, 2, 1]]
+    items = ItemTable([""] + list("abcd"), [""] + list("ABCD"))
+    return data.Dataset("tiny", items, ["u", "v", "w"], Ragged.from_rows(seqs))
+
+
+def test_baseline_scores_are_the_hand_counts():
+    ds = tiny_dataset()
+    sp = data.split(ds)
+    pop = MostPopular()
+    pop.fit(ds, sp, budget="demo", seed=0)
+    # train rows: [1,2,3], [1,2], [1,2,3] -> counts of items 1..4 = 3, 3, 2, 0
+    np.testing.assert_array_equal(pop.popularity, [0, 3, 3, 2, 0])
+    tr = Transitions()
+    tr.fit(ds, sp, budget="demo", seed=0)
+    scores = tr.score(sp.valid, np.array([0, 1]))
+    backoff = np.array([0, 3, 3, 2, 0]) / 4  # popularity / (max + 1)
+    # valid history of u = [1,2,3] (last 3: no transition out); of v = [1,2] (last 2: 2->3 x2).
+    np.testing.assert_allclose(scores[0], backoff)
+    np.testing.assert_allclose(scores[1], backoff + [0, 0, 0, 2, 0])
+
+
+def test_evaluate_full_and_sampled():
+    ds = tiny_dataset()
+    sp = data.split(ds)
+    tr = Transitions()
+    tr.fit(ds, sp, budget="demo", seed=0)
+    full = evaluate(tr, ds, sp.valid, "full", ks=(1, 2))
+    # u: history {1,2,3} filtered, target 4 is the only item left -> rank 1.
+    # v: last item 2, target 1 (kept although in history, .75) below item 3 (2.5) -> rank 2.
+    # w: history {1,2,3} filtered but target 2 kept (.75) above item 4 (0) -> rank 1.
+    assert full["HR@1"] == 2 / 3 and full["HR@2"] == 1.0 and full["num_examples"] == 3
+
+
+def test_sampled_protocol_ranks_against_negatives():
+    rng = np.random.default_rng(0)
+    seqs = [rng.permutation(np.arange(1, 301))[:10] for _ in range(50)]
+    ds = data.Dataset("r", ItemTable([""] * 301, [""] * 301), [str(u) for u in range(50)], Ragged.from_rows(seqs))
+    sp = data.split(ds)
+    pop = MostPopular()
+    pop.fit(ds, sp, budget="demo", seed=0)
+    sampled = evaluate(pop, ds, sp.test, "sampled", ks=(10,))
+    full = evaluate(pop, ds, sp.test, "full", ks=(10,))
+    assert sampled["num_negatives"] == 100
+    # 101 candidates instead of ~290: a target can only rank better.
+    assert sampled["HR@10"] >= full["HR@10"]
+
+
+def test_leaderboard_writes_tables(tmp_path):
+    folder = tmp_path / "root" / "ml-100k"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = [f"{u}\t{rng.integers(1, 30)}\t4\t{t}" for u in range(1, 21) for t in range(8)]
+    (folder / "u.data").write_text("\n".join(lines) + "\n")
+    (folder / "u.item").write_text("".join(f"{i}|Movie {i}|d||u|0\n" for i in range(1, 31)), encoding="latin-1")
+    results = leaderboard.run(["ml-100k"], list(leaderboard.RECOMMENDERS), "demo", 0, str(tmp_path / "root"))
+    leaderboard.write(results, tmp_path / "out", "demo")
+    table = (tmp_path / "out" / "leaderboard.md").read_text()
+    assert "| most-popular |" in table and "| transitions |" in table and "NDCG@20" in table
+    results = json.loads((tmp_path / "out" / "leaderboard.json").read_text())
+    test = results["ml-100k"]["models"]["transitions"]["test"]
+    assert test["num_examples"] == 20 and 0 <= test["NDCG@10"] <= test["HR@10"] <= 1

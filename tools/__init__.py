@@ -1,0 +1,1 @@
+"""Command-line tools: data fetching, baselines and leaderboards."""
