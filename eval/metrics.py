@@ -85,14 +85,20 @@ def target_ranks(
 def target_ranks_jax(
     scores: jax.Array, targets: jax.Array, mask: jax.Array | None = None
 ) -> jax.Array:
-    """Jitted `target_ranks` (same conventions, no input checks); returns int32 [B]."""
+    """Jitted `target_ranks` (same conventions, no input checks); returns int32 [B].
+
+    NaN is ranked pessimistically instead of raising: a NaN competitor counts as beating
+    the target and a NaN target is beaten by every competitor, so a diverged model can
+    never score well.
+    """
     columns = jnp.arange(scores.shape[1])
     is_target = columns[None, :] == targets[:, None]
     competitors = (columns[None, :] != 0) & ~is_target
     if mask is not None:
         competitors &= ~mask
     target_scores = jnp.take_along_axis(scores, targets[:, None], axis=1)
-    return 1 + jnp.sum(competitors & (scores >= target_scores), axis=1, dtype=jnp.int32)
+    beats = (scores >= target_scores) | jnp.isnan(scores) | jnp.isnan(target_scores)
+    return 1 + jnp.sum(competitors & beats, axis=1, dtype=jnp.int32)
 
 
 def ranks_from_lists(ranked_items: np.ndarray, targets: np.ndarray) -> np.ndarray:

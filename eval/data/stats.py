@@ -17,12 +17,6 @@ from eval.data.dataset import Dataset
 from eval.data.formats import is_html_debris
 from eval.data.splits import split
 
-_DATASET = flags.DEFINE_string("dataset", None, "Registered data set name.", required=True)
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Folder with the raw files.", required=True)
-_FORMAT = flags.DEFINE_string("format", None, "Parser for an unregistered data set.")
-_MIN_RATING = flags.DEFINE_float("min_rating", None, "Keep interactions rated at least this.")
-_K_CORE = flags.DEFINE_integer("k_core", None, "Iteratively keep users/items with >= k interactions.")
-
 
 def title_quirks(ds: Dataset) -> dict[str, int]:
     """Counts of item-title problems: missing, HTML debris, titles shared by several items."""
@@ -62,11 +56,21 @@ def describe(ds: Dataset) -> list[str]:
     return lines
 
 
+def _define_flags() -> None:
+    flags.DEFINE_string("dataset", None, "Registered data set name.", required=True)
+    flags.DEFINE_string("data_dir", None, "Folder with the raw files.", required=True)
+    flags.DEFINE_string("format", None, "Parser for an unregistered data set.")
+    flags.DEFINE_float("min_rating", None, "Keep interactions rated at least this.")
+    flags.DEFINE_integer("k_core", None, "Iteratively keep users/items with >= k interactions.")
+
+
 def main(argv):
     del argv
-    ds = load(_DATASET.value, _DATA_DIR.value, fmt=_FORMAT.value, min_rating=_MIN_RATING.value, k_core=_K_CORE.value)
+    f = flags.FLAGS
+    ds = load(f.dataset, f.data_dir, fmt=f.format, min_rating=f.min_rating, k_core=f.k_core)
     print("\n".join(describe(ds)))
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

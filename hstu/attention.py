@@ -1,0 +1,212 @@
+"""HSTU pointwise (SiLU) causal attention: an XLA reference and a fused Pallas kernel.
+
+For each batch row b, head h and query position i < lengths[b]:
+
+    out[b, i, h] = sum_{j <= i} SiLU(q[b, i, h] . k[b, j, h] + rab[b, i, j]) / n * v[b, j, h]
+
+with no 1/sqrt(d) scaling (HSTU, arXiv:2402.17152, eq. 2). `n` is the padded length N
+(`n_norm="padded"`, the reference's default) or the row's real length (`n_norm="length"`).
+Rows at or beyond `lengths[b]` (right padding) are zero.
+
+The Pallas kernel runs one program per (batch, head, query block) and loops over key
+blocks only up to the causal diagonal and the row's length, so fully masked blocks are
+never loaded. Its backward rule recomputes the XLA reference under `jax.vjp` (the
+backward is not a Pallas kernel yet).
+"""
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+NNorm = Literal["padded", "length"]
+Impl = Literal["xla", "pallas"]
+
+
+def _row_scale(lengths: jax.Array, n: int, n_norm: NNorm) -> jax.Array:
+    """[B, n] float32: 1/normaliser on valid rows (i < length), 0 on padding rows."""
+    lengths = lengths.astype(jnp.int32)
+    valid = jnp.arange(n, dtype=jnp.int32)[None, :] < lengths[:, None]
+    if n_norm == "padded":
+        denom = jnp.full(lengths.shape, n, jnp.float32)
+    elif n_norm == "length":
+        denom = jnp.maximum(lengths, 1).astype(jnp.float32)
+    else:
+        raise ValueError(f"hstu_attention: n_norm must be 'padded' or 'length', got {n_norm!r}")
+    return jnp.where(valid, 1.0 / denom[:, None], 0.0)
+
+
+def _check_shapes(q, k, v, rab, lengths) -> None:
+    if q.ndim != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"hstu_attention: expected q,k [B,N,H,dqk] and v [B,N,H,dv], got "
+            f"q{q.shape} k{k.shape} v{v.shape}"
+        )
+    b, n = q.shape[:2]
+    if rab is not None and (rab.ndim != 3 or rab.shape[0] not in (1, b) or rab.shape[1:] != (n, n)):
+        raise ValueError(f"hstu_attention: rab must be [{b} or 1, {n}, {n}], got {rab.shape}")
+    if lengths.shape != (b,):
+        raise ValueError(f"hstu_attention: lengths must be [{b}], got {lengths.shape}")
+
+
+def hstu_attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    rab: jax.Array | None,
+    lengths: jax.Array,
+    *,
+    n_norm: NNorm = "padded",
+) -> jax.Array:
+    """XLA reference: dense einsum with causal and per-row length masks."""
+    n = q.shape[1]
+    scores = jnp.einsum("bnhd,bmhd->bhnm", q, k)
+    if rab is not None:
+        scores = scores + rab[:, None].astype(scores.dtype)
+    causal = jnp.tril(jnp.ones((n, n), dtype=bool))
+    scale = _row_scale(lengths, n, n_norm).astype(scores.dtype)  # [B, N]
+    weights = jnp.where(causal, jax.nn.silu(scores), 0.0) * scale[:, None, :, None]
+    return jnp.einsum("bhnm,bmhd->bnhd", weights, v)
+
+
+def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, *rest, block_q: int, block_k: int, has_rab: bool):
+    """One (batch, head, query block): loops over the key blocks it can see."""
+    if has_rab:
+        rab_ref, o_ref = rest
+    else:
+        (o_ref,) = rest
+    q_start = pl.program_id(2) * block_q
+    scale = scale_ref[...]  # [bq]: 1/n on valid rows, 0 on padding rows (a prefix is valid).
+    num_valid = jnp.sum((scale > 0).astype(jnp.int32))
+    # Keys needed: j <= i < q_start + num_valid; none when the whole block is padding.
+    num_k_blocks = jnp.where(num_valid > 0, pl.cdiv(q_start + num_valid, block_k), 0)
+    q = q_ref[...]
+    rows = q_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
+
+    def body(kb, acc):
+        k_start = kb * block_k
+        k = k_ref[pl.ds(k_start, block_k), :]
+        v = v_ref[pl.ds(k_start, block_k), :]
+        s = jax.lax.dot_general(
+            q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )
+        if has_rab:
+            s = s + rab_ref[:, pl.ds(k_start, block_k)].astype(jnp.float32)
+        cols = k_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
+        a = jnp.where(cols <= rows, jax.nn.silu(s), 0.0)
+        return acc + jnp.dot(a.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, num_k_blocks, body, jnp.zeros(o_ref.shape, jnp.float32))
+    o_ref[...] = (acc * scale[:, None]).astype(o_ref.dtype)
+
+
+def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def _head_dim(d: int) -> int:
+    """Head dims are padded to a power of two >= 16 (Triton `dot` block constraints)."""
+    return max(16, pl.next_power_of_2(d))
+
+
+def _pallas_forward(q, k, v, rab, lengths, n_norm, block_q, block_k, interpret):
+    b, n, h, dqk = q.shape
+    dv = v.shape[-1]
+    n_pad = pl.cdiv(n, max(block_q, block_k)) * max(block_q, block_k)
+    dqk_p, dv_p = _head_dim(dqk), _head_dim(dv)
+    # Head-major layout [B, H, N, d]; zero padding of N and d leaves the result unchanged.
+    qh = _pad_to(_pad_to(q.transpose(0, 2, 1, 3), 2, n_pad), 3, dqk_p)
+    kh = _pad_to(_pad_to(k.transpose(0, 2, 1, 3), 2, n_pad), 3, dqk_p)
+    vh = _pad_to(_pad_to(v.transpose(0, 2, 1, 3), 2, n_pad), 3, dv_p)
+    scale = _pad_to(_row_scale(lengths, n, n_norm), 1, n_pad)
+    in_specs = [
+        pl.BlockSpec((None, block_q), lambda bi, hi, qi: (bi, qi)),
+        pl.BlockSpec((None, None, block_q, dqk_p), lambda bi, hi, qi: (bi, hi, qi, 0)),
+        pl.BlockSpec((None, None, n_pad, dqk_p), lambda bi, hi, qi: (bi, hi, 0, 0)),
+        pl.BlockSpec((None, None, n_pad, dv_p), lambda bi, hi, qi: (bi, hi, 0, 0)),
+    ]
+    args = [scale, qh, kh, vh]
+    if rab is not None:
+        rab_p = _pad_to(_pad_to(rab, 1, n_pad), 2, n_pad)
+        if rab.shape[0] == 1:
+            in_specs.append(pl.BlockSpec((None, block_q, n_pad), lambda bi, hi, qi: (0, qi, 0)))
+        else:
+            in_specs.append(pl.BlockSpec((None, block_q, n_pad), lambda bi, hi, qi: (bi, qi, 0)))
+        args.append(rab_p)
+    kernel = functools.partial(
+        _fwd_kernel, block_q=block_q, block_k=block_k, has_rab=rab is not None
+    )
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((b, h, n_pad, dv_p), q.dtype),
+        grid=(b, h, n_pad // block_q),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, None, block_q, dv_p), lambda bi, hi, qi: (bi, hi, qi, 0)),
+        interpret=interpret,
+        name="hstu_attention_fwd",
+    )(*args)
+    return out[:, :, :n, :dv].transpose(0, 2, 1, 3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _pallas_attention(q, k, v, rab, lengths, n_norm, block_q, block_k, interpret):
+    return _pallas_forward(q, k, v, rab, lengths, n_norm, block_q, block_k, interpret)
+
+
+def _pallas_attention_fwd(q, k, v, rab, lengths, n_norm, block_q, block_k, interpret):
+    out = _pallas_forward(q, k, v, rab, lengths, n_norm, block_q, block_k, interpret)
+    return out, (q, k, v, rab, lengths)
+
+
+def _pallas_attention_bwd(n_norm, block_q, block_k, interpret, residuals, g):
+    del block_q, block_k, interpret
+    q, k, v, rab, lengths = residuals
+    ref = functools.partial(hstu_attention_reference, lengths=lengths, n_norm=n_norm)
+    _, vjp = jax.vjp(lambda q_, k_, v_, rab_: ref(q_, k_, v_, rab_), q, k, v, rab)
+    dq, dk, dv, drab = vjp(g)
+    return dq, dk, dv, drab, None
+
+
+_pallas_attention.defvjp(_pallas_attention_fwd, _pallas_attention_bwd)
+
+
+def hstu_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    rab: jax.Array | None,
+    lengths: jax.Array,
+    *,
+    n_norm: NNorm = "padded",
+    impl: Impl = "xla",
+    interpret: bool | None = None,
+    block_q: int = 16,
+    block_k: int = 16,
+) -> jax.Array:
+    """HSTU causal pointwise attention.
+
+    Args:
+      q, k: [B, N, H, dqk]; v: [B, N, H, dv].
+      rab: relative attention bias [B or 1, N, N] shared across heads, or None.
+      lengths: [B] int, real (right-padded) sequence lengths.
+      n_norm: "padded" divides by N, "length" by each row's real length.
+      impl: "xla" (einsum reference) or "pallas" (fused kernel, XLA-recompute backward).
+      interpret: run the Pallas kernel in interpret mode; None = only on CPU.
+      block_q, block_k: Pallas query / key block sizes.
+
+    Returns:
+      [B, N, H, dv]; rows at or beyond `lengths` are zero.
+    """
+    _check_shapes(q, k, v, rab, lengths)
+    if impl == "xla":
+        return hstu_attention_reference(q, k, v, rab, lengths, n_norm=n_norm)
+    if impl != "pallas":
+        raise ValueError(f"hstu_attention: impl must be 'xla' or 'pallas', got {impl!r}")
+    _row_scale(lengths, 1, n_norm)  # validates n_norm eagerly
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    return _pallas_attention(q, k, v, rab, lengths, n_norm, block_q, block_k, interpret)

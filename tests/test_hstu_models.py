@@ -1,0 +1,218 @@
+"""HSTU / SASRec Flax models: reference math, torch parity (both ways), losses, convert CLI."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from hstu import convert
+from hstu.model import (
+    HSTU,
+    HSTUConfig,
+    RelativeBucketedTimeAndPositionBias,
+    loss_fn,
+    sampled_softmax_loss,
+)
+from hstu.sasrec import SASRec, SASRecConfig, bce_loss
+
+NUM_ITEMS, N = 30, 12
+HSTU_KW = dict(num_items=NUM_ITEMS, max_seq_len=16, embedding_dim=8, num_blocks=2, num_heads=2,
+               attention_dim=4, linear_dim=6)
+SASREC_KW = dict(num_items=NUM_ITEMS, max_seq_len=16, embedding_dim=8, num_blocks=2, num_heads=2)
+
+
+def _batch(seed=0, lengths=(12, 5, 1)):
+    """Right-padded ids / timestamps with the request timestamp at position `length`."""
+    rng = np.random.default_rng(seed)
+    b = len(lengths)
+    ids, ts = np.zeros((b, N), np.int32), np.zeros((b, N), np.int32)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = rng.integers(1, NUM_ITEMS + 1, n)
+        t = np.sort(rng.integers(1_000_000_000, 1_003_000_000, n + 1))
+        ts[i, : min(n + 1, N)] = t[: min(n + 1, N)]
+    return ids, ts, np.asarray(lengths, np.int32)
+
+
+def _random_model(cls, cfg, seed=0):
+    """Model with N(0, 0.1) params, built without per-initializer compilations."""
+    model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(seed)
+    state = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(
+        lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype), state))
+    return model
+
+
+def _flax_from_torch(torch_model, cls, cfg):
+    model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
+    return convert.torch_state_dict_to_flax(torch_model.state_dict(), model)
+
+
+def test_rel_bias_matches_reference_construction():
+    """Position bias via the reference's pad/repeat/reshape trick; buckets via math.log."""
+    n, nb = 6, 128
+    bias = nnx.eval_shape(lambda: RelativeBucketedTimeAndPositionBias(n, nb, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+    pos_w, ts_w = rng.standard_normal(2 * n - 1, np.float32), rng.standard_normal(nb + 1, np.float32)
+    bias.pos_w.set_value(jnp.asarray(pos_w))
+    bias.ts_w.set_value(jnp.asarray(ts_w))
+    ts = np.array([[10, 11, 50, 50, 4000, 10**6]], np.int32)
+    t = np.tile(np.pad(pos_w, (0, n)), n)[:-n].reshape(n, 3 * n - 2)[:, n - 1 : -(n - 1)]
+    ext = np.r_[ts[0], ts[0, -1]]
+    expected = np.empty((n, n), np.float32)
+    for i in range(n):
+        for j in range(n):
+            bucket = int(math.log(max(abs(int(ext[i + 1]) - int(ts[0, j])), 1)) / 0.301)
+            expected[i, j] = t[i, j] + ts_w[min(max(bucket, 0), nb)]
+    np.testing.assert_allclose(bias(jnp.asarray(ts))[0], expected, atol=1e-7)
+
+
+@pytest.mark.parametrize("n_norm", ["padded", "length"])
+def test_hstu_torch_parity_both_ways(n_norm):
+    torch = pytest.importorskip("torch")
+    from tools.baselines.torch_hstu import HSTU as TorchHSTU
+
+    torch.manual_seed(0)
+    kw = {k: v for k, v in HSTU_KW.items() if k != "num_items"}
+    t_model = TorchHSTU(NUM_ITEMS, n_norm=n_norm, **kw).eval()
+    ids, ts, lengths = _batch()
+    t_in = [torch.from_numpy(x.astype(np.int64)) for x in (ids, ts, lengths)]
+    with torch.no_grad():
+        expected = t_model(*t_in).numpy()
+    model = _flax_from_torch(t_model, HSTU, HSTUConfig(n_norm=n_norm, **HSTU_KW))
+    out = np.asarray(model(jnp.asarray(ids), jnp.asarray(ts), jnp.asarray(lengths)))
+    np.testing.assert_allclose(out, expected, atol=1e-5, rtol=0)
+    assert not out[2, 1:].any() and np.allclose(np.linalg.norm(out[0], axis=-1), 1, atol=1e-5)
+
+    back = TorchHSTU(NUM_ITEMS, n_norm=n_norm, **kw).eval()
+    back.load_state_dict(convert.flax_to_torch_state_dict(model))
+    with torch.no_grad():
+        np.testing.assert_allclose(back(*t_in).numpy(), out, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("l2_norm_output", [False, True])
+def test_sasrec_torch_parity_both_ways(l2_norm_output):
+    torch = pytest.importorskip("torch")
+    from tools.baselines.torch_sasrec import SASRec as TorchSASRec
+
+    torch.manual_seed(0)
+    kw = {k: v for k, v in SASREC_KW.items() if k != "num_items"}
+    t_model = TorchSASRec(NUM_ITEMS, l2_norm_output=l2_norm_output, **kw).eval()
+    ids, _, _ = _batch()
+    with torch.no_grad():
+        expected = t_model(torch.from_numpy(ids.astype(np.int64))).numpy()
+    model = _flax_from_torch(t_model, SASRec, SASRecConfig(l2_norm_output=l2_norm_output, **SASREC_KW))
+    out = np.asarray(model(jnp.asarray(ids)))
+    np.testing.assert_allclose(out, expected, atol=1e-5, rtol=0)
+
+    back = TorchSASRec(NUM_ITEMS, l2_norm_output=l2_norm_output, **kw).eval()
+    back.load_state_dict(convert.flax_to_torch_state_dict(model))
+    with torch.no_grad():
+        np.testing.assert_allclose(back(torch.from_numpy(ids.astype(np.int64))).numpy(), out, atol=1e-5)
+
+
+def test_hstu_causal_padding_and_pallas():
+    """Outputs at t ignore later items (and timestamps after t+1); pallas == xla."""
+    model = _random_model(HSTU, HSTUConfig(**HSTU_KW))
+    ids, ts, lengths = _batch(lengths=(12, 9))
+    ids2, ts2 = ids.copy(), ts.copy()
+    t = 5
+    ids2[:, t + 1 :] = np.where(ids[:, t + 1 :] > 0, NUM_ITEMS + 1 - ids[:, t + 1 :], 0)
+    ts2[:, t + 2 :] += 777_777
+    forward = nnx.jit(lambda m, *a: m(*a))
+    out = np.asarray(forward(model, jnp.asarray(ids), jnp.asarray(ts), jnp.asarray(lengths)))
+    out2 = np.asarray(forward(model, jnp.asarray(ids2), jnp.asarray(ts2), jnp.asarray(lengths)))
+    np.testing.assert_allclose(out[:, : t + 1], out2[:, : t + 1], atol=1e-6)
+    assert np.abs(out[0, t + 1 :] - out2[0, t + 1 :]).max() > 1e-3
+    assert not out[1, 9:].any()
+
+    pallas_model = nnx.merge(*nnx.split(model))
+    pallas_model.cfg = HSTUConfig(attention_impl="pallas", **HSTU_KW)
+    for layer in pallas_model.layers:
+        layer.cfg = pallas_model.cfg
+    fused = forward(pallas_model, jnp.asarray(ids), jnp.asarray(ts), jnp.asarray(lengths))
+    np.testing.assert_allclose(fused, out, atol=1e-5, rtol=0)
+
+
+def test_sampled_softmax_known_answer():
+    rng = np.random.default_rng(0)
+    q, pos = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 3, 4))
+    neg = rng.standard_normal((2, 3, 5, 4))
+    pos_ids = np.array([[1, 2, 0], [3, 4, 5]])
+    neg_ids = rng.integers(6, 9, (2, 3, 5))
+    neg_ids[1, 0, 2] = 3  # collides with the positive: must be ignored
+    weights = (pos_ids != 0).astype(np.float64)
+    expected, total = 0.0, 0.0
+    for b in range(2):
+        for t in range(3):
+            logits = [q[b, t] @ pos[b, t] / 0.05] + [
+                q[b, t] @ neg[b, t, r] / 0.05 for r in range(5) if neg_ids[b, t, r] != pos_ids[b, t]
+            ]
+            expected += weights[b, t] * -(logits[0] - np.log(np.sum(np.exp(logits))))
+            total += weights[b, t]
+    got = sampled_softmax_loss(*map(jnp.asarray, (q, pos, neg, pos_ids, neg_ids, weights)), 0.05)
+    np.testing.assert_allclose(got, expected / total, rtol=1e-5)
+
+
+def test_bce_loss_known_answer():
+    rng = np.random.default_rng(0)
+    q, pos, neg = (rng.standard_normal((2, 3, 4)) for _ in range(3))
+    pos_w = np.array([[1, 1, 0], [1, 1, 1]], np.float64)
+    neg_w = pos_w * np.array([[1, 0, 1], [1, 1, 1]])  # one negative collided with its positive
+    softplus = lambda x: np.log1p(np.exp(x))  # noqa: E731
+    expected = (np.sum(softplus(-np.sum(q * pos, -1)) * pos_w) / pos_w.sum()
+                + np.sum(softplus(np.sum(q * neg, -1)) * neg_w) / neg_w.sum())
+    np.testing.assert_allclose(bce_loss(*map(jnp.asarray, (q, pos, neg, pos_w, neg_w))), expected,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls,cfg", [
+    (HSTU, HSTUConfig(num_negatives=16, dropout_rate=0.0, **{**HSTU_KW, "num_blocks": 1})),
+    pytest.param(SASRec, SASRecConfig(loss="bce", dropout_rate=0.0, **SASREC_KW),
+                 marks=pytest.mark.slow),
+    pytest.param(SASRec, SASRecConfig(loss="sampled_softmax", l2_norm_output=True, num_negatives=16,
+                                      dropout_rate=0.0, **SASREC_KW), marks=pytest.mark.slow),
+])
+def test_loss_fn_trains_under_nnx_jit(cls, cfg):
+    model = nnx.jit(lambda: cls(cfg, rngs=nnx.Rngs(0)))()  # default init, compiled once
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    ids, ts, lengths = _batch(lengths=(12, 8, 10, 12))
+    batch = {"ids": jnp.asarray(ids), "timestamps": jnp.asarray(ts), "lengths": jnp.asarray(lengths)}
+
+    @nnx.jit
+    def step(model, optimizer, batch, rng):
+        (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, rng)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = [float(step(model, optimizer, batch, jax.random.key(i))) for i in range(40)]
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5]), losses
+    scores = model.item_scores(model(batch["ids"], batch["timestamps"], batch["lengths"]))
+    assert scores.shape == (4, N, NUM_ITEMS + 1) and bool(jnp.all(scores[..., 0] == -jnp.inf))
+
+
+def test_convert_cli_end_to_end(tmp_path):
+    torch = pytest.importorskip("torch")
+    from tools.baselines.torch_hstu import HSTU as TorchHSTU
+
+    torch.manual_seed(1)
+    t_model = TorchHSTU(NUM_ITEMS, max_seq_len=16, embedding_dim=8, num_blocks=1, num_heads=2,
+                        attention_dim=4, linear_dim=6).eval()
+    torch.save({"model_state_dict": t_model.state_dict()}, tmp_path / "model.pt")
+    ids, ts, lengths = _batch()
+    np.savez(tmp_path / "in.npz", ids=ids, timestamps=ts, lengths=lengths)
+    convert.run(str(tmp_path / "model.pt"), "hstu-ml", out=str(tmp_path / "ckpt"),
+                check_inputs=str(tmp_path / "in.npz"), check_outputs=str(tmp_path / "out.npy"),
+                num_heads=2)
+    with torch.no_grad():
+        expected = t_model(*[torch.from_numpy(x.astype(np.int64)) for x in (ids, ts, lengths)]).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5, rtol=0)
+    restored = convert.load_checkpoint(str(tmp_path / "ckpt"))
+    assert restored.cfg.num_blocks == 1 and restored.cfg.attention_dim == 4
+    np.testing.assert_allclose(restored(jnp.asarray(ids), jnp.asarray(ts), jnp.asarray(lengths)),
+                               expected, atol=1e-5, rtol=0)

@@ -1,0 +1,1 @@
+"""PyTorch baselines used for parity checks."""
