@@ -18,7 +18,7 @@ Timestamps follow the reference layout: `timestamps[b, lengths[b]]` holds the re
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ from hstu.attention import Impl, NNorm, hstu_attention
 L2_EPS = 1e-6
 LN_EPS = 1e-6
 TIME_BUCKET_DIVISOR = 0.301
+NegativeSharing = Literal["position", "sequence", "batch"]
 
 # Architecture presets. `model` selects the class, the rest are config fields.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -69,6 +70,7 @@ class HSTUConfig:
     n_norm: NNorm = "padded"
     attention_impl: Impl = "xla"
     num_negatives: int = 128
+    negatives_shared: NegativeSharing = "position"
     temperature: float = 0.05
 
 
@@ -247,7 +249,7 @@ class HSTU(nnx.Module):
                    rngs=nnx.Rngs(dropout=drop_rng))
         targets = batch["ids"][:, 1:]
         negatives = sample_negatives(neg_rng, targets.shape, self.cfg.num_items,
-                                     self.cfg.num_negatives)
+                                     self.cfg.num_negatives, self.cfg.negatives_shared)
         loss = sampled_softmax_loss(
             out[:, :-1], self.item_embeddings(targets), self.item_embeddings(negatives),
             targets, negatives, (targets != 0).astype(out.dtype), self.cfg.temperature,
@@ -256,10 +258,19 @@ class HSTU(nnx.Module):
 
 
 def sample_negatives(
-    rng: jax.Array, shape: tuple[int, ...], num_items: int, num_negatives: int
+    rng: jax.Array, shape: tuple[int, ...], num_items: int, num_negatives: int,
+    shared: NegativeSharing = "position",
 ) -> jax.Array:
-    """Uniform negative item ids in [1, num_items], shape [*shape, num_negatives]."""
-    return jax.random.randint(rng, (*shape, num_negatives), 1, num_items + 1)
+    """Uniform negative item ids in [1, num_items] for targets of `shape` [B, N].
+
+    `shared="position"` draws R negatives per position, as the reference does
+    ([B, N, R]); "sequence" shares them along each row ([B, 1, R]) and "batch" across the
+    batch ([1, 1, R]). All are uniform over the catalogue; sharing makes the loss's
+    negative-embedding gather and its gradient R*B*N times cheaper, which dominates a step
+    on CPU. Shapes broadcast against [B, N, R] in `sampled_softmax_loss`.
+    """
+    sizes = {"position": shape, "sequence": (*shape[:-1], 1), "batch": (1,) * len(shape)}
+    return jax.random.randint(rng, (*sizes[shared], num_negatives), 1, num_items + 1)
 
 
 def sampled_softmax_loss(

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hstu.model import l2_normalize, sample_negatives, sampled_softmax_loss
+from hstu.model import NegativeSharing, l2_normalize, sample_negatives, sampled_softmax_loss
 
 LN_EPS = 1e-8
 
@@ -38,6 +38,7 @@ class SASRecConfig:
     loss: Literal["bce", "sampled_softmax"] = "bce"
     l2_norm_output: bool = False
     num_negatives: int = 128
+    negatives_shared: NegativeSharing = "position"
     temperature: float = 0.05
 
 
@@ -135,7 +136,7 @@ class SASRec(nnx.Module):
                             weights, weights * (negatives != targets))
         elif self.cfg.loss == "sampled_softmax":
             negatives = sample_negatives(neg_rng, targets.shape, self.cfg.num_items,
-                                         self.cfg.num_negatives)
+                                         self.cfg.num_negatives, self.cfg.negatives_shared)
             loss = sampled_softmax_loss(
                 out, self.item_embeddings(targets), self.item_embeddings(negatives),
                 targets, negatives, weights, self.cfg.temperature,
