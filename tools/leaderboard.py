@@ -25,6 +25,8 @@ from tools.fetch_data import ensure_dataset
 RECOMMENDERS: dict[str, str] = {
     "most-popular": "eval.baselines:MostPopular",
     "transitions": "eval.baselines:Transitions",
+    "sasrec": "hstu.recommender:SASRecRecommender",
+    "hstu": "hstu.recommender:HSTURecommender",
 }
 
 def make(name: str) -> Recommender:
