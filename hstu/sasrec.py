@@ -23,6 +23,9 @@ from flax import nnx
 from hstu.model import NegativeSharing, l2_normalize, sample_negatives, sampled_softmax_loss
 
 LN_EPS = 1e-8
+# Xavier-normal for every matrix, as the reference implementations initialise SASRec; the
+# default fan-in scaling of the embeddings leaves BCE training stuck near popularity.
+XAVIER = nnx.initializers.xavier_normal()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +54,13 @@ class SASRecBlock(nnx.Module):
             raise ValueError(f"embedding_dim {d} not divisible by num_heads {cfg.num_heads}")
         self.num_heads = cfg.num_heads
         self.attn_norm = nnx.LayerNorm(d, epsilon=LN_EPS, rngs=rngs)
-        self.query = nnx.Linear(d, d, rngs=rngs)
-        self.key = nnx.Linear(d, d, rngs=rngs)
-        self.value = nnx.Linear(d, d, rngs=rngs)
-        self.out = nnx.Linear(d, d, rngs=rngs)
+        self.query = nnx.Linear(d, d, kernel_init=XAVIER, rngs=rngs)
+        self.key = nnx.Linear(d, d, kernel_init=XAVIER, rngs=rngs)
+        self.value = nnx.Linear(d, d, kernel_init=XAVIER, rngs=rngs)
+        self.out = nnx.Linear(d, d, kernel_init=XAVIER, rngs=rngs)
         self.ffn_norm = nnx.LayerNorm(d, epsilon=LN_EPS, rngs=rngs)
-        self.ffn1 = nnx.Linear(d, d, rngs=rngs)
-        self.ffn2 = nnx.Linear(d, d, rngs=rngs)
+        self.ffn1 = nnx.Linear(d, d, kernel_init=XAVIER, rngs=rngs)
+        self.ffn2 = nnx.Linear(d, d, kernel_init=XAVIER, rngs=rngs)
         self.dropout = nnx.Dropout(cfg.dropout_rate)
 
     def __call__(self, x, valid, *, deterministic: bool, rngs: nnx.Rngs | None):
@@ -83,8 +86,8 @@ class SASRec(nnx.Module):
     def __init__(self, cfg: SASRecConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d = cfg.embedding_dim
-        self.item_emb = nnx.Embed(cfg.num_items + 1, d, rngs=rngs)
-        self.pos_emb = nnx.Embed(cfg.max_seq_len, d, rngs=rngs)
+        self.item_emb = nnx.Embed(cfg.num_items + 1, d, embedding_init=XAVIER, rngs=rngs)
+        self.pos_emb = nnx.Embed(cfg.max_seq_len, d, embedding_init=XAVIER, rngs=rngs)
         self.emb_dropout = nnx.Dropout(cfg.dropout_rate)
         self.blocks = nnx.List([SASRecBlock(cfg, rngs=rngs) for _ in range(cfg.num_blocks)])
         self.last_norm = nnx.LayerNorm(d, epsilon=LN_EPS, rngs=rngs)
