@@ -1,0 +1,263 @@
+"""BIGRec-style SFT examples: Alpaca or chat prompts, tokenized, padded or packed.
+
+One example is a user's history (at most ``max_history`` items, oldest first) and the next
+item. The prompt lists the history titles; the response is the quoted next title plus
+EOS. ``tokenize_examples`` drops the OLDEST history items of an example until prompt plus
+response fit ``max_length`` (examples that do not fit with one item are dropped and
+counted). ``padded_arrays`` / ``packed_arrays`` turn them into fixed-width arrays for an
+``eval.data.examples.ArraySource``; ``trim_to_bucket`` cuts a batch to the smallest
+length bucket that holds it, so a run compiles one step per bucket, not per length.
+
+Labels follow HF: ``labels[t]`` is the token at ``t`` (the model's output at ``t - 1`` is
+scored against it), -100 where not trained: padding, every segment's first token and,
+unless ``train_on_inputs``, the prompt tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from eval.data import Ragged
+from eval.data.examples import pad_windows, prefix_examples
+
+IGNORE = -100
+PAD_TOKEN = "<|endoftext|>"
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
+ALPACA_TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TEMPLATES = ("alpaca", "chat")
+_VERBS = {"movies": "watched", "video games": "played"}
+
+
+def instruction_and_input(history_titles: Sequence[str], noun: str) -> tuple[str, str]:
+    """BIGRec's instruction and input for a history (titles oldest first)."""
+    verb = _VERBS.get(noun, "bought")
+    instruction = (
+        f"Given a list of {noun} the user has {verb} before, please recommend a new "
+        f"{noun} that the user likes to the user."
+    )
+    listed = ", ".join(f'"{t}"' for t in history_titles)
+    return instruction, f"The user has {verb} the following {noun} before: {listed}"
+
+
+def response_text(title: str) -> str:
+    return f'"{title}"'
+
+
+def prompt_text(instruction: str, input_text: str, template: str, tokenizer) -> str:
+    """The prompt up to where the response starts ('alpaca' or the tokenizer's 'chat')."""
+    if template == "alpaca":
+        return ALPACA_TEMPLATE.format(instruction=instruction, input=input_text)
+    if template == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                f"--prompt_template=chat: tokenizer {tokenizer.name_or_path!r} has no chat_template"
+            )
+        messages = [{"role": "user", "content": f"{instruction}\n\n{input_text}"}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    raise ValueError(f"--prompt_template={template!r}: choose one of {TEMPLATES}")
+
+
+def train_histories(train: Ragged, max_history: int = 10) -> tuple[Ragged, np.ndarray]:
+    """Every training prefix as (history of its last ``max_history`` items, next item)."""
+    ex = prefix_examples(train, min_history=1)
+    starts = np.maximum(ex.starts, ex.ends - max_history)
+    offsets = np.concatenate([[0], np.cumsum(ex.ends - starts)])
+    flat = np.arange(offsets[-1]) - np.repeat(offsets[:-1] - starts, ex.ends - starts)
+    return Ragged(train.values[flat], offsets), train.values[ex.ends]
+
+
+@dataclasses.dataclass
+class SFTExamples:
+    """Tokenized examples: ``input_ids`` row = prompt + response + EOS."""
+
+    input_ids: Ragged
+    prompt_lengths: np.ndarray  # tokens of the prompt part of each row
+    history_kept: np.ndarray  # history items left in each prompt after truncation
+    source_index: np.ndarray  # index of each row in the input examples
+    dropped: int  # examples too long even with a single history item
+
+    def __len__(self) -> int:
+        return len(self.prompt_lengths)
+
+
+def tokenize_examples(
+    histories: Ragged,
+    targets: np.ndarray,
+    titles: Sequence[str],
+    noun: str,
+    tokenizer,
+    *,
+    template: str = "alpaca",
+    max_length: int = 512,
+    max_history: int = 10,
+) -> SFTExamples:
+    """Prompts for (history, target) item-id pairs, truncated oldest-first to ``max_length``."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token")
+    lengths = histories.lengths
+    keep = np.minimum(lengths, max_history)
+    responses = tokenizer([response_text(titles[t]) for t in targets], add_special_tokens=False)[
+        "input_ids"
+    ]
+    prompts: list[list[int] | None] = [None] * len(targets)
+    pending = np.flatnonzero(keep > 0)
+    while len(pending):
+        texts = []
+        for i in pending:
+            items = histories[i][lengths[i] - keep[i] :]
+            texts.append(prompt_text(*instruction_and_input([titles[t] for t in items], noun), template, tokenizer))  # fmt: skip
+        ids = tokenizer(texts, add_special_tokens=template == "alpaca")["input_ids"]
+        fits = np.array(
+            [
+                len(p) + len(responses[i]) + 1 <= max_length
+                for p, i in zip(ids, pending, strict=True)
+            ]
+        )
+        for j in np.flatnonzero(fits):
+            prompts[pending[j]] = ids[j]
+        keep[pending[~fits]] -= 1
+        pending = pending[~fits][keep[pending[~fits]] > 0]
+    rows = [i for i, p in enumerate(prompts) if p is not None]
+    seqs = [prompts[i] + responses[i] + [eos] for i in rows]
+    return SFTExamples(
+        input_ids=Ragged.from_rows(seqs, dtype=np.int32),
+        prompt_lengths=np.array([len(prompts[i]) for i in rows], np.int64),
+        history_kept=keep[rows],
+        source_index=np.asarray(rows, np.int64),
+        dropped=int(len(targets) - len(rows)),
+    )
+
+
+def _flat_labels(ex: SFTExamples, train_on_inputs: bool) -> np.ndarray:
+    """Labels of the concatenated rows: token ids, -100 on each row's first token and,
+    unless ``train_on_inputs``, on its prompt."""
+    lengths = ex.input_ids.lengths
+    pos = np.arange(len(ex.input_ids.values)) - np.repeat(ex.input_ids.offsets[:-1], lengths)
+    start = 1 if train_on_inputs else np.repeat(ex.prompt_lengths, lengths)
+    return np.where(pos >= np.maximum(start, 1), ex.input_ids.values, IGNORE).astype(np.int32)
+
+
+def padded_arrays(
+    ex: SFTExamples, max_length: int, pad_id: int, padding_side: str = "right",
+    train_on_inputs: bool = False,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """One example per row: ``input_ids``, ``labels``, ``attention_mask`` [N, max_length]."""
+    starts, ends = ex.input_ids.offsets[:-1], ex.input_ids.offsets[1:]
+    if len(ex) and (ends - starts).max() > max_length:
+        raise ValueError(f"an example has {(ends - starts).max()} > max_length={max_length} tokens")
+    window = lambda values, pad: pad_windows(values, starts, ends, max_length, padding_side, pad)  # noqa: E731
+    return {
+        "input_ids": window(ex.input_ids.values, pad_id),
+        "labels": window(_flat_labels(ex, train_on_inputs), IGNORE),
+        "attention_mask": window(np.ones(len(ex.input_ids.values), np.int32), 0),
+    }
+
+
+def packed_arrays(
+    ex: SFTExamples, max_length: int, pad_id: int, train_on_inputs: bool = False, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Several examples per row (next-fit over a seeded shuffle), right padded.
+
+    Adds ``positions`` (restarting at 0 in each segment); ``attention_mask`` holds the
+    segment id (1, 2, ...) of each token, 0 on padding.
+    """
+    lengths = ex.input_ids.lengths
+    if len(ex) and lengths.max() > max_length:
+        raise ValueError(f"an example has {lengths.max()} > max_length={max_length} tokens")
+    order = np.random.default_rng(seed).permutation(len(ex))
+    row = np.empty(len(ex), np.int64)
+    col = np.empty(len(ex), np.int64)
+    seg = np.empty(len(ex), np.int32)
+    r, c, s = 0, 0, 0
+    for e in order:  # next-fit; one pass over example lengths at data-preparation time
+        if c + lengths[e] > max_length:
+            r, c, s = r + 1, 0, 0
+        row[e], col[e], seg[e] = r, c, s + 1
+        c, s = c + lengths[e], s + 1
+    n_rows = r + 1 if len(ex) else 0
+    pos = np.arange(len(ex.input_ids.values)) - np.repeat(ex.input_ids.offsets[:-1], lengths)
+    flat = np.repeat(row * max_length + col, lengths) + pos
+    out = {
+        "input_ids": np.full(n_rows * max_length, pad_id, np.int32),
+        "labels": np.full(n_rows * max_length, IGNORE, np.int32),
+        "attention_mask": np.zeros(n_rows * max_length, np.int32),
+        "positions": np.zeros(n_rows * max_length, np.int32),
+    }
+    out["input_ids"][flat] = ex.input_ids.values
+    out["labels"][flat] = _flat_labels(ex, train_on_inputs)
+    out["attention_mask"][flat] = np.repeat(seg, lengths)
+    out["positions"][flat] = pos
+    return {k: v.reshape(n_rows, max_length) for k, v in out.items()}
+
+
+def buckets_for(max_length: int, buckets: Sequence[int] = BUCKETS) -> tuple[int, ...]:
+    """The bucket lengths below ``max_length``, plus ``max_length`` itself."""
+    return tuple(sorted({b for b in buckets if b < max_length} | {max_length}))
+
+
+def trim_to_bucket(
+    batch: dict[str, np.ndarray], buckets: Sequence[int], padding_side: str = "right"
+) -> dict[str, np.ndarray]:
+    """Cuts the padding columns of a batch down to the smallest bucket holding its tokens."""
+    used = (batch["attention_mask"] > 0).any(axis=0)
+    width = used.shape[0]
+    if padding_side == "right":
+        need = int(np.flatnonzero(used)[-1]) + 1 if used.any() else 1
+    else:
+        need = width - int(np.flatnonzero(used)[0]) if used.any() else 1
+    size = min([b for b in buckets if b >= need] or [width])
+    cols = slice(0, size) if padding_side == "right" else slice(width - size, width)
+    return {k: v[:, cols] if v.ndim == 2 and v.shape[1] == width else v for k, v in batch.items()}
+
+
+def load_tokenizer(path: str | Path):
+    """A HF tokenizer folder; pad = ``<|endoftext|>`` (or EOS) when it has no pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token is None:
+        vocab = tokenizer.get_vocab()
+        tokenizer.pad_token = PAD_TOKEN if PAD_TOKEN in vocab else tokenizer.eos_token
+    return tokenizer
+
+
+def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int, out_dir: str | Path):
+    """Trains a byte-level BPE on ``texts`` and saves it as a HF tokenizer folder.
+
+    Special tokens are Qwen's (``<|endoftext|>`` = pad, ``<|im_end|>`` = EOS) and it gets
+    a ChatML chat template, so both prompt templates work with it.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token=PAD_TOKEN
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.save_pretrained(str(out_dir))
+    return load_tokenizer(out_dir)

@@ -1,0 +1,253 @@
+r"""Supervised fine-tuning of Qwen on BIGRec-style recommendation prompts (full or LoRA).
+
+  python -m llm_sft.train --dataset=ml-100k --data_dir=DIR --hf_checkpoint=QWEN_DIR \
+      --lora --lora_r=8 --mesh=data:1,fsdp:-1,tensor:1 --out=runs/sft
+  python -m llm_sft.train --dataset=ml-100k --data_dir=DIR --init=random \
+      --model_config=tiny.json --out=runs/tiny        # trains a BPE tokenizer too
+
+Writes ``<out>/checkpoints`` (orbax, resumed automatically), ``metrics.jsonl`` +
+TensorBoard, then ``<out>/adapter`` (PEFT adapter, LoRA) or ``<out>/hf`` (HF checkpoint,
+full fine-tuning), each with the tokenizer, and ``<out>/result.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from eval import data
+from eval.data.examples import ArraySource
+from llm_sft import data as sft_data
+from llm_sft.lora import LoRAConfig, apply_lora, export_peft
+from llm_sft.model import ModelConfig
+from llm_sft.params import load_hf, save_hf
+from llm_sft.sharding import MESH_AXES, make_mesh
+from llm_sft.trainer import TrainConfig, Trainer, init_model
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """``"data:2,fsdp:2,tensor:2"`` -> {'data': 2, 'fsdp': 2, 'tensor': 2} (missing axes 1)."""
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    for part in filter(None, spec.split(",")):
+        name, _, size = part.partition(":")
+        if name not in sizes or not size.lstrip("-").isdigit():
+            raise ValueError(f"--mesh={spec!r}: expected 'axis:size,...' over {MESH_AXES}")
+        sizes[name] = int(size)
+    return sizes
+
+
+def parse_targets(flag: str) -> tuple[str, ...] | str:
+    """``--lora_target_modules``: comma-separated names, or ``re:<regex>`` (PEFT rule)."""
+    return flag[3:] if flag.startswith("re:") else tuple(filter(None, flag.split(",")))
+
+
+def build_examples(
+    ds: data.Dataset, split: data.Split, tokenizer, *, template: str, max_length: int,
+    max_train_examples: int = -1, max_eval_examples: int = -1, seed: int = 0,
+) -> tuple[sft_data.SFTExamples, sft_data.SFTExamples]:  # fmt: skip
+    """Tokenized train prefixes and validation examples (optionally subsampled, seeded)."""
+    noun = data.DATASETS[ds.name].noun if ds.name in data.DATASETS else "items"
+    rng = np.random.default_rng(seed)
+    out = []
+    for (histories, targets), limit in (
+        (sft_data.train_histories(split.train), max_train_examples),
+        ((split.valid.history, split.valid.targets), max_eval_examples),
+    ):
+        if 0 <= limit < len(targets):
+            rows = np.sort(rng.choice(len(targets), limit, replace=False))
+            histories, targets = histories.take(rows), targets[rows]
+        out.append(
+            sft_data.tokenize_examples(
+                histories,
+                targets,
+                ds.items.titles,
+                noun,
+                tokenizer,
+                template=template,
+                max_length=max_length,
+            )  # fmt: skip
+        )
+    return out[0], out[1]
+
+
+def _tokenizer(tokenizer_dir, hf_checkpoint, ds: data.Dataset, vocab_size: int, out: Path):
+    for folder in (tokenizer_dir, hf_checkpoint):
+        if folder and (Path(folder) / "tokenizer_config.json").exists():
+            return sft_data.load_tokenizer(folder)
+    if tokenizer_dir:
+        raise FileNotFoundError(f"--tokenizer_dir={tokenizer_dir}: no tokenizer_config.json")
+    noun = data.DATASETS[ds.name].noun if ds.name in data.DATASETS else "items"
+    titles = ds.items.titles[1:]
+    corpus = [sft_data.ALPACA_TEMPLATE, *sft_data.instruction_and_input(titles[:20], noun)]
+    return sft_data.train_bpe_tokenizer(corpus * 10 + list(titles), vocab_size, out / "tokenizer")
+
+
+def run(
+    *,
+    dataset: str,
+    data_dir: str,
+    out: str,
+    train: TrainConfig,
+    lora: LoRAConfig | None,
+    hf_checkpoint: str | None = None,
+    model_config: str | None = None,
+    tokenizer_dir: str | None = None,
+    mesh: str = "data:1,fsdp:-1,tensor:1",
+    dtype: str = "float32",
+    prompt_template: str = "alpaca",
+    padding_side: str = "right",
+    train_on_inputs: bool = False,
+    max_length: int = 512,
+    pack: bool = False,
+    max_train_examples: int = -1,
+    max_eval_examples: int = 512,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Loads data and model, fine-tunes, exports; returns the summary written to result.json."""
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device_mesh = make_mesh(**parse_mesh(mesh))
+    compute = DTYPES[dtype]
+    # LoRA keeps the frozen base in the compute dtype; full fine-tuning stores fp32 masters.
+    param_dtype = compute if lora else jnp.float32
+    if hf_checkpoint:
+        model, config = load_hf(hf_checkpoint, dtype=compute, param_dtype=param_dtype, mesh=device_mesh)  # fmt: skip
+    elif model_config:
+        config = ModelConfig.from_hf_config(model_config, dtype=compute, param_dtype=param_dtype)
+        model = init_model(config, train.seed, device_mesh)
+    else:
+        raise ValueError("pass --hf_checkpoint=DIR or --init=random --model_config=FILE.json")
+
+    ds = data.load(dataset, data_dir)
+    split = data.split(ds)
+    tokenizer = _tokenizer(tokenizer_dir, hf_checkpoint, ds, config.vocab_size, out_dir)
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} tokens > vocab_size={config.vocab_size} of "
+            f"{hf_checkpoint or model_config}"
+        )
+    train_ex, valid_ex = build_examples(
+        ds, split, tokenizer, template=prompt_template, max_length=max_length,
+        max_train_examples=max_train_examples, max_eval_examples=max_eval_examples,
+        seed=train.seed,
+    )  # fmt: skip
+    pad = tokenizer.pad_token_id
+    if pack:
+        train_arrays = sft_data.packed_arrays(
+            train_ex, max_length, pad, train_on_inputs, train.seed
+        )
+        padding_side = "right"
+    else:
+        train_arrays = sft_data.padded_arrays(train_ex, max_length, pad, padding_side, train_on_inputs)  # fmt: skip
+    valid_arrays = sft_data.padded_arrays(valid_ex, max_length, pad, padding_side, train_on_inputs)
+    if lora:
+        model = apply_lora(model, lora, rngs=nnx.Rngs(params=train.seed, dropout=train.seed + 1))
+    trainer = Trainer(model, device_mesh, train, len(train_arrays["input_ids"]), lora is not None)
+    meta = {"dataset": dataset, "lora": dataclasses.asdict(lora) if lora else None}
+    history = trainer.fit(
+        ArraySource(train_arrays), valid_arrays if len(valid_ex) else None,
+        buckets=sft_data.buckets_for(max_length), padding_side=padding_side, out=out_dir,
+        progress=progress, meta=meta,
+    )  # fmt: skip
+    final = trainer.model()
+    if lora:
+        export_dir = export_peft(final, lora, out_dir / "adapter", hf_checkpoint or "")
+    else:
+        export_dir = save_hf(final, config, out_dir / "hf")
+    tokenizer.save_pretrained(str(export_dir))
+    summary = {
+        "steps": history["steps"],
+        "train_examples": len(train_ex),
+        "train_rows": len(train_arrays["input_ids"]),
+        "dropped_too_long": train_ex.dropped,
+        "valid_examples": len(valid_ex),
+        "eval_loss": history["eval"][-1][1] if history["eval"] else None,
+        "export": str(export_dir),
+        "devices": jax.device_count(),
+    }
+    (out_dir / "result.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _define_flags() -> None:
+    f = flags
+    f.DEFINE_string("dataset", "ml-100k", "Registered data set name.")
+    f.DEFINE_string("data_dir", None, "Folder with the raw files.", required=True)
+    f.DEFINE_string("out", None, "Run folder.", required=True)
+    f.DEFINE_string("hf_checkpoint", None, "HF Qwen2/Qwen3 checkpoint folder to fine-tune.")
+    f.DEFINE_enum("init", "hf", ["hf", "random"], "Start from --hf_checkpoint or random init.")
+    f.DEFINE_string("model_config", None, "HF config.json for --init=random.")
+    f.DEFINE_string("tokenizer_dir", None, "HF tokenizer folder (default: the checkpoint's, else a trained BPE).")  # fmt: skip
+    f.DEFINE_float("learning_rate", 3e-4, "Peak learning rate.")
+    f.DEFINE_integer("warmup_steps", 0, "Linear warmup steps.")
+    f.DEFINE_float("warmup_ratio", 0.0, "Warmup as a fraction of the steps (if warmup_steps=0).")
+    f.DEFINE_float("weight_decay", 0.0, "AdamW weight decay (matrices only).")
+    f.DEFINE_float("max_grad_norm", 1.0, "Global-norm gradient clipping (0: off).")
+    f.DEFINE_integer("per_device_train_batch_size", 4, "Rows per data-parallel device per micro-batch.")  # fmt: skip
+    f.DEFINE_integer("gradient_accumulation_steps", 1, "Micro-batches per optimizer step.")
+    f.DEFINE_integer("num_epochs", 1, "Epochs (ignored when max_steps > 0).")
+    f.DEFINE_integer("max_steps", -1, "Optimizer steps (> 0 overrides num_epochs).")
+    f.DEFINE_enum("schedule", "cosine", ["cosine", "linear", "constant"], "LR decay after warmup.")
+    f.DEFINE_enum("dtype", "float32", list(DTYPES), "Compute dtype (LoRA: also the frozen base).")
+    f.DEFINE_enum("padding_side", "right", ["left", "right"], "Padding side of batches.")
+    f.DEFINE_bool("train_on_inputs", False, "Also train on prompt tokens.")
+    f.DEFINE_enum("prompt_template", "alpaca", list(sft_data.TEMPLATES), "Prompt format.")
+    f.DEFINE_integer("max_length", 512, "Max tokens per example (oldest history dropped first).")
+    f.DEFINE_bool("pack", False, "Pack several examples per row (segment ids).")
+    f.DEFINE_integer("max_train_examples", -1, "Subsample the training prefixes (-1: all).")
+    f.DEFINE_integer("max_eval_examples", 512, "Subsample the validation examples (-1: all).")
+    f.DEFINE_bool("lora", True, "Train LoRA adapters (else full fine-tuning).")
+    f.DEFINE_integer("lora_r", 8, "LoRA rank.")
+    f.DEFINE_float("lora_alpha", 16.0, "LoRA alpha (scaling alpha / r).")
+    f.DEFINE_float("lora_dropout", 0.05, "Dropout on the LoRA input.")
+    f.DEFINE_string("lora_target_modules", "q_proj,v_proj", "Names (q,k,v,o,gate,up,down or *_proj) or re:<regex>.")  # fmt: skip
+    f.DEFINE_string("mesh", "data:1,fsdp:-1,tensor:1", "Mesh sizes, e.g. data:2,fsdp:2,tensor:2.")
+    f.DEFINE_integer("eval_every", 0, "Evaluate + checkpoint every N steps (0: each epoch).")
+    f.DEFINE_integer("log_every", 10, "Log the train loss every N steps.")
+    f.DEFINE_integer("seed", 0, "Seed (init, LoRA, data order, dropout).")
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    if f.init == "random" and not f.model_config:
+        raise app.UsageError("--init=random needs --model_config=FILE.json")
+    if f.init == "hf" and not f.hf_checkpoint:
+        raise app.UsageError("--init=hf needs --hf_checkpoint=DIR")
+    train = TrainConfig(
+        **{k: getattr(f, k) for k in (
+            "learning_rate", "schedule", "warmup_steps", "warmup_ratio", "weight_decay",
+            "max_grad_norm", "per_device_train_batch_size", "gradient_accumulation_steps",
+            "num_epochs", "max_steps", "eval_every", "log_every", "seed",
+        )}
+    )  # fmt: skip
+    lora = (
+        LoRAConfig(f.lora_r, f.lora_alpha, f.lora_dropout, parse_targets(f.lora_target_modules))
+        if f.lora
+        else None
+    )
+    summary = run(
+        dataset=f.dataset, data_dir=f.data_dir, out=f.out, train=train, lora=lora,
+        hf_checkpoint=f.hf_checkpoint if f.init == "hf" else None,
+        model_config=f.model_config if f.init == "random" else None,
+        tokenizer_dir=f.tokenizer_dir, mesh=f.mesh, dtype=f.dtype,
+        prompt_template=f.prompt_template, padding_side=f.padding_side,
+        train_on_inputs=f.train_on_inputs, max_length=f.max_length, pack=f.pack,
+        max_train_examples=f.max_train_examples, max_eval_examples=f.max_eval_examples,
+    )  # fmt: skip
+    print(" ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

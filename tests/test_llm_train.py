@@ -1,0 +1,207 @@
+"""SFT data (prompts, masking, truncation, packing) and the sharded trainer (parity, resume)."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from eval.data import Ragged
+from eval.data.examples import ArraySource
+from llm_sft import data as sft
+from llm_sft.lora import LoRAConfig, apply_lora
+from llm_sft.model import ModelConfig
+from llm_sft.sharding import make_mesh
+from llm_sft.trainer import TrainConfig, Trainer, init_model
+
+TITLES = [""] + [f"Film number {i} ({1980 + i})" for i in range(1, 41)]
+MAX_LEN = 192
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    instruction, input_text = sft.instruction_and_input(TITLES[1:], "movies")
+    corpus = [sft.ALPACA_TEMPLATE, instruction, input_text] * 20 + TITLES[1:]
+    return sft.train_bpe_tokenizer(corpus, 512, tmp_path_factory.mktemp("bpe"))
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_train_on_inputs_masks_the_prompt(tokenizer):
+    ex = sft.tokenize_examples(Ragged.from_rows([[4, 7]]), np.array([9]), TITLES, "movies", tokenizer)  # fmt: skip
+    instruction, input_text = sft.instruction_and_input([TITLES[4], TITLES[7]], "movies")
+    assert input_text == 'The user has watched the following movies before: "Film number 4 (1984)", "Film number 7 (1987)"'  # fmt: skip
+    prompt = _ids(tokenizer, sft.ALPACA_TEMPLATE.format(instruction=instruction, input=input_text))
+    response = _ids(tokenizer, '"Film number 9 (1989)"') + [tokenizer.eos_token_id]
+    np.testing.assert_array_equal(ex.input_ids[0], prompt + response)
+    assert ex.prompt_lengths[0] == len(prompt)
+    n = len(prompt) + len(response)
+    for train_on_inputs, first_label in ((False, len(prompt)), (True, 1)):
+        arrays = sft.padded_arrays(ex, 256, tokenizer.pad_token_id, "left", train_on_inputs)
+        labels, ids = arrays["labels"][0, 256 - n :], arrays["input_ids"][0, 256 - n :]
+        assert (arrays["labels"][0, : 256 - n] == sft.IGNORE).all()
+        assert (arrays["attention_mask"][0] == (np.arange(256) >= 256 - n)).all()
+        assert (labels[:first_label] == sft.IGNORE).all()
+        np.testing.assert_array_equal(labels[first_label:], ids[first_label:])
+
+
+def test_max_length_drops_oldest_history_first(tokenizer):
+    history = [1, 2, 3, 4, 5]
+    full = sft.tokenize_examples(Ragged.from_rows([history]), np.array([6]), TITLES, "movies", tokenizer)  # fmt: skip
+    with_three = sft.tokenize_examples(Ragged.from_rows([history[2:]]), np.array([6]), TITLES, "movies", tokenizer)  # fmt: skip
+    limit = len(with_three.input_ids[0])
+    assert limit < len(full.input_ids[0])
+    ex = sft.tokenize_examples(
+        Ragged.from_rows([history, history, [3]]), np.array([6, 6, 6]), TITLES, "movies",
+        tokenizer, max_length=limit,
+    )  # fmt: skip
+    np.testing.assert_array_equal(ex.history_kept, [3, 3, 1])
+    np.testing.assert_array_equal(ex.input_ids[0], with_three.input_ids[0])
+    text = tokenizer.decode(ex.input_ids[0])
+    assert TITLES[3] in text and TITLES[5] in text and TITLES[2] not in text
+    # A single history item longer than the limit: the example is dropped and counted.
+    long_titles = TITLES[:3] + ["x " * 400]
+    dropped = sft.tokenize_examples(
+        Ragged.from_rows([[3], [1]]), np.array([2, 2]), long_titles, "movies", tokenizer,
+        max_length=limit,
+    )  # fmt: skip
+    assert dropped.dropped == 1 and list(dropped.source_index) == [1]
+
+
+def test_packing_restarts_positions_and_masks_segment_starts(tokenizer):
+    ex = sft.tokenize_examples(
+        Ragged.from_rows([[1], [2, 3], [4]]), np.array([2, 4, 5]), TITLES, "movies", tokenizer
+    )
+    lengths = ex.input_ids.lengths
+    width = int(lengths.sum()) + 5
+    arrays = sft.packed_arrays(ex, width, tokenizer.pad_token_id, train_on_inputs=True)
+    assert arrays["input_ids"].shape == (1, width)
+    seg, pos, labels = arrays["attention_mask"][0], arrays["positions"][0], arrays["labels"][0]
+    assert sorted(np.bincount(seg)[1:]) == sorted(lengths) and (seg[-5:] == 0).all()
+    starts = np.flatnonzero(np.diff(np.concatenate([[0], seg])) != 0)[:3]
+    assert (pos[starts] == 0).all() and (labels[starts] == sft.IGNORE).all()
+    real = seg > 0
+    assert (labels[real & (pos > 0)] == arrays["input_ids"][0][real & (pos > 0)]).all()
+    trimmed = sft.trim_to_bucket(arrays, (16, 64, width), "right")
+    assert trimmed["input_ids"].shape[1] == min(b for b in (16, 64, width) if b >= width - 5)
+
+
+def test_chat_template_prompt(tokenizer):
+    text = sft.prompt_text("Recommend.", "History.", "chat", tokenizer)
+    assert text == "<|im_start|>user\nRecommend.\n\nHistory.<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(ValueError, match="prompt_template"):
+        sft.prompt_text("a", "b", "vicuna", tokenizer)
+
+
+# -- trainer ------------------------------------------------------------------------------
+
+MODEL = ModelConfig(
+    vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+    num_kv_heads=2, head_dim=8, rope_theta=10_000.0, initializer_range=0.3,
+)  # fmt: skip
+TRAIN = TrainConfig(
+    learning_rate=3e-2, schedule="cosine", warmup_steps=2, per_device_train_batch_size=8,
+    gradient_accumulation_steps=2, max_steps=20, eval_every=5, log_every=5, seed=0,
+)  # fmt: skip
+LORA = LoRAConfig(
+    r=8, alpha=16.0, dropout=0.1, target_modules=("q", "k", "v", "o", "gate", "up", "down")
+)
+
+
+@pytest.fixture(scope="module")
+def arrays(tokenizer):
+    """Users walk through the catalogue in order (learnable), from random start items."""
+    starts = np.random.default_rng(0).integers(1, 41, 24)
+    rows = [[(s + j - 1) % 40 + 1 for j in range(8)] for s in starts]
+    histories, targets = sft.train_histories(Ragged.from_rows(rows), max_history=4)
+    ex = sft.tokenize_examples(histories, targets, TITLES, "movies", tokenizer, max_length=MAX_LEN)
+    assert ex.dropped == 0 and len(tokenizer) <= MODEL.vocab_size
+    return sft.padded_arrays(ex, MAX_LEN, tokenizer.pad_token_id, "right")
+
+
+def _trainer(mesh, arrays, lora=LORA):
+    model = apply_lora(init_model(MODEL, 0, mesh), lora, rngs=nnx.Rngs(params=1, dropout=2))
+    per_device = TRAIN.per_device_train_batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
+    config = TrainConfig(**{**TRAIN.__dict__, "per_device_train_batch_size": per_device})
+    return Trainer(model, mesh, config, len(arrays["input_ids"]), lora=True)
+
+
+def test_one_device_and_eight_device_mesh_losses_agree(arrays):
+    lora = LoRAConfig(r=8, alpha=16.0, target_modules=("q", "v"))  # No dropout: compiles faster.
+    one = _trainer(make_mesh(1, 1, 1, devices=jax.devices()[:1]), arrays, lora)
+    eight = _trainer(make_mesh(data=2, fsdp=2, tensor=2), arrays, lora)
+    kernel = eight.params["layers"][0]["self_attn"]["q_proj"]["lora_a"][...]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+    fit = dict(valid=None, buckets=(MAX_LEN,), stop_at=3, progress=False)
+    ref = one.fit(ArraySource(arrays), **fit)["losses"]
+    got = eight.fit(ArraySource(arrays), **fit)["losses"]
+    assert len(ref) == 3
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow  # ~30 s of CPU: one more compiled step + eval and orbax round trips.
+def test_loss_decreases_and_resume_reproduces(arrays, tmp_path):
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    fit = dict(buckets=(MAX_LEN,), progress=False)
+    valid = {k: v[:10] for k, v in arrays.items()}
+    first = _trainer(mesh, arrays)
+    head = first.fit(ArraySource(arrays), valid, out=tmp_path, stop_at=10, **fit)
+    assert [s for s, _ in head["eval"]] == [5, 10]
+    tail = first.fit(ArraySource(arrays), valid, **fit)  # no checkpoints: continues in memory
+    resumed = _trainer(mesh, arrays).fit(ArraySource(arrays), valid, out=tmp_path, **fit)
+    assert resumed["steps"] == 20 and len(resumed["losses"]) == 10
+    np.testing.assert_allclose(resumed["losses"], tail["losses"], atol=1e-6, rtol=0)
+    losses = head["losses"] + tail["losses"]
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3]), losses
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "valid"] == [5, 10, 15, 20]
+
+
+@pytest.mark.slow
+def test_parity_one_vs_eight_devices_full_finetuning(arrays):
+    """Full fine-tuning: fsdp/tensor-sharded params and optimizer state, same losses."""
+    losses = []
+    for mesh in (
+        make_mesh(1, 1, 1, devices=jax.devices()[:1]),
+        make_mesh(data=2, fsdp=2, tensor=2),
+    ):
+        per_device = TRAIN.per_device_train_batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
+        config = TrainConfig(**{**TRAIN.__dict__, "per_device_train_batch_size": per_device})
+        trainer = Trainer(init_model(MODEL, 0, mesh), mesh, config, len(arrays["input_ids"]), lora=False)  # fmt: skip
+        fit = dict(valid=None, buckets=(MAX_LEN,), stop_at=3, progress=False)
+        losses.append(trainer.fit(ArraySource(arrays), **fit)["losses"])
+    np.testing.assert_allclose(losses[1], losses[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_run_end_to_end_on_tiny_movielens(tmp_path):
+    from llm_sft.train import run
+
+    rng = np.random.default_rng(0)
+    data_dir = tmp_path / "ml-100k"
+    data_dir.mkdir()
+    lines = [f"{u}\t{rng.integers(1, 31)}\t4\t{1000 + 10 * u + t}" for u in range(1, 13) for t in range(10)]  # fmt: skip
+    (data_dir / "u.data").write_text("\n".join(lines) + "\n")
+    (data_dir / "u.item").write_text("".join(f"{i}|Movie {i} (19{60 + i})|01-Jan-1990||x|0\n" for i in range(1, 31)))  # fmt: skip
+    hf_config = dict(
+        model_type="qwen2", vocab_size=512, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(hf_config))
+    summary = run(
+        dataset="ml-100k", data_dir=str(data_dir), out=str(tmp_path / "run"),
+        train=TrainConfig(max_steps=4, per_device_train_batch_size=1, eval_every=2),
+        lora=LoRAConfig(r=4), model_config=str(tmp_path / "config.json"),
+        mesh="data:2,fsdp:2,tensor:2", max_length=256, pack=True, max_eval_examples=8,
+        progress=False,
+    )  # fmt: skip
+    assert summary["steps"] == 4 and summary["eval_loss"] is not None
+    adapter = tmp_path / "run" / "adapter"
+    assert (adapter / "adapter_model.safetensors").exists()
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
+    assert sft.load_tokenizer(adapter).eos_token == "<|im_end|>"
