@@ -3,9 +3,11 @@ r"""Train HSTU or SASRec on an `eval` data set; select on validation, report tes
   python -m hstu.train --dataset=ml-100k --data_dir=DIR --model=hstu --preset=hstu-ml --out=runs/x
   python -m hstu.train --dataset=amazon-games-2014 --data_dir=DIR --model=sasrec --preset=sasrec-paper
 
-Test metrics: full ranking with history items filtered (the reference protocol) and
-without, and the SASRec-paper protocol (100 sampled negatives); written to
-`<out>/result.json` and printed.
+Test metrics (`hstu.evaluate.test_metrics`): full ranking with history items filtered
+(the reference protocol) and without, and the SASRec-paper protocol (100 sampled
+negatives); written to `<out>/result.json` and printed. `<out>/run.json` records the
+data set, model, preset and overrides, so `python -m hstu.evaluate --run=<out>` can
+rebuild the model and re-evaluate the best checkpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 from absl import app, flags
 
 from eval import data
-from eval.metrics import DEFAULT_KS
+from hstu.evaluate import print_metrics, test_metrics
 from hstu.model import PRESETS
 from hstu.trainer import make_trainer
 
@@ -53,31 +55,35 @@ def _define_flags() -> None:
         define(name, None, help_)
 
 
+def train(dataset: str, data_dir: str, model: str, preset: str, overrides: dict, out: str | None = None,
+          protocol: str | None = None) -> dict:  # fmt: skip
+    """Trains with validation selection, evaluates the selected model on test; returns the result."""
+    ds = data.load(dataset, data_dir)
+    split = data.split(ds)
+    protocol = protocol or data.DATASETS[ds.name].protocol
+    trainer = make_trainer(model, preset, ds.num_items, overrides)
+    out_dir = pathlib.Path(out) if out else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        run = {"dataset": dataset, "data_dir": str(pathlib.Path(data_dir).absolute()), "model": model,
+               "preset": preset, "overrides": overrides}  # fmt: skip
+        (out_dir / "run.json").write_text(json.dumps(run, indent=1))
+    start = time.perf_counter()
+    info = trainer.fit(ds, split, out_dir, protocol)
+    result = {"train_s": time.perf_counter() - start, **info, "test": test_metrics(trainer, ds, split.test)}
+    if out_dir:
+        (out_dir / "result.json").write_text(json.dumps(result, indent=1, default=float))
+    return result
+
+
 def main(argv):
     del argv
     f = flags.FLAGS
-    ds = data.load(f.dataset, f.data_dir)
-    split = data.split(ds)
-    protocol = f.protocol or data.DATASETS[ds.name].protocol
     overrides = {k: getattr(f, k) for k in [*_OVERRIDES, "loss", "attention_impl"]}
-    trainer = make_trainer(f.model, f.preset, ds.num_items, overrides)
-    out = pathlib.Path(f.out) if f.out else None
-    start = time.perf_counter()
-    info = trainer.fit(ds, split, out, protocol)
-    train_s = time.perf_counter() - start
-    ks = tuple(sorted({*DEFAULT_KS, 50, 200}))
-    test = {
-        "full_filtered": trainer.evaluate(ds, split.test, "full", True, ks),
-        "full_unfiltered": trainer.evaluate(ds, split.test, "full", False, ks),
-        "sampled_100": trainer.evaluate(ds, split.test, "sampled", ks=ks),
-    }
-    result = {"train_s": train_s, **info, "test": test}
-    if out:
-        (out / "result.json").write_text(json.dumps(result, indent=1, default=float))
-    for name, metrics in test.items():
-        print(f"test {name}: " + " ".join(f"{k}={metrics[k]:.4f}" for k in ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "MRR")))
-    best = info["valid"].get("NDCG@10", math.nan)
-    print(f"steps={info['steps']} train_s={train_s:.1f} best_valid_NDCG@10={best:.4f}")
+    result = train(f.dataset, f.data_dir, f.model, f.preset, overrides, f.out, f.protocol)
+    print_metrics(result["test"])
+    best = result["valid"].get("NDCG@10", math.nan)
+    print(f"steps={result['steps']} train_s={result['train_s']:.1f} best_valid_NDCG@10={best:.4f}")
 
 
 if __name__ == "__main__":

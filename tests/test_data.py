@@ -189,6 +189,9 @@ def test_padding_and_prefix_examples():
     assert len(src) == 3  # (1->2), (1,2->3), (4->5)
     np.testing.assert_array_equal(src.arrays["history"], [[0, 1], [1, 2], [0, 4]])
     np.testing.assert_array_equal(src.arrays["target"], [2, 3, 5])
+    recent = examples.prefix_source(Ragged.from_rows([[1, 2, 3, 4], [5, 6]]), max_len=2, max_targets=2)
+    np.testing.assert_array_equal(recent.arrays["target"], [3, 4, 6])  # each row's last 2 targets
+    np.testing.assert_array_equal(recent.arrays["history"], [[1, 2], [2, 3], [0, 5]])
     win = examples.window_source(rows, max_len=3)
     np.testing.assert_array_equal(win.arrays["inputs"], [[1, 2, 0], [4, 0, 0]])
     np.testing.assert_array_equal(win.arrays["targets"], [[2, 3, 0], [5, 0, 0]])

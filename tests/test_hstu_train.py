@@ -94,3 +94,22 @@ def test_query_inputs_right_pad_last_items():
     np.testing.assert_array_equal(q["timestamps"], [[20, 30], [40, 0]])
     np.testing.assert_array_equal(q["lengths"], [2, 1])
     np.testing.assert_array_equal(q["target_ts"], [35, 45])
+
+
+def test_train_cli_run_is_reevaluated_from_its_checkpoint(tmp_path):
+    from conftest import write_tiny_ml100k
+
+    from hstu import evaluate, train
+
+    folder = write_tiny_ml100k(tmp_path / "ml-100k")
+    over = {**TINY, "num_epochs": 3, "max_seq_len": 8}
+    result = train.train("ml-100k", str(folder), "sasrec", "sasrec-ml", over, str(tmp_path / "run"))
+    assert set(result["test"]) == set(evaluate.PROTOCOLS)
+    trainer, ds, split, step = evaluate.load_run(tmp_path / "run")
+    assert 1 <= step <= result["steps"]
+    again = evaluate.test_metrics(trainer, ds, split.test)
+    for name in evaluate.PROTOCOLS:
+        assert again[name]["NDCG@10"] == pytest.approx(result["test"][name]["NDCG@10"], abs=1e-6)
+        assert again[name]["num_examples"] == 20
+    with pytest.raises(FileNotFoundError, match="no run.json"):
+        evaluate.load_run(tmp_path)

@@ -3,11 +3,16 @@
 import json
 
 import numpy as np
+from conftest import write_tiny_ml100k
 
 from eval import data
 from eval.baselines import MostPopular, Transitions
 from eval.data.dataset import ItemTable, Ragged
 from eval.recommender import evaluate
+from rqvae.model import RQVAEConfig
+from rqvae.tiger import TigerConfig
+from rqvae.tiger_trainer import TigerTrainConfig
+from rqvae.train import TrainConfig
 from tools import leaderboard
 
 
@@ -60,17 +65,27 @@ def test_sampled_protocol_ranks_against_negatives():
     assert sampled["HR@10"] >= full["HR@10"]
 
 
+TINY_TIGER = dict(
+    rqvae=TrainConfig(model=RQVAEConfig(hidden_dims=(16,), code_dim=4, num_levels=2, codebook_size=4), epochs=3, batch_size=8),
+    tiger=TigerTrainConfig(
+        model=TigerConfig(d_model=8, num_heads=2, head_dim=4, d_ff=16, encoder_layers=1, decoder_layers=1, max_items=4),
+        epochs=2, batch_size=16, eval_every=1, beam_size=20,
+    ),
+)
+
+
 def test_leaderboard_writes_tables(tmp_path, monkeypatch):
     from hstu import recommender
+    from rqvae import recommender as tiger_recommender
 
-    # Every registered model runs end to end; the sequential models with a tiny budget.
+    # Every registered model runs end to end; the trained ones with a tiny budget, TIGER
+    # on random item embeddings (the MiniLM wheel is not fetched in tests).
     monkeypatch.setitem(recommender.BUDGETS, "demo", dict(max_seq_len=8, num_epochs=2, embedding_dim=8))
-    folder = tmp_path / "root" / "ml-100k"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    lines = [f"{u}\t{rng.integers(1, 30)}\t4\t{t}" for u in range(1, 21) for t in range(8)]
-    (folder / "u.data").write_text("\n".join(lines) + "\n")
-    (folder / "u.item").write_text("".join(f"{i}|Movie {i}|d||u|0\n" for i in range(1, 31)), encoding="latin-1")
+    monkeypatch.setitem(tiger_recommender.BUDGETS, "demo", TINY_TIGER)
+    monkeypatch.setattr(
+        tiger_recommender, "item_embeddings", lambda ds: np.random.default_rng(1).normal(size=(ds.num_items, 16))
+    )
+    write_tiny_ml100k(tmp_path / "root" / "ml-100k")
     results = leaderboard.run(["ml-100k"], list(leaderboard.RECOMMENDERS), "demo", 0, str(tmp_path / "root"))
     leaderboard.write(results, tmp_path / "out", "demo")
     table = (tmp_path / "out" / "leaderboard.md").read_text()

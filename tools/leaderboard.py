@@ -27,6 +27,7 @@ RECOMMENDERS: dict[str, str] = {
     "transitions": "eval.baselines:Transitions",
     "sasrec": "hstu.recommender:SASRecRecommender",
     "hstu": "hstu.recommender:HSTURecommender",
+    "tiger": "rqvae.recommender:TigerRecommender",
 }
 
 def make(name: str) -> Recommender:

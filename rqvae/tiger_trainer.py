@@ -1,0 +1,259 @@
+"""TIGER training and ranking (library; the CLI is `rqvae.tiger_train`).
+
+  model = fit_tiger(ds, split, load_index(path, ds), TigerTrainConfig())
+  lists = rank_items(model, split.test, index, k=20)      # [E, 20] item ids, 0 = empty
+
+Training examples are every prefix of every training sequence, or of its last
+`max_targets` positions (history = the last `max_items` items before the target, left-padded), teacher-forced cross-entropy on the
+target's L codes, AdamW with linear warm-up. The model with the best validation
+Recall@10 (trie-constrained beam search, item level) is returned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from eval.data.dataset import Dataset, EvalExamples
+from eval.data.examples import batches, pad, prefix_source
+from eval.data.splits import Split
+from eval.metrics import DEFAULT_KS, metrics_from_ranks, ranks_from_lists
+from eval.training import EarlyStopping, RunLogger
+from rqvae import ids
+from rqvae.tiger import (
+    PAD,
+    SemanticIndex,
+    Tiger,
+    TigerConfig,
+    beam_search,
+    code_tokens,
+    encoder_tokens,
+    leaves_to_items,
+    user_buckets,
+)
+
+Index = SemanticIndex | Mapping[int, np.ndarray] | np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class TigerTrainConfig:
+    """Training options; `model.num_levels` / `codebook_size` are taken from the index."""
+
+    model: TigerConfig = TigerConfig()
+    epochs: int = 200
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.035
+    warmup_steps: int = 1000
+    beam_size: int = 20
+    eval_every: int = 5  # epochs
+    patience: int | None = 5  # evaluations without a better validation Recall@10
+    max_valid: int | None = None  # validation examples used for selection (fixed seeded subset)
+    max_targets: int | None = None  # train on each user's last max_targets positions only
+    eval_batch_size: int = 256
+    seed: int = 0
+
+
+def load_index(path: str | Path, ds: Dataset) -> dict[int, np.ndarray]:
+    """{dense item id: codes [L]} from an index json keyed by 0-based original item ids."""
+    codes = ids.read_index(path)
+    out = {}
+    for dense in range(1, ds.num_items + 1):
+        original = ds.items.original_ids[dense]
+        if not original.isdigit() or int(original) >= len(codes):
+            raise ValueError(
+                f"{path}: no semantic ID for item {original!r} (dense id {dense}); keys are 0..{len(codes) - 1}"
+            )
+        out[dense] = codes[int(original)]
+    return out
+
+
+def as_semantic_index(index: Index, codebook_size: int | None = None) -> SemanticIndex:
+    """A `SemanticIndex` from {dense item id: codes} (items 1..len), an [N + 1, L] array or itself."""
+    if isinstance(index, SemanticIndex):
+        return index
+    num_items = len(index) - 1 if isinstance(index, np.ndarray) else len(index)
+    return SemanticIndex.from_mapping(index, num_items, codebook_size)
+
+
+def _item_tokens(si: SemanticIndex) -> jax.Array:
+    tokens = code_tokens(si.item_codes, si.codebook_size)
+    tokens[0] = PAD
+    return jnp.asarray(tokens, jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
+def train_step(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    item_tokens: jax.Array,
+    item_codes: jax.Array,
+    batch: dict,
+    key: jax.Array,
+) -> tuple[nnx.State, jax.Array]:
+    """One AdamW step of teacher-forced cross-entropy on a batch of (user, history, target)."""
+    model, optimizer = nnx.merge(graphdef, state)
+    enc = encoder_tokens(item_tokens, batch["user"], batch["history"], model.cfg)
+    target = item_codes[batch["target"]]
+
+    def loss_fn(model: Tiger):
+        logits = model(enc, target, key)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, target).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return nnx.state((model, optimizer)), loss
+
+
+@functools.partial(jax.jit, static_argnames=("beam_size", "k"))
+def _rank_batch(model, item_tokens, users, history, tables, id_items, beam_size: int, k: int):
+    enc = encoder_tokens(item_tokens, users, history, model.cfg)
+    _, leaves, _ = beam_search(model, enc, tables, beam_size)
+    return leaves_to_items(leaves, id_items, k)
+
+
+def rank_items(
+    model: Tiger, examples: EvalExamples, index: Index, k: int, *, beam_size: int = 20, batch_size: int = 256,
+    rows: np.ndarray | None = None,
+) -> np.ndarray:  # fmt: skip
+    """Top-k distinct items [E, k] (0 = empty slot) for examples `rows` (default all).
+
+    Beam search over the valid IDs (beam_size >= k recommended); items sharing an ID are
+    listed at that ID's position in ascending item id order.
+    """
+    cfg = model.cfg
+    rows = np.arange(len(examples)) if rows is None else np.asarray(rows)
+    si = as_semantic_index(index, cfg.codebook_size)
+    if si.num_levels != cfg.num_levels:
+        raise ValueError(f"index has {si.num_levels} levels, the model {cfg.num_levels}")
+    item_tokens, id_items = _item_tokens(si), jnp.asarray(si.id_items)
+    tables = tuple(jnp.asarray(t) for t in si.trie.tables)
+    history = pad(examples.history, cfg.max_items, "left")
+    users = user_buckets(examples.users, cfg.num_user_buckets)
+    batch_size = min(batch_size, max(len(rows), 1))
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        padded = np.pad(chunk, (0, batch_size - len(chunk)), mode="edge")  # one compiled shape
+        lists = _rank_batch(
+            model,
+            item_tokens,
+            jnp.asarray(users[padded]),
+            jnp.asarray(history[padded]),
+            tables,
+            id_items,
+            beam_size,
+            k,
+        )
+        out.append(np.asarray(lists)[: len(chunk)])
+    return np.concatenate(out) if out else np.zeros((0, k), np.int32)
+
+
+def evaluate_tiger(
+    model: Tiger, examples: EvalExamples, index: Index, ks=DEFAULT_KS, *, beam_size: int = 20, batch_size: int = 256,
+    rows: np.ndarray | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """Item-level HR(=Recall)/NDCG/MRR@ks over the full item set, from beam-search lists."""
+    rows = np.arange(len(examples)) if rows is None else np.asarray(rows)
+    lists = rank_items(
+        model, examples, index, max(ks), beam_size=beam_size, batch_size=batch_size, rows=rows
+    )
+    return {
+        **metrics_from_ranks(ranks_from_lists(lists, examples.targets[rows]), ks),
+        "num_examples": len(rows),
+    }
+
+
+def fit_tiger(
+    ds: Dataset, split: Split, index: Index, config: TigerTrainConfig = TigerTrainConfig(),
+    logger: RunLogger | None = None,
+) -> Tiger:  # fmt: skip
+    """Trains TIGER on `split.train`; returns the model with the best validation Recall@10."""
+    si = as_semantic_index(index)
+    if si.item_codes.shape[0] != ds.num_items + 1:
+        raise ValueError(
+            f"fit_tiger: the index covers {si.item_codes.shape[0] - 1} items, {ds.name} has {ds.num_items}"
+        )
+    cfg = dataclasses.replace(
+        config.model, num_levels=si.num_levels, codebook_size=si.codebook_size
+    )
+    source = prefix_source(split.train, cfg.max_items, "left", max_targets=config.max_targets)
+    source.arrays["user"] = user_buckets(source.arrays["user"], cfg.num_user_buckets)
+    if len(source) == 0:
+        raise ValueError("fit_tiger: the training split has no (history, next item) example")
+    batch_size = min(config.batch_size, len(source))
+    steps_per_epoch = len(source) // batch_size
+    key = jax.random.key(config.seed)
+    init_key, train_key = jax.random.split(key)
+    model = Tiger(cfg, rngs=nnx.Rngs(init_key))
+    schedule = optax.linear_schedule(0.0, config.lr, max(config.warmup_steps, 1))
+    optimizer = nnx.Optimizer(
+        model, optax.adamw(schedule, weight_decay=config.weight_decay), wrt=nnx.Param
+    )
+    item_tokens, item_codes = _item_tokens(si), jnp.asarray(si.item_codes, jnp.int32)
+    valid_rows = np.arange(len(split.valid))
+    if config.max_valid is not None and config.max_valid < len(valid_rows):
+        valid_rows = np.sort(
+            np.random.default_rng(config.seed).choice(valid_rows, config.max_valid, replace=False)
+        )
+    logging.info(
+        "TIGER: %d training examples, %d steps/epoch, %s", len(source), steps_per_epoch, cfg
+    )
+
+    stopper, best_state, start = EarlyStopping(config.patience), None, time.time()
+    graphdef, state = nnx.split((model, optimizer))
+    loader = batches(source, batch_size, seed=config.seed, num_epochs=config.epochs)
+    losses = []
+    for step, batch in enumerate(loader, 1):
+        state, loss = train_step(
+            graphdef, state, item_tokens, item_codes, batch, jax.random.fold_in(train_key, step)
+        )
+        losses.append(loss)
+        epoch, rest = divmod(step, steps_per_epoch)
+        if rest or (epoch % config.eval_every and epoch != config.epochs):
+            continue
+        model, _ = nnx.merge(graphdef, state)
+        metrics = evaluate_tiger(
+            model,
+            split.valid,
+            si,
+            (1, 5, 10, 20),
+            beam_size=config.beam_size,
+            batch_size=config.eval_batch_size,
+            rows=valid_rows,
+        )
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "loss": float(np.mean(jax.device_get(losses))),
+            **metrics,
+            "elapsed_s": time.time() - start,
+        }
+        losses = []
+        logging.info(
+            "epoch %d %s",
+            epoch,
+            " ".join(
+                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+            ),
+        )
+        if logger is not None:
+            logger.log(step, "valid", record)
+        if metrics["HR@10"] > stopper.best:
+            best_state = jax.device_get(nnx.state(model))
+        if stopper.update(metrics["HR@10"]):
+            break
+    model, _ = nnx.merge(graphdef, state)
+    if best_state is not None:
+        nnx.update(model, best_state)
+    return model
