@@ -246,3 +246,22 @@ def test_shared_reference_index_stats():
         pytest.skip(f"{path} not present")
     s = code_stats(ids.read_index(path), codebook_size=256)
     assert s["items"] == 4344 and s["unique_ids"] == 3790 and s["unique_prefixes"] == 3350
+
+
+def test_torch_baseline_matches_loss_codes_and_gradients():
+    torch = pytest.importorskip("torch")
+    from tools.baselines.torch_rqvae import RQVAE as TorchRQVAE
+    from tools.baselines.torch_rqvae import load_flax_state
+
+    cfg = RQVAEConfig(hidden_dims=(24, 16), code_dim=8, num_levels=3, codebook_size=16)
+    model = RQVAE(12, cfg, rngs=nnx.Rngs(0))
+    net = TorchRQVAE(12, cfg.hidden_dims, cfg.code_dim, cfg.num_levels, cfg.codebook_size, cfg.beta)
+    load_flax_state(net, nnx.state(model))
+    x = np.random.default_rng(0).normal(size=(32, 12)).astype(np.float32)
+    (loss, aux), grads = nnx.value_and_grad(lambda m: m.loss(jnp.asarray(x)), has_aux=True)(model)
+    t_loss, t_codes = net(torch.from_numpy(x))
+    t_loss.backward()
+    np.testing.assert_array_equal(np.asarray(aux["codes"]), t_codes.numpy())
+    np.testing.assert_allclose(float(loss), t_loss.item(), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grads["encoder"][0]["kernel"][...]).T, net.encoder[0].weight.grad.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(grads["codebooks"][...]), net.codebooks.grad.numpy(), atol=1e-5)
