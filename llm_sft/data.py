@@ -109,29 +109,10 @@ def tokenize_examples(
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token")
-    lengths = histories.lengths
-    keep = np.minimum(lengths, max_history)
-    responses = tokenizer([response_text(titles[t]) for t in targets], add_special_tokens=False)[
-        "input_ids"
-    ]
-    prompts: list[list[int] | None] = [None] * len(targets)
-    pending = np.flatnonzero(keep > 0)
-    while len(pending):
-        texts = []
-        for i in pending:
-            items = histories[i][lengths[i] - keep[i] :]
-            texts.append(prompt_text(*instruction_and_input([titles[t] for t in items], noun), template, tokenizer))  # fmt: skip
-        ids = tokenizer(texts, add_special_tokens=template == "alpaca")["input_ids"]
-        fits = np.array(
-            [
-                len(p) + len(responses[i]) + 1 <= max_length
-                for p, i in zip(ids, pending, strict=True)
-            ]
-        )
-        for j in np.flatnonzero(fits):
-            prompts[pending[j]] = ids[j]
-        keep[pending[~fits]] -= 1
-        pending = pending[~fits][keep[pending[~fits]] > 0]
+    texts = [response_text(titles[t]) for t in targets]
+    responses = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    budgets = max_length - 1 - np.array([len(r) for r in responses], np.int64)
+    prompts, keep = _fit_prompts(histories, titles, noun, tokenizer, template, budgets, max_history)
     rows = [i for i, p in enumerate(prompts) if p is not None]
     seqs = [prompts[i] + responses[i] + [eos] for i in rows]
     return SFTExamples(
@@ -141,6 +122,65 @@ def tokenize_examples(
         source_index=np.asarray(rows, np.int64),
         dropped=int(len(targets) - len(rows)),
     )
+
+
+def _fit_prompts(
+    histories: Ragged, titles: Sequence[str], noun: str, tokenizer, template: str,
+    budgets: np.ndarray, max_history: int,
+) -> tuple[list[list[int] | None], np.ndarray]:  # fmt: skip
+    """Prompt token ids of each history (its last ``max_history`` items), dropping the
+    oldest items until the prompt has at most ``budgets[i]`` tokens; None (and 0 items
+    kept) when even a single item does not fit. Returns (prompts, items kept)."""
+    lengths = histories.lengths
+    keep = np.minimum(lengths, max_history)
+    prompts: list[list[int] | None] = [None] * len(histories)
+    pending = np.flatnonzero(keep > 0)
+    while len(pending):
+        texts = []
+        for i in pending:
+            items = histories[i][lengths[i] - keep[i] :]
+            texts.append(prompt_text(*instruction_and_input([titles[t] for t in items], noun), template, tokenizer))  # fmt: skip
+        ids = tokenizer(texts, add_special_tokens=template == "alpaca")["input_ids"]
+        fits = np.array([len(p) <= budgets[i] for p, i in zip(ids, pending, strict=True)])
+        for j in np.flatnonzero(fits):
+            prompts[pending[j]] = ids[j]
+        keep[pending[~fits]] -= 1
+        pending = pending[~fits][keep[pending[~fits]] > 0]
+    return prompts, keep
+
+
+def tokenize_prompts(
+    histories: Ragged, titles: Sequence[str], noun: str, tokenizer, *,
+    template: str = "alpaca", max_length: int = 512, max_history: int = 10, reserve: int = 0,
+) -> tuple[list[list[int]], np.ndarray]:  # fmt: skip
+    """Generation prompts for evaluation histories, built exactly as in ``tokenize_examples``
+    but truncated (oldest items first) to ``max_length - reserve`` tokens, ``reserve``
+    being the room left for the response. Returns (token ids per row, history items kept).
+
+    Raises ValueError when a history is empty or its newest item alone does not fit.
+    """
+    budgets = np.full(len(histories), max_length - reserve, np.int64)
+    prompts, keep = _fit_prompts(histories, titles, noun, tokenizer, template, budgets, max_history)
+    missing = [i for i, p in enumerate(prompts) if p is None]
+    if missing:
+        raise ValueError(
+            f"tokenize_prompts: example {missing[0]} (and {len(missing) - 1} more) has an empty "
+            f"history or does not fit in max_length - reserve = {max_length - reserve} tokens"
+        )
+    return prompts, keep
+
+
+def left_pad(rows: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) [len(rows), width] int32, rows aligned to the right."""
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        if len(row) > width:
+            raise ValueError(f"left_pad: row {i} has {len(row)} > width={width} tokens")
+        if len(row):
+            ids[i, width - len(row) :] = row
+            mask[i, width - len(row) :] = 1
+    return ids, mask
 
 
 def _flat_labels(ex: SFTExamples, train_on_inputs: bool) -> np.ndarray:

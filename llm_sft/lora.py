@@ -6,7 +6,8 @@ kaiming-uniform (PEFT's init, bound ``1 / sqrt(in)``) and B [r, out] zeros. The 
 weights are ``LoRAParam`` variables (a ``Param`` subtype), so ``nnx.Optimizer(...,
 wrt=LoRAParam)`` trains only them. ``merge_lora`` folds them into the base kernels and
 restores plain ``nnx.Linear`` modules (so ``save_hf`` writes a normal checkpoint);
-``export_peft`` writes an adapter folder that ``peft.PeftModel.from_pretrained`` loads.
+``export_peft`` writes an adapter folder that ``peft.PeftModel.from_pretrained`` loads;
+``load_peft`` reads such a folder back onto a base model.
 
 Targets follow PEFT's ``target_modules`` rule: a list of names (``"q_proj"`` or the short
 ``"q"``) matches that projection in every layer; a single string is a regular expression
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from llm_sft.model import Qwen
 from llm_sft.sharding import mesh_active
@@ -202,3 +203,28 @@ def export_peft(
     }
     (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
     return out_dir
+
+
+def load_peft(model: Qwen, adapter_dir: str | Path) -> Qwen:
+    """Applies the PEFT LoRA adapter in ``adapter_dir`` (``export_peft``'s layout) to
+    ``model`` in place (dropout off, for inference); returns it. Call ``merge_lora`` to
+    fold it into the base kernels."""
+    adapter_dir = Path(adapter_dir)
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    targets = cfg["target_modules"]
+    if not isinstance(targets, str) and any("." in t for t in targets):
+        targets = "|".join(re.escape(t) for t in targets)  # exact module paths
+    config = LoRAConfig(r=cfg["r"], alpha=cfg["lora_alpha"], target_modules=targets if isinstance(targets, str) else tuple(targets))  # fmt: skip
+    apply_lora(model, config, rngs=nnx.Rngs(0))
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    for i, proj, adapter in _adapters(model):
+        prefix = f"base_model.model.{hf_module_path(i, proj)}"
+        for name, var in (("lora_A", adapter.lora_a), ("lora_B", adapter.lora_b)):
+            key = f"{prefix}.{name}.weight"
+            if key not in tensors:
+                raise ValueError(f"{adapter_dir}: adapter has no tensor {key}")
+            value = np.ascontiguousarray(tensors[key].T).astype(np.float32)
+            if value.shape != var.shape:
+                raise ValueError(f"{adapter_dir}: {key} has shape {value.T.shape}, expected {var.shape[::-1]}")  # fmt: skip
+            var.set_value(jnp.asarray(value))
+    return model

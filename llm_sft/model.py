@@ -445,14 +445,18 @@ class Qwen(nnx.Module):
                 new_k.append(kv[0])
                 new_v.append(kv[1])
         hidden = self.norm(x)
-        if self.lm_head is None:
-            logits = self.embed_tokens.attend(hidden)
-        else:
-            logits = self.lm_head(hidden)
-        logits = constrain(logits, cfg.shd.act_btv)
+        logits = self.head(hidden)
         new_cache = (
             None
             if cache is None
             else Cache(k=new_k, v=new_v, mask=k_seg, index=index + input_ids.shape[1])
         )
         return (logits, new_cache, hidden) if return_hidden else (logits, new_cache)
+
+    def head(self, hidden: jax.Array) -> jax.Array:
+        """LM head: final-norm hidden states [B, T, D] -> logits [B, T, V] (tied or not)."""
+        if self.lm_head is None:
+            logits = self.embed_tokens.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        return constrain(logits, self.config.shd.act_btv)

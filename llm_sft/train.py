@@ -7,7 +7,10 @@ r"""Supervised fine-tuning of Qwen on BIGRec-style recommendation prompts (full 
 
 Writes ``<out>/checkpoints`` (orbax, resumed automatically), ``metrics.jsonl`` +
 TensorBoard, then ``<out>/adapter`` (PEFT adapter, LoRA) or ``<out>/hf`` (HF checkpoint,
-full fine-tuning), each with the tokenizer, and ``<out>/result.json``.
+full fine-tuning), each with the tokenizer, and ``<out>/result.json``. ``<out>/run.json``
+(written before training, completed with ``export`` at the end) records what
+``python -m llm_sft.evaluate --run=<out>`` needs: data set, model config, tokenizer,
+prompt settings, LoRA config and base checkpoint.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from llm_sft.sharding import MESH_AXES, make_mesh
 from llm_sft.trainer import TrainConfig, Trainer, init_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MAX_HISTORY = 10  # history items per prompt (BIGRec), see llm_sft.data.tokenize_examples
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
@@ -60,7 +64,7 @@ def build_examples(
     rng = np.random.default_rng(seed)
     out = []
     for (histories, targets), limit in (
-        (sft_data.train_histories(split.train), max_train_examples),
+        (sft_data.train_histories(split.train, MAX_HISTORY), max_train_examples),
         ((split.valid.history, split.valid.targets), max_eval_examples),
     ):
         if 0 <= limit < len(targets):
@@ -75,6 +79,7 @@ def build_examples(
                 tokenizer,
                 template=template,
                 max_length=max_length,
+                max_history=MAX_HISTORY,
             )  # fmt: skip
         )
     return out[0], out[1]
@@ -136,6 +141,20 @@ def run(
             f"tokenizer has {len(tokenizer)} tokens > vocab_size={config.vocab_size} of "
             f"{hf_checkpoint or model_config}"
         )
+    run_info = {
+        "dataset": dataset,
+        "data_dir": str(Path(data_dir).resolve()),
+        "hf_checkpoint": str(Path(hf_checkpoint).resolve()) if hf_checkpoint else None,
+        "model_config": config.to_hf_dict(),
+        "tokenizer_dir": str(Path(tokenizer.name_or_path).resolve()),
+        "prompt_template": prompt_template,
+        "max_length": max_length,
+        "max_history": MAX_HISTORY,
+        "dtype": dtype,
+        "lora": dataclasses.asdict(lora) if lora else None,
+        "export": None,
+    }
+    (out_dir / "run.json").write_text(json.dumps(run_info, indent=1))
     train_ex, valid_ex = build_examples(
         ds, split, tokenizer, template=prompt_template, max_length=max_length,
         max_train_examples=max_train_examples, max_eval_examples=max_eval_examples,
@@ -165,6 +184,8 @@ def run(
     else:
         export_dir = save_hf(final, config, out_dir / "hf")
     tokenizer.save_pretrained(str(export_dir))
+    run_info["export"] = str(export_dir.resolve())
+    (out_dir / "run.json").write_text(json.dumps(run_info, indent=1))
     summary = {
         "steps": history["steps"],
         "train_examples": len(train_ex),

@@ -57,6 +57,10 @@ class TrainConfig:
     eval_every: int = 0  # 0: once per epoch (and always at the last step)
     log_every: int = 10
     seed: int = 0
+    # > 0: apply the LM head only at the first `max_label_tokens` scored positions of each
+    # row (response-only SFT with short responses: the [B, T, vocab] logits are never
+    # built). A batch with a row holding more scored tokens raises ValueError.
+    max_label_tokens: int = 0
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -92,9 +96,18 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTrans
     return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
 
 
+def _shifted(labels: jax.Array) -> jax.Array:
+    """Targets of each position: ``labels[t + 1]`` (IGNORE at the last position)."""
+    return jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE)], axis=1)
+
+
 def token_loss_sums(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(sum of next-token cross-entropies, number of label tokens); HF label convention."""
-    targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE)], axis=1)
+    return _target_loss_sums(logits, _shifted(labels))
+
+
+def _target_loss_sums(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Like ``token_loss_sums`` for already shifted ``targets`` (IGNORE = not scored)."""
     valid = targets != IGNORE
     logits = logits.astype(jnp.float32)
     picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)
@@ -102,11 +115,27 @@ def token_loss_sums(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, ja
     return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
 
 
-def _forward_sums(model: Qwen, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    logits, _ = model(
-        batch["input_ids"], positions=batch.get("positions"), attention_mask=batch["attention_mask"]
-    )
-    return token_loss_sums(logits, batch["labels"])
+def _forward_sums(
+    model: Qwen, batch: dict[str, jax.Array], max_label_tokens: int = 0
+) -> tuple[jax.Array, jax.Array]:
+    kwargs = dict(positions=batch.get("positions"), attention_mask=batch["attention_mask"])
+    if not max_label_tokens:
+        logits, _ = model(batch["input_ids"], **kwargs)
+        return token_loss_sums(logits, batch["labels"])
+    # Only the gathered hidden states reach the loss, so XLA drops the full logits.
+    _, _, hidden = model(batch["input_ids"], return_hidden=True, **kwargs)
+    targets = _shifted(batch["labels"])
+    # Scored positions first (stable: in position order), then unscored ones as filler.
+    order = jnp.argsort(targets == IGNORE, axis=1, stable=True)[:, :max_label_tokens]
+    picked = jnp.take_along_axis(hidden, order[..., None], axis=1)
+    return _target_loss_sums(model.head(picked), jnp.take_along_axis(targets, order, axis=1))
+
+
+def _check_label_tokens(labels: np.ndarray, max_label_tokens: int) -> None:
+    if max_label_tokens:
+        most = int((np.asarray(labels)[..., 1:] != IGNORE).sum(-1).max(initial=0))
+        if most > max_label_tokens:
+            raise ValueError(f"a row has {most} scored tokens > max_label_tokens={max_label_tokens}")
 
 
 def _pad_rows(arrays: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
@@ -145,7 +174,7 @@ def _constrain_like(state):
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 3, 4))
 def _train_step(defs, params, frozen, rest, opt_state, batch):
     """One optimizer step; ``batch`` arrays are [accumulation, batch, length]."""
-    graphdef, opt_def, wrt = defs
+    graphdef, opt_def, wrt, max_label_tokens = defs
     count = jnp.maximum(jnp.sum(batch["labels"][..., 1:] != IGNORE), 1)
 
     def micro(carry, mb):
@@ -153,7 +182,7 @@ def _train_step(defs, params, frozen, rest, opt_state, batch):
         model = nnx.merge(graphdef, *_fresh((params, frozen, rest)))
 
         def loss_fn(model):
-            return _forward_sums(model, mb)[0] / count
+            return _forward_sums(model, mb, max_label_tokens)[0] / count
 
         value, g = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model)
         rest = nnx.state(model, nnx.Not(nnx.Param))  # advanced dropout RNG counters
@@ -170,10 +199,11 @@ def _train_step(defs, params, frozen, rest, opt_state, batch):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _eval_sums(graphdef, params, frozen, rest, batch):
-    """(loss sum, label tokens) of a [1, batch, length] batch."""
+def _eval_sums(defs, params, frozen, rest, batch):
+    """(loss sum, label tokens) of a [1, batch, length] batch; defs = (graphdef, max_label_tokens)."""
+    graphdef, max_label_tokens = defs
     model = nnx.merge(graphdef, params, frozen, rest)
-    return _forward_sums(model, jax.tree.map(lambda x: x[0], batch))
+    return _forward_sums(model, jax.tree.map(lambda x: x[0], batch), max_label_tokens)
 
 
 class Trainer:
@@ -224,10 +254,11 @@ class Trainer:
     def train_step(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """One optimizer step on ``rows_per_step`` rows ([rows, length] numpy arrays)."""
         a = self.config.gradient_accumulation_steps
+        _check_label_tokens(batch["labels"], self.config.max_label_tokens)
         batch = {k: v.reshape(a, -1, *v.shape[1:]) for k, v in batch.items()}
         with jax.set_mesh(self.mesh):
             self.params, self.rest, self.opt_state, metrics = _train_step(
-                (self.graphdef, self.opt_def, self.wrt),
+                (self.graphdef, self.opt_def, self.wrt, self.config.max_label_tokens),
                 self.params, self.frozen, self.rest, self.opt_state,
                 jax.device_put(batch, self.batch_sh),
             )  # fmt: skip
@@ -239,6 +270,7 @@ class Trainer:
     ) -> float:
         """Mean token loss over every row of ``arrays`` (eval mode, no dropout)."""
         n, b = len(arrays["input_ids"]), self.micro_batch
+        _check_label_tokens(arrays["labels"], self.config.max_label_tokens)
         sums = []
         for start in range(0, n, b):
             chunk = trim_to_bucket(
@@ -247,7 +279,7 @@ class Trainer:
             )  # fmt: skip
             with jax.set_mesh(self.mesh):
                 sums.append(_eval_sums(
-                    self.eval_def, self.params, self.frozen, self.rest,
+                    (self.eval_def, self.config.max_label_tokens), self.params, self.frozen, self.rest,
                     jax.device_put({k: v[None] for k, v in chunk.items()}, self.batch_sh),
                 ))  # fmt: skip
         total, count = np.sum(jax.device_get(sums), axis=0)

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 from conftest import write_tiny_ml100k
+from test_llm_recommender import TINY_BIGREC
 
 from eval import data
 from eval.baselines import MostPopular, Transitions
@@ -76,12 +77,14 @@ TINY_TIGER = dict(
 
 def test_leaderboard_writes_tables(tmp_path, monkeypatch):
     from hstu import recommender
+    from llm_sft import recommender as llm_recommender
     from rqvae import recommender as tiger_recommender
 
     # Every registered model runs end to end; the trained ones with a tiny budget, TIGER
     # on random item embeddings (the MiniLM wheel is not fetched in tests).
     monkeypatch.setitem(recommender.BUDGETS, "demo", dict(max_seq_len=8, num_epochs=2, embedding_dim=8))
     monkeypatch.setitem(tiger_recommender.BUDGETS, "demo", TINY_TIGER)
+    monkeypatch.setitem(llm_recommender.BUDGETS, "demo", TINY_BIGREC)
     monkeypatch.setattr(
         tiger_recommender, "item_embeddings", lambda ds: np.random.default_rng(1).normal(size=(ds.num_items, 16))
     )

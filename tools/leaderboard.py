@@ -28,6 +28,7 @@ RECOMMENDERS: dict[str, str] = {
     "sasrec": "hstu.recommender:SASRecRecommender",
     "hstu": "hstu.recommender:HSTURecommender",
     "tiger": "rqvae.recommender:TigerRecommender",
+    "bigrec": "llm_sft.recommender:BigRecRecommender",
 }
 
 def make(name: str) -> Recommender:

@@ -1,0 +1,63 @@
+"""llm_sft.recommender (BIGRec leaderboard entry) end to end, and the trainer's sparse LM
+head (``TrainConfig.max_label_tokens``) that its budget relies on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import write_tiny_ml100k
+from flax import nnx
+
+from eval import data
+from eval.recommender import evaluate
+from llm_sft import recommender
+from llm_sft.data import IGNORE
+from llm_sft.model import ModelConfig, Qwen
+from llm_sft.trainer import TrainConfig, _check_label_tokens, _forward_sums
+
+# A budget that runs in seconds on the tiny ml-100k folder of conftest.
+TINY_BIGREC = recommender.BigRecConfig(
+    model=dict(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8),
+    vocab_size=384, tokenizer_prompts=20,
+    train=TrainConfig(learning_rate=1e-2, per_device_train_batch_size=4, max_steps=3),
+)  # fmt: skip
+
+
+def test_sparse_lm_head_loss_equals_the_full_loss():
+    cfg = ModelConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+        num_kv_heads=1, head_dim=8, rope_theta=10_000.0, initializer_range=0.3,
+    )  # fmt: skip
+    model = nnx.jit(lambda: Qwen(cfg, rngs=nnx.Rngs(0)))()  # one compile, not op by op
+    # Full head, exactly the scored tokens, every position (unscored ones as filler).
+    forward_sums = nnx.jit(lambda m, b: [_forward_sums(m, b, n) for n in (0, 7, 12)])
+    ids = np.random.default_rng(0).integers(0, 64, (3, 12), dtype=np.int32)
+    labels = np.full((3, 12), IGNORE, np.int32)
+    labels[0, 8:11], labels[1, 5:12] = ids[0, 8:11], ids[1, 5:12]
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": np.ones((3, 12), np.int32)}
+    full, *sparse = forward_sums(model, batch)
+    assert int(full[1]) == 3 + 7
+    for sums in sparse:
+        np.testing.assert_allclose(sums, full, rtol=1e-5)
+    _check_label_tokens(labels, 7)
+    with pytest.raises(ValueError, match="max_label_tokens=6"):
+        _check_label_tokens(labels, 6)
+
+
+def test_bigrec_recommender_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setitem(recommender.BUDGETS, "demo", TINY_BIGREC)
+    ds = data.load("ml-100k", write_tiny_ml100k(tmp_path / "ml-100k"))
+    sp = data.split(ds)
+    rec = recommender.BigRecRecommender()
+    info = rec.fit(ds, sp, budget="demo", seed=0)
+    assert info["steps"] == 3 and info["train_examples"] == 12 and info["vocab"] <= 384
+    # All rows in one call, as `evaluate` below does (same shapes: one compiled search).
+    lists = rec.rank(sp.test, np.arange(len(sp.test)), 20)
+    assert lists.shape == (len(sp.test), 20) and ((lists >= 0) & (lists <= ds.num_items)).all()
+    for row, items in enumerate(lists):
+        kept = items[items > 0]
+        assert len(set(kept)) == len(kept) and not set(kept) & set(sp.test.history[row])
+        assert len(kept) > 0
+    metrics = evaluate(rec, ds, sp.test, "full")
+    assert metrics["num_examples"] == len(sp.test)
+    assert 0 <= metrics["NDCG@10"] <= metrics["HR@10"] <= metrics["HR@20"] <= 1
