@@ -10,15 +10,12 @@ the JAX/PyTorch ratio, with the devices named.
 
 from __future__ import annotations
 
-import os
-import statistics
-import time
-
 import jax
 import numpy as np
 from absl import app, flags
 
 from hstu.trainer import make_trainer
+from tools.timing import cpu_threads, median_seconds
 
 
 def _batch(rng, batch_size, max_len, num_items):
@@ -30,12 +27,7 @@ def _batch(rng, batch_size, max_len, num_items):
 
 
 def _median_rate(fn, items_per_call: int, calls: int, repeats: int) -> float:
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(calls)
-        rates.append(items_per_call * calls / (time.perf_counter() - start))
-    return statistics.median(rates)
+    return items_per_call * calls / median_seconds(lambda: fn(calls), repeats)
 
 
 def bench_jax(model: str, batch, num_items: int, calls: int, repeats: int) -> tuple[float, float]:
@@ -70,7 +62,7 @@ def bench_torch(model: str, batch, num_items: int, calls: int, repeats: int) -> 
     from tools.baselines.torch_hstu import HSTU
     from tools.baselines.torch_sasrec import SASRec
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(cpu_threads())
     n = batch["ids"].shape[1]
     if model == "hstu":
         net = HSTU(num_items, max_seq_len=n, embedding_dim=50, num_blocks=2, num_heads=1,
@@ -131,7 +123,7 @@ def main(argv):
 
     batch = _batch(np.random.default_rng(0), f.batch_size, f.max_seq_len, f.num_items)
     print(f"device: JAX {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), "
-          f"PyTorch {torch.__version__} CPU, {os.cpu_count()} threads; batch {f.batch_size} x {f.max_seq_len}, "
+          f"PyTorch {torch.__version__} CPU, {cpu_threads()} threads; batch {f.batch_size} x {f.max_seq_len}, "
           f"{f.num_items} items; medians of {f.repeats} x {f.calls} calls")
     print("| model | JAX train samples/s | PyTorch train samples/s | ratio | JAX eval users/s | PyTorch eval users/s | ratio |")
     print("|---|---|---|---|---|---|---|")

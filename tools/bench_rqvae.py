@@ -10,10 +10,6 @@ median steps/s over repeats, the ratio, and the devices.
 
 from __future__ import annotations
 
-import os
-import statistics
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,15 +18,11 @@ from flax import nnx
 
 from rqvae.model import RQVAE, RQVAEConfig
 from rqvae.train import _adamw, train_step
+from tools.timing import cpu_threads, median_seconds
 
 
 def _median_rate(fn, calls: int, repeats: int) -> float:
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(calls)
-        rates.append(calls / (time.perf_counter() - start))
-    return statistics.median(rates)
+    return calls / median_seconds(lambda: fn(calls), repeats)
 
 
 def bench_jax(x: np.ndarray, cfg: RQVAEConfig, batch_size: int, calls: int, repeats: int) -> float:
@@ -58,7 +50,7 @@ def bench_torch(x: np.ndarray, cfg: RQVAEConfig, batch_size: int, calls: int, re
 
     from tools.baselines.torch_rqvae import RQVAE as TorchRQVAE
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(cpu_threads())
     net = TorchRQVAE(x.shape[1], cfg.hidden_dims, cfg.code_dim, cfg.num_levels, cfg.codebook_size, cfg.beta)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
     x_t = torch.from_numpy(x)
@@ -95,7 +87,7 @@ def main(argv):
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     cfg = RQVAEConfig()
     print(f"device: JAX {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), "
-          f"PyTorch {torch.__version__} CPU, {os.cpu_count()} threads; {f.num_items} x {f.input_dim} inputs, "
+          f"PyTorch {torch.__version__} CPU, {cpu_threads()} threads; {f.num_items} x {f.input_dim} inputs, "
           f"batch {f.batch_size}, {cfg.num_levels} x {cfg.codebook_size} codes; medians of {f.repeats} x {f.calls} steps")
     jax_rate = bench_jax(x, cfg, f.batch_size, f.calls, f.repeats)
     torch_rate = bench_torch(x, cfg, f.batch_size, f.calls, f.repeats)
