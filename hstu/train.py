@@ -39,6 +39,7 @@ _OVERRIDES = {
     "eval_every": (flags.DEFINE_integer, "Validate every this many steps (default: each epoch)."),
     "patience": (flags.DEFINE_integer, "Early stopping patience (evaluations)."),
     "seed": (flags.DEFINE_integer, "Seed."),
+    "stochastic_length_alpha": (flags.DEFINE_float, "HSTU's stochastic length: alpha in (0, 2] (off by default)."),
 }
 
 

@@ -54,6 +54,8 @@ class TrainConfig:
     patience: int | None = 10  # evaluations without validation improvement
     eval_batch_size: int = 256
     seed: int = 0
+    # HSTU's stochastic length (SL): alpha in (0, 2]; None = off (see `stochastic_length`).
+    stochastic_length_alpha: float | None = None
 
 
 def build_model(kind: str, cfg, seed: int) -> nnx.Module:
@@ -87,6 +89,37 @@ def query_inputs(examples: EvalExamples, index: np.ndarray, max_len: int) -> dic
     else:
         ts, target_ts = np.zeros_like(ids, np.int64), np.zeros(len(index), np.int64)
     return {"ids": ids, "timestamps": ts, "lengths": lengths, "target_ts": target_ts}
+
+
+def stochastic_length(batch: dict[str, np.ndarray], alpha: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """HSTU's stochastic length (Zhai et al. 2024, Sec. 3.3) on a right-padded batch.
+
+    With N the padded length and L = floor(N ** (alpha / 2)), a row of length n > L is
+    replaced, with probability 1 - N**alpha / n**2, by a uniformly random ordered
+    subsequence of L of its items (timestamps follow); shorter rows are kept whole.
+    Shapes stay static (the row is re-padded to N).
+    """
+    ids, lengths = batch["ids"], batch["lengths"]
+    b, n = ids.shape
+    keep = int(n ** (alpha / 2))
+    if not 0 < alpha <= 2 or keep < 1:
+        raise ValueError(f"stochastic_length: alpha must be in (0, 2] with N**(alpha/2) >= 1, got alpha={alpha}, N={n}")
+    prob = 1.0 - n**alpha / np.maximum(lengths, 1).astype(np.float64) ** 2
+    rows = np.flatnonzero((lengths > keep) & (rng.random(b) < prob))
+    if not len(rows):
+        return batch
+    keys = rng.random((len(rows), n))
+    keys[np.arange(n)[None, :] >= lengths[rows, None]] = 2.0  # padding is never picked
+    chosen = np.sort(np.argsort(keys, axis=1)[:, :keep], axis=1)
+    out = dict(batch)
+    for name in ("ids", "timestamps"):
+        new = batch[name].copy()
+        new[rows] = 0
+        new[rows, :keep] = np.take_along_axis(batch[name][rows], chosen, axis=1)
+        out[name] = new
+    out["lengths"] = lengths.copy()
+    out["lengths"][rows] = keep
+    return out
 
 
 class Trainer:
@@ -181,7 +214,11 @@ class Trainer:
         bar = tqdm(total=total, initial=step, disable=not progress, desc=f"train {self.kind}")
         loss_sum, loss_n, best = jnp.zeros(()), 0, None
         while step < total:
-            loss_sum += self.train_step(next(loader), step)
+            batch = next(loader)
+            if self.cfg.stochastic_length_alpha is not None:
+                rng = np.random.default_rng([self.cfg.seed, step])  # depends on (seed, step): exact resume
+                batch = stochastic_length(batch, self.cfg.stochastic_length_alpha, rng)
+            loss_sum += self.train_step(batch, step)
             loss_n += 1
             step += 1
             bar.update(1)

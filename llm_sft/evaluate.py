@@ -1,7 +1,7 @@
 r"""BIGRec-style evaluation of a fine-tuned run (the ``llm_sft.train --out`` folder).
 
   python -m llm_sft.evaluate --run=runs/sft [--hf_checkpoint=QWEN_DIR] [--split=test] \
-      [--num_beams=20] [--max_examples=N] [--batch_size=16] [--gamma=0.0] \
+      [--num_beams=20] [--max_examples=N] [--batch_size=16] [--gamma=0.0 | --gamma_grid=0,0.5,1] \
       [--unconstrained] [--out=FILE.json]
 
 For every evaluation example the prompt is built as in training (``run.json``: template,
@@ -34,7 +34,7 @@ and the last batch is padded with copies of its last row, so decoding compiles o
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -217,16 +217,20 @@ def evaluate_model(
     max_history: int = 10,
     num_beams: int = 20,
     batch_size: int = 16,
-    gamma: float = 0.0,
+    gamma: float | Mapping[int, float] = 0.0,
+    gamma_grid: Sequence[float] = (),
     embed_model: Qwen | None = None,
     unconstrained: bool = False,
     ks: Sequence[int] = DEFAULT_KS,
 ) -> dict[str, Any]:
     """Title-match and grounding metrics of ``model`` on ``examples`` (see module doc).
 
-    ``embed_model`` embeds for grounding (default ``model``). Returns {"title_match",
-    "grounding", "empty_slots", "items" [E, num_beams], "top1" [E] strings, and with
-    ``unconstrained`` "unconstrained_greedy": {"title_match", "grounding"}}.
+    ``embed_model`` embeds for grounding (default ``model``); ``gamma`` is one popularity
+    exponent or a {k: gamma} map. Returns {"title_match", "grounding", "empty_slots",
+    "items" [E, num_beams], "top1" [E] strings, with ``gamma_grid`` "best_gamma" (the
+    {k: gamma} of the grid with the best NDCG@k of the constrained top-1 on ``examples``:
+    run it on validation examples), and with ``unconstrained`` "unconstrained_greedy":
+    {"title_match", "grounding"}}.
     """
     if num_beams < max(ks):
         raise ValueError(f"num_beams={num_beams} < the largest cutoff {max(ks)}")
@@ -271,7 +275,18 @@ def evaluate_model(
         r["grounding"] = protocols.grounding_ranking(
             emb[start : start + len(examples)], catalogue, examples.targets, ks, popularity, gamma
         )
+    if gamma_grid:
+        top1 = emb[len(titles) - 1 : len(titles) - 1 + len(examples)]
+        result["best_gamma"] = protocols.select_gamma(top1, catalogue, examples.targets, popularity, gamma_grid, ks)
     return result
+
+
+def _subset(examples: EvalExamples, n: int, seed: int) -> EvalExamples:
+    """A seeded random subset of ``n`` examples in their original order (all when n < 0)."""
+    if not 0 <= n < len(examples):
+        return examples
+    rows = np.sort(np.random.default_rng(seed).choice(len(examples), n, replace=False))
+    return EvalExamples(examples.users[rows], examples.history.take(rows), examples.targets[rows])
 
 
 def evaluate_run(
@@ -284,6 +299,8 @@ def evaluate_run(
     max_examples: int = -1,
     batch_size: int = 16,
     gamma: float = 0.0,
+    gamma_grid: Sequence[float] = (),
+    max_valid_examples: int = 1000,
     unconstrained: bool = False,
     seed: int = 0,
     ks: Sequence[int] = DEFAULT_KS,
@@ -291,22 +308,28 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Loads the run, its data set and split, evaluates (``evaluate_model``) and returns the
     JSON-ready summary (written to ``out`` when given). ``max_examples`` >= 0 evaluates a
-    seeded random subset of that many examples."""
+    seeded random subset of that many examples. With ``gamma_grid``, the grounding gamma
+    per cutoff is first selected on (``max_valid_examples`` of) the validation examples,
+    as BIGRec does, and replaces ``gamma``."""
     if split not in SPLITS:
         raise ValueError(f"--split={split!r}: choose one of {SPLITS}")
     info, model, base, tokenizer = load_run(run, hf_checkpoint)
     ds = data.load(info["dataset"], data_dir or info["data_dir"])
     sp = data.split(ds)
-    examples = getattr(sp, split)
-    if 0 <= max_examples < len(examples):
-        rows = np.sort(np.random.default_rng(seed).choice(len(examples), max_examples, replace=False))
-        examples = EvalExamples(examples.users[rows], examples.history.take(rows), examples.targets[rows])
+    examples = _subset(getattr(sp, split), max_examples, seed)
     popularity = np.bincount(sp.train.values, minlength=ds.num_items + 1)
+    settings = dict(
+        template=info.get("prompt_template", "alpaca"), max_length=info.get("max_length", 512),
+        max_history=info.get("max_history", 10), num_beams=num_beams, batch_size=batch_size,
+        embed_model=base, ks=ks,
+    )  # fmt: skip
+    selection = None
+    if gamma_grid:
+        valid = _subset(sp.valid, max_valid_examples, seed)
+        gamma = evaluate_model(model, tokenizer, ds, valid, popularity, gamma_grid=gamma_grid, **settings)["best_gamma"]  # fmt: skip
+        selection = {"grid": list(gamma_grid), "valid_examples": len(valid)}
     result = evaluate_model(
-        model, tokenizer, ds, examples, popularity, template=info.get("prompt_template", "alpaca"),
-        max_length=info.get("max_length", 512), max_history=info.get("max_history", 10),
-        num_beams=num_beams, batch_size=batch_size, gamma=gamma, embed_model=base,
-        unconstrained=unconstrained, ks=ks,
+        model, tokenizer, ds, examples, popularity, gamma=gamma, unconstrained=unconstrained, **settings
     )  # fmt: skip
     summary = {
         "run": str(run),
@@ -315,6 +338,7 @@ def evaluate_run(
         "num_examples": len(examples),
         "num_beams": num_beams,
         "gamma": gamma,
+        "gamma_selection": selection,
         "grounding_model": "base" if base is not None else "finetuned",
         **{k: v for k, v in result.items() if k != "items"},
         "predictions": {
@@ -342,7 +366,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f" (empty beam slots: {summary['empty_slots']})",
         "",
         f"BIGRec grounding (top-1 title, {summary['grounding_model']} model embeddings, "
-        f"gamma={summary['gamma']})",
+        f"gamma={_gamma_text(summary)})",
         ResultTable(summary["grounding"]).to_markdown(),
     ]
     if "unconstrained_greedy" in summary:
@@ -357,6 +381,16 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _gamma_text(summary: dict[str, Any]) -> str:
+    gamma, selection = summary["gamma"], summary.get("gamma_selection")
+    if not isinstance(gamma, Mapping):
+        return f"{gamma:g}"
+    text = ", ".join(f"@{k}: {g:g}" for k, g in sorted(gamma.items(), key=lambda kv: int(kv[0])))
+    if selection:
+        text += f"; selected on {selection['valid_examples']} validation examples from {selection['grid']}"
+    return text
+
+
 def _define_flags() -> None:
     f = flags
     f.DEFINE_string("run", None, "llm_sft.train --out folder (with run.json).", required=True)
@@ -367,6 +401,8 @@ def _define_flags() -> None:
     f.DEFINE_integer("max_examples", -1, "Evaluate a seeded random subset (-1: all).")
     f.DEFINE_integer("batch_size", 16, "Prompts per beam-search call.")
     f.DEFINE_float("gamma", 0.0, "Grounding popularity exponent (BIGRec).")
+    f.DEFINE_list("gamma_grid", [], "Select the gamma per cutoff on validation from these (replaces --gamma).")
+    f.DEFINE_integer("max_valid_examples", 1000, "Validation examples for --gamma_grid (-1: all).")
     f.DEFINE_bool("unconstrained", False, "Also report unconstrained greedy decoding.")
     f.DEFINE_integer("seed", 0, "Seed of the --max_examples subset.")
     f.DEFINE_string("out", None, "Write the summary (metrics + ranked item ids) as JSON here.")
@@ -378,7 +414,8 @@ def main(argv):
     summary = evaluate_run(
         f.run, hf_checkpoint=f.hf_checkpoint, data_dir=f.data_dir, split=f.split,
         num_beams=f.num_beams, max_examples=f.max_examples, batch_size=f.batch_size,
-        gamma=f.gamma, unconstrained=f.unconstrained, seed=f.seed, out=f.out,
+        gamma=f.gamma, gamma_grid=[float(g) for g in f.gamma_grid], max_valid_examples=f.max_valid_examples,
+        unconstrained=f.unconstrained, seed=f.seed, out=f.out,
     )  # fmt: skip
     print(format_summary(summary))
 

@@ -48,9 +48,11 @@ def test_fit_learns_and_logs(tmp_path, kind, preset):
     assert (tmp_path / "checkpoints" / "best").is_dir()
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("sl_alpha", [None, 1.5])
+def test_resume_reproduces_uninterrupted_run(tmp_path, sl_alpha):
     ds, sp = tiny_split()
-    over = {**TINY, "eval_every": 3, "max_steps": 6, "patience": 1000, "num_epochs": 10}
+    over = {**TINY, "eval_every": 3, "max_steps": 6, "patience": 1000, "num_epochs": 10,
+            "stochastic_length_alpha": sl_alpha}
     full = T.make_trainer("hstu", "hstu-ml", ds.num_items, over)
     full.fit(ds, sp, tmp_path / "full", progress=False)
     part = T.make_trainer("hstu", "hstu-ml", ds.num_items, {**over, "max_steps": 3})
@@ -67,6 +69,31 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     losses = [[r["loss"] for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())
                if r["split"] == "train"] for d in ("full", "resumed")]
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+
+
+def test_stochastic_length_keeps_ordered_subsequences():
+    rng = np.random.default_rng(0)
+    b, n, alpha = 4000, 16, 1.5
+    keep = int(n ** (alpha / 2))  # 8
+    lengths = rng.integers(1, n + 1, b).astype(np.int32)
+    ids = np.where(np.arange(n)[None, :] < lengths[:, None], np.arange(1, n + 1)[None, :] * 10, 0)
+    batch = {"ids": ids, "timestamps": ids * 7, "lengths": lengths}
+    out = T.stochastic_length(batch, alpha, np.random.default_rng(1))
+    changed = out["lengths"] != lengths
+    assert np.all(lengths[changed] > keep) and np.all(out["lengths"][changed] == keep)
+    for row in np.flatnonzero(changed)[:50]:
+        kept = out["ids"][row, :keep]
+        assert np.all(np.diff(kept) > 0) and set(kept) <= set(ids[row, : lengths[row]])
+        assert not out["ids"][row, keep:].any()
+    np.testing.assert_array_equal(out["timestamps"], out["ids"] * 7)  # timestamps follow their items
+    np.testing.assert_array_equal(out["ids"][~changed], ids[~changed])
+    # Rows longer than L are subsampled with probability 1 - N^alpha / n^2.
+    for length in (9, 12, 16):
+        rows = lengths == length
+        expected = 1 - n**alpha / length**2
+        assert abs(changed[rows].mean() - expected) < 4 * np.sqrt(expected * (1 - expected) / rows.sum())
+    with pytest.raises(ValueError, match="alpha"):
+        T.stochastic_length(batch, 2.5, rng)
 
 
 def test_data_parallel_matches_single_device():

@@ -107,7 +107,8 @@ def test_metrics_equal_a_hand_computation(model, tokenizer, monkeypatch):
     position = {"Alpha": 0.0, "Gamma": 1.0, "Beta": 3.0, "Delta": 7.0, "Epsilon Film": 20.0}
     monkeypatch.setattr(ev, "decode_batched", fake_decode)
     monkeypatch.setattr(ev, "embed_texts", lambda m, tok, texts, **kw: np.array([[position[t]] for t in texts]))
-    out = ev.evaluate_model(model, tokenizer, ds, examples, np.ones(8), num_beams=3, ks=(1, 3))
+    out = ev.evaluate_model(model, tokenizer, ds, examples, np.ones(8), num_beams=3, ks=(1, 3), gamma_grid=(0.0, 2.0))
+    assert out["best_gamma"] == {1: 0.0, 3: 0.0}  # uniform popularity: every gamma ties, the first wins
     # Title match: "Gamma" (target 4) at rank 2; "Delta" (target 6) not generated.
     tm = out["title_match"]
     assert tm["HR@1"] == 0 and tm["HR@3"] == 0.5 and tm["invalid"] == 0
@@ -164,11 +165,14 @@ def test_evaluate_run_reads_the_train_run_folder(tmp_path):
     assert info["dataset"] == "ml-100k" and info["export"].endswith("hf") and info["max_history"] == 10
     summary = ev.evaluate_run(
         tmp_path / "run", split="valid", num_beams=5, max_examples=6, ks=(1, 3, 5),
-        out=tmp_path / "eval.json",
+        gamma_grid=(0.0, 1.0), max_valid_examples=4, out=tmp_path / "eval.json",
     )  # fmt: skip
     assert summary["num_examples"] == 6 and summary["title_match"]["invalid"] == 0
+    assert summary["gamma_selection"]["valid_examples"] == 4 and set(summary["gamma"]) == {1, 3, 5}
+    assert {summary["grounding"][f"gamma@{k}"] for k in (1, 3, 5)} <= {0.0, 1.0}
     assert summary["grounding_model"] == "finetuned"
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert len(saved["predictions"]["items"]) == 6 and len(saved["predictions"]["items"][0]) == 5
     table = ev.format_summary(summary)
     assert "| NDCG |" in table and "| HR |" in table and "invalid generations: 0/30" in table
+    assert "selected on 4 validation examples" in table
