@@ -157,16 +157,22 @@ def tokenize_prompts(
     but truncated (oldest items first) to ``max_length - reserve`` tokens, ``reserve``
     being the room left for the response. Returns (token ids per row, history items kept).
 
-    Raises ValueError when a history is empty or its newest item alone does not fit.
+    No example is dropped: when even the newest item alone exceeds the budget (a very
+    long title), the prompt holds that item only, over budget (decoding has no hard
+    length limit). Raises ValueError on an empty history.
     """
+    empty = np.flatnonzero(histories.lengths == 0)
+    if len(empty):
+        raise ValueError(f"tokenize_prompts: example {empty[0]} (and {len(empty) - 1} more) has an empty history")
     budgets = np.full(len(histories), max_length - reserve, np.int64)
     prompts, keep = _fit_prompts(histories, titles, noun, tokenizer, template, budgets, max_history)
-    missing = [i for i, p in enumerate(prompts) if p is None]
-    if missing:
-        raise ValueError(
-            f"tokenize_prompts: example {missing[0]} (and {len(missing) - 1} more) has an empty "
-            f"history or does not fit in max_length - reserve = {max_length - reserve} tokens"
-        )
+    over = np.array([i for i, p in enumerate(prompts) if p is None], np.int64)
+    if len(over):
+        unbounded = np.full(len(over), np.iinfo(np.int64).max)
+        extra, _ = _fit_prompts(histories.take(over), titles, noun, tokenizer, template, unbounded, 1)
+        for i, p in zip(over, extra, strict=True):
+            prompts[i] = p
+        keep[over] = 1
     return prompts, keep
 
 

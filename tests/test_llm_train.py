@@ -71,6 +71,14 @@ def test_max_length_drops_oldest_history_first(tokenizer):
         max_length=limit,
     )  # fmt: skip
     assert dropped.dropped == 1 and list(dropped.source_index) == [1]
+    # Generation prompts never drop an example: an over-long newest item is kept alone.
+    prompts, kept = sft.tokenize_prompts(
+        Ragged.from_rows([[1, 2, 3], [1, 2]]), long_titles, "movies", tokenizer, max_length=limit
+    )  # fmt: skip
+    np.testing.assert_array_equal(kept, [1, 2])
+    assert len(prompts[0]) > limit and "x x x" in tokenizer.decode(prompts[0]) and TITLES[2] not in tokenizer.decode(prompts[0])  # fmt: skip
+    with pytest.raises(ValueError, match="empty history"):
+        sft.tokenize_prompts(Ragged.from_rows([[1], []]), long_titles, "movies", tokenizer)
 
 
 def test_packing_restarts_positions_and_masks_segment_starts(tokenizer):
