@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.data import Ragged
+from eval.data import DATASETS, Ragged
 from eval.data.examples import pad_windows, prefix_examples
 
 IGNORE = -100
@@ -40,6 +40,11 @@ CHATML_TEMPLATE = (
 )
 TEMPLATES = ("alpaca", "chat")
 _VERBS = {"movies": "watched", "video games": "played"}
+
+
+def item_noun(dataset: str) -> str:
+    """The registered data set's item noun for prompts ("movies", ...); "items" otherwise."""
+    return DATASETS[dataset].noun if dataset in DATASETS else "items"
 
 
 def instruction_and_input(history_titles: Sequence[str], noun: str) -> tuple[str, str]:

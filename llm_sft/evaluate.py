@@ -235,7 +235,7 @@ def evaluate_model(
     if num_beams < max(ks):
         raise ValueError(f"num_beams={num_beams} < the largest cutoff {max(ks)}")
     titles = ds.items.titles
-    noun = data.DATASETS[ds.name].noun if ds.name in data.DATASETS else "items"
+    noun = sft_data.item_noun(ds.name)
     trie = title_trie(titles, tokenizer)
     prompts = prompts_for(
         examples, titles, noun, tokenizer, template=template, max_length=max_length,
@@ -285,8 +285,7 @@ def _subset(examples: EvalExamples, n: int, seed: int) -> EvalExamples:
     """A seeded random subset of ``n`` examples in their original order (all when n < 0)."""
     if not 0 <= n < len(examples):
         return examples
-    rows = np.sort(np.random.default_rng(seed).choice(len(examples), n, replace=False))
-    return EvalExamples(examples.users[rows], examples.history.take(rows), examples.targets[rows])
+    return examples.take(np.sort(np.random.default_rng(seed).choice(len(examples), n, replace=False)))
 
 
 def evaluate_run(

@@ -18,7 +18,6 @@ import time
 import jax
 import numpy as np
 
-from eval import data
 from eval.data.dataset import Dataset, EvalExamples
 from eval.data.examples import ArraySource
 from eval.data.splits import Split
@@ -74,10 +73,6 @@ BUDGETS: dict[str, BigRecConfig] = {
 }  # fmt: skip
 
 
-def _noun(ds: Dataset) -> str:
-    return data.DATASETS[ds.name].noun if ds.name in data.DATASETS else "items"
-
-
 class BigRecRecommender(Recommender):
     """BIGRec: a Qwen-architecture LM fine-tuned to generate the next title; ranks by
     trie-constrained beam search."""
@@ -85,7 +80,7 @@ class BigRecRecommender(Recommender):
     def fit(self, ds: Dataset, split: Split, *, budget: str, seed: int) -> dict:
         cfg = self.cfg = BUDGETS[budget]
         start = time.perf_counter()
-        titles, noun = ds.items.titles, _noun(ds)
+        titles, noun = ds.items.titles, sft_data.item_noun(ds.name)
         histories, targets = sft_data.train_histories(split.train, cfg.max_history)
         if not len(targets):
             raise ValueError("BigRecRecommender.fit: the training split has no (history, next item) pair")
@@ -130,7 +125,7 @@ class BigRecRecommender(Recommender):
         cfg, titles = self.cfg, ds.items.titles
         rows = rng.choice(len(histories), min(cfg.tokenizer_prompts, len(histories)), replace=False)
         prompts = [
-            sft_data.prompt_text(*sft_data.instruction_and_input([titles[t] for t in histories[r]], _noun(ds)), "alpaca", None)  # fmt: skip
+            sft_data.prompt_text(*sft_data.instruction_and_input([titles[t] for t in histories[r]], sft_data.item_noun(ds.name)), "alpaca", None)  # fmt: skip
             for r in rows
         ]
         corpus = prompts + [sft_data.response_text(t) for t in titles[1:]]

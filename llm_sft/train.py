@@ -60,7 +60,7 @@ def build_examples(
     max_train_examples: int = -1, max_eval_examples: int = -1, seed: int = 0,
 ) -> tuple[sft_data.SFTExamples, sft_data.SFTExamples]:  # fmt: skip
     """Tokenized train prefixes and validation examples (optionally subsampled, seeded)."""
-    noun = data.DATASETS[ds.name].noun if ds.name in data.DATASETS else "items"
+    noun = sft_data.item_noun(ds.name)
     rng = np.random.default_rng(seed)
     out = []
     for (histories, targets), limit in (
@@ -91,7 +91,7 @@ def _tokenizer(tokenizer_dir, hf_checkpoint, ds: data.Dataset, vocab_size: int, 
             return sft_data.load_tokenizer(folder)
     if tokenizer_dir:
         raise FileNotFoundError(f"--tokenizer_dir={tokenizer_dir}: no tokenizer_config.json")
-    noun = data.DATASETS[ds.name].noun if ds.name in data.DATASETS else "items"
+    noun = sft_data.item_noun(ds.name)
     titles = ds.items.titles[1:]
     corpus = [sft_data.ALPACA_TEMPLATE, *sft_data.instruction_and_input(titles[:20], noun)]
     return sft_data.train_bpe_tokenizer(corpus * 10 + list(titles), vocab_size, out / "tokenizer")

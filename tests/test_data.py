@@ -9,7 +9,7 @@ from conftest import shared_data
 
 from eval import data
 from eval.data import examples
-from eval.data.dataset import Ragged
+from eval.data.dataset import EvalExamples, Ragged
 from eval.data.stats import describe
 
 # Three users; user "2" has a tie in timestamps (file order kept) and a low rating.
@@ -232,3 +232,12 @@ def test_shared_amazon_cds_examples_and_quirks():
     lines = describe(ds)
     assert "distinct titles: 5377" in lines and "HTML-debris titles: 29" in lines
     assert not any("disagrees" in line for line in lines)  # every row's history is consistent
+
+
+def test_eval_examples_take_keeps_every_field():
+    ex = EvalExamples(np.array([7, 8, 9]), Ragged.from_rows([[1], [2, 3], [4]]), np.array([5, 6, 7]),
+                      Ragged.from_rows([[10], [20, 30], [40]]), np.array([11, 31, 41]))
+    sub = ex.take(np.array([2, 1]))
+    assert list(sub.users) == [9, 8] and list(sub.targets) == [7, 6] and list(sub.target_timestamps) == [41, 31]
+    assert [list(sub.history[i]) for i in range(2)] == [[4], [2, 3]]
+    assert [list(sub.history_timestamps[i]) for i in range(2)] == [[40], [20, 30]]

@@ -119,6 +119,16 @@ class EvalExamples:
     def __len__(self) -> int:
         return len(self.targets)
 
+    def take(self, rows: np.ndarray) -> EvalExamples:
+        """Rows `rows` of every field, in that order."""
+        rows = np.asarray(rows)
+        ts = self.history_timestamps
+        return EvalExamples(
+            self.users[rows], self.history.take(rows), self.targets[rows],
+            None if ts is None else ts.take(rows),
+            None if self.target_timestamps is None else self.target_timestamps[rows],
+        )  # fmt: skip
+
 
 @dataclasses.dataclass
 class Dataset:
