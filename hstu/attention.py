@@ -15,6 +15,7 @@ backward is not a Pallas kernel yet).
 """
 
 import functools
+from collections.abc import Callable
 from typing import Literal
 
 import jax
@@ -23,6 +24,9 @@ from jax.experimental import pallas as pl
 
 NNorm = Literal["padded", "length"]
 Impl = Literal["xla", "pallas"]
+# A relative bias given lazily: (row_start, row_end, col_end) -> [B or 1, rows, col_end].
+RabFn = Callable[[int, int, int], jax.Array]
+XLA_BLOCK = 128  # largest query block of the blocked XLA path
 
 
 def _row_scale(lengths: jax.Array, n: int, n_norm: NNorm) -> jax.Array:
@@ -45,7 +49,7 @@ def _check_shapes(q, k, v, rab, lengths) -> None:
             f"q{q.shape} k{k.shape} v{v.shape}"
         )
     b, n = q.shape[:2]
-    if rab is not None and (rab.ndim != 3 or rab.shape[0] not in (1, b) or rab.shape[1:] != (n, n)):
+    if rab is not None and not callable(rab) and (rab.ndim != 3 or rab.shape[0] not in (1, b) or rab.shape[1:] != (n, n)):
         raise ValueError(f"hstu_attention: rab must be [{b} or 1, {n}, {n}], got {rab.shape}")
     if lengths.shape != (b,):
         raise ValueError(f"hstu_attention: lengths must be [{b}], got {lengths.shape}")
@@ -69,6 +73,44 @@ def hstu_attention_reference(
     scale = _row_scale(lengths, n, n_norm).astype(scores.dtype)  # [B, N]
     weights = jnp.where(causal, jax.nn.silu(scores), 0.0) * scale[:, None, :, None]
     return jnp.einsum("bhnm,bmhd->bnhd", weights, v)
+
+
+def causal_blocks(n: int, block: int | None = None) -> list[tuple[int, int]]:
+    """Query blocks (r0, r1) of near-equal size <= `block` (default `XLA_BLOCK`) covering
+    [0, n); under a causal mask rows [r0, r1) need keys [0, r1) only."""
+    num_blocks = -(-n // (block or XLA_BLOCK))
+    size = -(-n // num_blocks)
+    return [(r0, min(r0 + size, n)) for r0 in range(0, n, size)]
+
+
+def hstu_attention_blocked(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    rab: jax.Array | RabFn | None,
+    lengths: jax.Array,
+    *,
+    n_norm: NNorm = "padded",
+    block: int | None = None,
+) -> jax.Array:
+    """XLA, causal blocks: query rows [r0, r1) see keys [0, r1) only.
+
+    Same result as the reference, but the fully masked blocks above the diagonal are
+    never computed: with nb equal query blocks the matmuls and the [B, N, N] elementwise
+    work (bias included, when `rab` is a `RabFn`) shrink to (nb + 1) / (2 nb) of dense.
+    """
+    n = q.shape[1]
+    scale = _row_scale(lengths, n, n_norm).astype(q.dtype)  # [B, N]
+    outs = []
+    for r0, r1 in causal_blocks(n, block):
+        scores = jnp.einsum("bnhd,bmhd->bhnm", q[:, r0:r1], k[:, :r1])
+        if rab is not None:
+            bias = rab(r0, r1, r1) if callable(rab) else rab[:, r0:r1, :r1]
+            scores = scores + bias[:, None].astype(scores.dtype)
+        causal = jnp.arange(r1)[None, :] <= jnp.arange(r0, r1)[:, None]
+        weights = jnp.where(causal, jax.nn.silu(scores), 0.0) * scale[:, None, r0:r1, None]
+        outs.append(jnp.einsum("bhnm,bmhd->bnhd", weights, v[:, :r1]))
+    return jnp.concatenate(outs, axis=1)
 
 
 def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, *rest, block_q: int, block_k: int, has_rab: bool):
@@ -178,7 +220,7 @@ def hstu_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    rab: jax.Array | None,
+    rab: jax.Array | RabFn | None,
     lengths: jax.Array,
     *,
     n_norm: NNorm = "padded",
@@ -191,10 +233,12 @@ def hstu_attention(
 
     Args:
       q, k: [B, N, H, dqk]; v: [B, N, H, dv].
-      rab: relative attention bias [B or 1, N, N] shared across heads, or None.
+      rab: relative attention bias [B or 1, N, N] shared across heads, a `RabFn` that
+        computes any block of it on demand, or None.
       lengths: [B] int, real (right-padded) sequence lengths.
       n_norm: "padded" divides by N, "length" by each row's real length.
-      impl: "xla" (einsum reference) or "pallas" (fused kernel, XLA-recompute backward).
+      impl: "xla" (einsum over causal blocks, `hstu_attention_blocked`) or "pallas"
+        (fused kernel, XLA-recompute backward).
       interpret: run the Pallas kernel in interpret mode; None = only on CPU.
       block_q, block_k: Pallas query / key block sizes.
 
@@ -203,9 +247,13 @@ def hstu_attention(
     """
     _check_shapes(q, k, v, rab, lengths)
     if impl == "xla":
-        return hstu_attention_reference(q, k, v, rab, lengths, n_norm=n_norm)
+        return hstu_attention_blocked(q, k, v, rab, lengths, n_norm=n_norm)
     if impl != "pallas":
         raise ValueError(f"hstu_attention: impl must be 'xla' or 'pallas', got {impl!r}")
+    if callable(rab):
+        n = q.shape[1]
+        rab = rab(0, n, n)
+        _check_shapes(q, k, v, rab, lengths)
     _row_scale(lengths, 1, n_norm)  # validates n_norm eagerly
     if interpret is None:
         interpret = jax.default_backend() == "cpu"

@@ -16,6 +16,7 @@ import pathlib
 from absl import app, flags
 
 from eval import data
+from eval.allocator import reexec_with_tcmalloc
 from eval.data.dataset import EvalExamples
 from eval.training import Checkpoints
 from hstu.trainer import Trainer, make_trainer
@@ -76,5 +77,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    reexec_with_tcmalloc()
     _define_flags()
     app.run(main)

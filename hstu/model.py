@@ -17,6 +17,7 @@ Timestamps follow the reference layout: `timestamps[b, lengths[b]]` holds the re
 """
 
 import dataclasses
+import functools
 import math
 from typing import Any, Literal
 
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hstu.attention import Impl, NNorm, hstu_attention
+from hstu.dropout import Dropout
 
 L2_EPS = 1e-6
 LN_EPS = 1e-6
@@ -105,14 +107,19 @@ def _layer_norm(x: jax.Array, eps: float = LN_EPS) -> jax.Array:
     return (x - mean) * jax.lax.rsqrt(var + eps)
 
 
-def time_buckets(timestamps: jax.Array, num_buckets: int) -> jax.Array:
+def time_buckets(
+    timestamps: jax.Array, num_buckets: int, rows: tuple[int, int] | None = None, col_end: int | None = None
+) -> jax.Array:
     """[B, N] timestamps -> [B, N, N] int buckets of |ts[i+1] - ts[j]| (log base ~2).
 
     Follows the reference: timestamps are extended with a copy of the last one, and query
     i uses the *next* timestamp, so the last real item is compared at request time.
+    `rows` = (start, end) and `col_end` select the block [start:end, :col_end].
     """
+    n = timestamps.shape[1]
+    r0, r1 = rows or (0, n)
     ext = jnp.concatenate([timestamps, timestamps[:, -1:]], axis=1)
-    delta = jnp.abs(ext[:, 1:, None] - timestamps[:, None, :]).astype(jnp.float32)
+    delta = jnp.abs(ext[:, r0 + 1 : r1 + 1, None] - timestamps[:, None, :col_end]).astype(jnp.float32)
     bucket = jnp.floor(jnp.log(jnp.maximum(delta, 1.0)) / TIME_BUCKET_DIVISOR).astype(jnp.int32)
     return jnp.clip(bucket, 0, num_buckets)
 
@@ -135,14 +142,18 @@ class RelativeBucketedTimeAndPositionBias(nnx.Module):
         self.pos_w = nnx.Param(init(rngs.params(), (2 * max_seq_len - 1,)))
         self.ts_w = nnx.Param(init(rngs.params(), (num_buckets + 1,)))
 
-    def __call__(self, timestamps: jax.Array) -> jax.Array:
+    def __call__(self, timestamps: jax.Array, row_start: int = 0, row_end: int | None = None,
+                 col_end: int | None = None) -> jax.Array:
+        """[B, N] timestamps -> rab [B, N, N], or its block [row_start:row_end, :col_end]."""
         n = timestamps.shape[1]
         if n > self.max_seq_len:
             raise ValueError(f"sequence length {n} exceeds max_seq_len {self.max_seq_len}")
-        offsets = jnp.arange(n)[None, :] - jnp.arange(n)[:, None] + self.max_seq_len - 1
-        pos_bias = self.pos_w[...][offsets]  # [N, N]
-        ts_bias = self.ts_w[...][time_buckets(timestamps, self.num_buckets)]  # [B, N, N]
-        return pos_bias[None] + ts_bias
+        row_end = n if row_end is None else row_end
+        col_end = n if col_end is None else col_end
+        offsets = jnp.arange(col_end)[None, :] - jnp.arange(row_start, row_end)[:, None] + self.max_seq_len - 1
+        pos_bias = self.pos_w[...][offsets]  # [rows, cols]
+        buckets = time_buckets(timestamps, self.num_buckets, (row_start, row_end), col_end)
+        return pos_bias[None] + self.ts_w[...][buckets]  # [B, rows, cols]
 
 
 class HSTULayer(nnx.Module):
@@ -160,7 +171,7 @@ class HSTULayer(nnx.Module):
         self.rel_attn_bias = RelativeBucketedTimeAndPositionBias(
             cfg.max_seq_len, cfg.num_buckets, rngs=rngs
         )
-        self.dropout = nnx.Dropout(cfg.dropout_rate)
+        self.dropout = Dropout(cfg.dropout_rate)
 
     def __call__(
         self,
@@ -171,21 +182,24 @@ class HSTULayer(nnx.Module):
         deterministic: bool,
         rngs: nnx.Rngs | None,
     ) -> jax.Array:
-        b, n, _ = x.shape
+        b, n, d = x.shape
         h, dv, dqk = self.cfg.num_heads, self.cfg.linear_dim, self.cfg.attention_dim
-        uvqk = jax.nn.silu(_layer_norm(x) @ self.uvqk[...])
+        # Position-wise parts run on [B*N, D] token matrices: 2-D matmuls keep XLA:CPU's
+        # weight gradients free of the transposes a 3-D dot_general gets (2x faster).
+        tokens = x.reshape(b * n, d)
+        uvqk = jax.nn.silu(_layer_norm(tokens) @ self.uvqk[...])
         u, v, q, k = jnp.split(uvqk, [h * dv, 2 * h * dv, 2 * h * dv + h * dqk], axis=-1)
         attn = hstu_attention(
             q.reshape(b, n, h, dqk),
             k.reshape(b, n, h, dqk),
             v.reshape(b, n, h, dv),
-            self.rel_attn_bias(timestamps),
+            functools.partial(self.rel_attn_bias, timestamps),  # blocks computed on demand
             lengths,
             n_norm=self.cfg.n_norm,
             impl=self.cfg.attention_impl,
-        ).reshape(b, n, h * dv)
+        ).reshape(b * n, h * dv)
         y = self.dropout(u * _layer_norm(attn), deterministic=deterministic, rngs=rngs)
-        return self.o(y) + x
+        return (self.o(y) + tokens).reshape(b, n, d)
 
 
 class HSTU(nnx.Module):
@@ -204,7 +218,7 @@ class HSTU(nnx.Module):
             embedding_init=nnx.initializers.truncated_normal(pos_std, lower=-2.0, upper=2.0),
             rngs=rngs,
         )
-        self.emb_dropout = nnx.Dropout(cfg.dropout_rate)
+        self.emb_dropout = Dropout(cfg.dropout_rate)
         self.layers = nnx.List([HSTULayer(cfg, rngs=rngs) for _ in range(cfg.num_blocks)])
 
     def __call__(
@@ -291,7 +305,12 @@ def sampled_softmax_loss(
       temperature: softmax temperature.
     """
     pos = jnp.sum(query * positive_emb, axis=-1, keepdims=True) / temperature
-    neg = jnp.einsum("...d,...rd->...r", query, negative_emb) / temperature
+    if all(s == 1 for s in negative_emb.shape[:-2]):  # shared by the batch: one 2-D matmul
+        d = query.shape[-1]
+        neg = (query.reshape(-1, d) @ negative_emb.reshape(-1, d).T).reshape(*query.shape[:-1], -1)
+    else:
+        neg = jnp.einsum("...d,...rd->...r", query, negative_emb)
+    neg = neg / temperature
     neg = jnp.where(negative_ids == positive_ids[..., None], -5e4, neg)
     nll = -jax.nn.log_softmax(jnp.concatenate([pos, neg], axis=-1), axis=-1)[..., 0]
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)

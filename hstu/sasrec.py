@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hstu.attention import causal_blocks
+from hstu.dropout import Dropout
 from hstu.model import NegativeSharing, l2_normalize, sample_negatives, sampled_softmax_loss
 
 LN_EPS = 1e-8
@@ -61,23 +63,30 @@ class SASRecBlock(nnx.Module):
         self.ffn_norm = nnx.LayerNorm(d, epsilon=LN_EPS, rngs=rngs)
         self.ffn1 = nnx.Linear(d, d, kernel_init=XAVIER, rngs=rngs)
         self.ffn2 = nnx.Linear(d, d, kernel_init=XAVIER, rngs=rngs)
-        self.dropout = nnx.Dropout(cfg.dropout_rate)
+        self.dropout = Dropout(cfg.dropout_rate)
 
     def __call__(self, x, valid, *, deterministic: bool, rngs: nnx.Rngs | None):
         b, n, d = x.shape
         h = self.num_heads
+        # Linears and norms run on [B*N, d] token matrices (2-D matmuls: XLA:CPU computes
+        # their weight gradients without transposes); attention on [B, N, H, d/H].
+        x = x.reshape(b * n, d)
         q_in = self.attn_norm(x)
         q = self.query(q_in).reshape(b, n, h, d // h)
         k = self.key(x).reshape(b, n, h, d // h)
         v = self.value(x).reshape(b, n, h, d // h)
-        logits = jnp.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(d // h)
-        logits = jnp.where(jnp.tril(jnp.ones((n, n), dtype=bool)), logits, -jnp.inf)
-        weights = self.dropout(jax.nn.softmax(logits, axis=-1), deterministic=deterministic, rngs=rngs)
-        attn = jnp.einsum("bhnm,bmhd->bnhd", weights, v).reshape(b, n, d)
+        attn = []
+        for r0, r1 in causal_blocks(n):  # blocks above the causal diagonal are skipped
+            logits = jnp.einsum("bnhd,bmhd->bhnm", q[:, r0:r1], k[:, :r1]) / math.sqrt(d // h)
+            causal = jnp.arange(r1)[None, :] <= jnp.arange(r0, r1)[:, None]
+            logits = jnp.where(causal, logits, -jnp.inf)
+            weights = self.dropout(jax.nn.softmax(logits, axis=-1), deterministic=deterministic, rngs=rngs)
+            attn.append(jnp.einsum("bhnm,bmhd->bnhd", weights, v[:, :r1]))
+        attn = jnp.concatenate(attn, axis=1).reshape(b * n, d)
         x = self.ffn_norm(q_in + self.out(attn))
         hidden = self.dropout(jax.nn.relu(self.ffn1(x)), deterministic=deterministic, rngs=rngs)
         x = x + self.dropout(self.ffn2(hidden), deterministic=deterministic, rngs=rngs)
-        return x * valid
+        return x.reshape(b, n, d) * valid
 
 
 class SASRec(nnx.Module):
@@ -88,7 +97,7 @@ class SASRec(nnx.Module):
         d = cfg.embedding_dim
         self.item_emb = nnx.Embed(cfg.num_items + 1, d, embedding_init=XAVIER, rngs=rngs)
         self.pos_emb = nnx.Embed(cfg.max_seq_len, d, embedding_init=XAVIER, rngs=rngs)
-        self.emb_dropout = nnx.Dropout(cfg.dropout_rate)
+        self.emb_dropout = Dropout(cfg.dropout_rate)
         self.blocks = nnx.List([SASRecBlock(cfg, rngs=rngs) for _ in range(cfg.num_blocks)])
         self.last_norm = nnx.LayerNorm(d, epsilon=LN_EPS, rngs=rngs)
 

@@ -20,6 +20,7 @@ import time
 from absl import app, flags
 
 from eval import data
+from eval.allocator import reexec_with_tcmalloc
 from hstu.evaluate import print_metrics, test_metrics
 from hstu.model import PRESETS
 from hstu.trainer import make_trainer
@@ -88,5 +89,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    reexec_with_tcmalloc()
     _define_flags()
     app.run(main)

@@ -43,6 +43,7 @@ from absl import app, flags
 from flax import nnx
 
 from eval import data, protocols
+from eval.allocator import reexec_with_tcmalloc
 from eval.data.dataset import EvalExamples
 from eval.metrics import DEFAULT_KS
 from eval.results import ResultTable
@@ -420,5 +421,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    reexec_with_tcmalloc()
     _define_flags()
     app.run(main)

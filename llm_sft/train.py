@@ -27,6 +27,7 @@ from absl import app, flags
 from flax import nnx
 
 from eval import data
+from eval.allocator import reexec_with_tcmalloc
 from eval.data.examples import ArraySource
 from llm_sft import data as sft_data
 from llm_sft.lora import LoRAConfig, apply_lora, export_peft
@@ -270,5 +271,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    reexec_with_tcmalloc()
     _define_flags()
     app.run(main)

@@ -32,6 +32,7 @@ import tokenizers
 from absl import app, flags, logging
 
 from eval import data
+from eval.allocator import reexec_with_tcmalloc
 from eval.data.dataset import Dataset
 from rqvae.encoder import BertConfig, BertEncoder, from_hf, sentence_embeddings
 
@@ -177,5 +178,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_tcmalloc()
     _define_flags()
     app.run(main)

@@ -22,6 +22,7 @@ from absl import app, flags
 from flax import nnx
 
 from eval import data
+from eval.allocator import reexec_with_tcmalloc
 from eval.training import RunLogger
 from rqvae.tiger import TigerConfig
 from rqvae.tiger_trainer import (
@@ -122,5 +123,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_tcmalloc()
     _define_flags()
     app.run(main)

@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from flax import nnx
 
+from eval.allocator import reexec_with_tcmalloc
 from rqvae import ids
 from rqvae.model import RQVAE, RQVAEConfig, config_from_dict
 from rqvae.stats import code_stats
@@ -346,5 +347,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_tcmalloc()
     _define_flags()
     app.run(main)

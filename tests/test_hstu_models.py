@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from hstu import convert
+from hstu import attention, convert
 from hstu.model import (
     HSTU,
     HSTUConfig,
@@ -71,9 +71,20 @@ def test_rel_bias_matches_reference_construction():
     np.testing.assert_allclose(bias(jnp.asarray(ts))[0], expected, atol=1e-7)
 
 
-@pytest.mark.parametrize("n_norm", ["padded", "length"])
-def test_hstu_torch_parity_both_ways(n_norm):
+def test_rel_bias_blocks_are_slices_of_the_full_bias():
+    bias = _random_model(lambda cfg, rngs: RelativeBucketedTimeAndPositionBias(N, 128, rngs=rngs), None)
+    _, ts, _ = _batch()
+    full = np.asarray(bias(jnp.asarray(ts)))
+    for r0, r1 in attention.causal_blocks(N, 5):
+        np.testing.assert_array_equal(bias(jnp.asarray(ts), r0, r1, r1), full[:, r0:r1, :r1])
+
+
+@pytest.mark.parametrize("n_norm,block", [("padded", None), ("length", None), ("padded", 5)])
+def test_hstu_torch_parity_both_ways(n_norm, block, monkeypatch):
+    """Dense torch reference vs ours; block=5 splits N=12 into causal blocks of 4."""
     torch = pytest.importorskip("torch")
+    if block:
+        monkeypatch.setattr(attention, "XLA_BLOCK", block)
     from tools.baselines.torch_hstu import HSTU as TorchHSTU
 
     torch.manual_seed(0)
@@ -94,9 +105,11 @@ def test_hstu_torch_parity_both_ways(n_norm):
         np.testing.assert_allclose(back(*t_in).numpy(), out, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("l2_norm_output", [False, True])
-def test_sasrec_torch_parity_both_ways(l2_norm_output):
+@pytest.mark.parametrize("l2_norm_output,block", [(False, None), (True, None), (False, 5)])
+def test_sasrec_torch_parity_both_ways(l2_norm_output, block, monkeypatch):
     torch = pytest.importorskip("torch")
+    if block:
+        monkeypatch.setattr(attention, "XLA_BLOCK", block)
     from tools.baselines.torch_sasrec import SASRec as TorchSASRec
 
     torch.manual_seed(0)

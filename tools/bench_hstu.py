@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from eval.allocator import active_allocator, reexec_with_tcmalloc
 from hstu.trainer import make_trainer
 from tools.timing import cpu_threads, median_seconds
 
@@ -123,7 +124,7 @@ def main(argv):
 
     batch = _batch(np.random.default_rng(0), f.batch_size, f.max_seq_len, f.num_items)
     print(f"device: JAX {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), "
-          f"PyTorch {torch.__version__} CPU, {cpu_threads()} threads; batch {f.batch_size} x {f.max_seq_len}, "
+          f"PyTorch {torch.__version__} CPU, {cpu_threads()} threads, allocator {active_allocator()}; batch {f.batch_size} x {f.max_seq_len}, "
           f"{f.num_items} items; medians of {f.repeats} x {f.calls} calls")
     print("| model | JAX train samples/s | PyTorch train samples/s | ratio | JAX eval users/s | PyTorch eval users/s | ratio |")
     print("|---|---|---|---|---|---|---|")
@@ -134,5 +135,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    reexec_with_tcmalloc()
     _define_flags()
     app.run(main)

@@ -24,6 +24,7 @@ import optax
 from absl import app, flags
 from flax import nnx
 
+from eval.allocator import active_allocator, reexec_with_tcmalloc
 from llm_sft.generate import generate
 from llm_sft.lora import LoRAConfig, LoRAParam, apply_lora
 from llm_sft.params import load_hf
@@ -159,7 +160,7 @@ def main(argv):
         t = bench_torch(ckpt, ids, mask, f.new_tokens, f.dtype, f.repeats)
     b, n = f.batch_size, f.new_tokens
     print(f"device: JAX {jax.devices()[0].device_kind} ({jax.default_backend()}), PyTorch {torch.__version__} CPU, "
-          f"{cpu_threads()} threads; {config['model_type']} hidden {config['hidden_size']} x "
+          f"{cpu_threads()} threads, allocator {active_allocator()}; {config['model_type']} hidden {config['hidden_size']} x "
           f"{config['num_hidden_layers']} layers, vocab {config['vocab_size']}, {f.dtype}; batch {b} x {f.prompt_len} "
           f"(left-padded), {n} new tokens; medians of {f.repeats}")  # fmt: skip
     rows = [
@@ -175,5 +176,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    reexec_with_tcmalloc()
     _define_flags()
     app.run(main)

@@ -16,6 +16,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from eval.allocator import active_allocator, reexec_with_tcmalloc
 from rqvae.model import RQVAE, RQVAEConfig
 from rqvae.train import _adamw, train_step
 from tools.timing import cpu_threads, median_seconds
@@ -87,7 +88,7 @@ def main(argv):
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     cfg = RQVAEConfig()
     print(f"device: JAX {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), "
-          f"PyTorch {torch.__version__} CPU, {cpu_threads()} threads; {f.num_items} x {f.input_dim} inputs, "
+          f"PyTorch {torch.__version__} CPU, {cpu_threads()} threads, allocator {active_allocator()}; {f.num_items} x {f.input_dim} inputs, "
           f"batch {f.batch_size}, {cfg.num_levels} x {cfg.codebook_size} codes; medians of {f.repeats} x {f.calls} steps")
     jax_rate = bench_jax(x, cfg, f.batch_size, f.calls, f.repeats)
     torch_rate = bench_torch(x, cfg, f.batch_size, f.calls, f.repeats)
@@ -96,5 +97,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    reexec_with_tcmalloc()
     _define_flags()
     app.run(main)

@@ -17,6 +17,7 @@ import time
 from absl import app, flags, logging
 
 from eval import data
+from eval.allocator import reexec_with_tcmalloc
 from eval.recommender import BUDGETS, Recommender, evaluate
 from eval.results import leaderboard_markdown
 from tools.fetch_data import ensure_dataset
@@ -114,5 +115,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    reexec_with_tcmalloc()
     _define_flags()
     app.run(main)
