@@ -240,7 +240,7 @@ def last_hidden(model: Qwen, input_ids: Any, attention_mask: Any) -> jax.Array:
 @functools.partial(jax.jit, static_argnums=0)
 def _last_hidden(graphdef, state, input_ids, attention_mask):
     model = nnx.merge(graphdef, state)
-    _, _, hidden = model(input_ids, attention_mask=attention_mask, return_hidden=True)
+    _, _, hidden = model(input_ids, attention_mask=attention_mask, return_hidden=True, logits_to_keep=0)
     return hidden[:, -1].astype(jnp.float32)
 
 
@@ -249,7 +249,7 @@ def _prefill(model: Qwen, input_ids, attention_mask, max_new_tokens: int, repeat
     repeated ``repeat`` times (row ``b * repeat + j``)."""
     batch, prompt_len = input_ids.shape
     cache = Cache.init(model.config, batch, prompt_len + max_new_tokens)
-    logits, cache = model(input_ids, attention_mask=attention_mask, cache=cache)
+    logits, cache = model(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1)
     logits = logits[:, -1]
     if repeat > 1:
         logits = jnp.repeat(logits, repeat, axis=0)

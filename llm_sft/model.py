@@ -407,6 +407,7 @@ class Qwen(nnx.Module):
         attention_mask: jax.Array | None = None,
         cache: Cache | None = None,
         return_hidden: bool = False,
+        logits_to_keep: int | None = None,
     ):
         """Runs the model on ``input_ids`` [B, T].
 
@@ -418,9 +419,12 @@ class Qwen(nnx.Module):
             must keep ``cache.index + T`` within the cache length).
           return_hidden: also return the final-norm hidden states [B, T, D]
             (HF ``hidden_states[-1]``).
+          logits_to_keep: compute logits for the last this many positions only (HF's
+            ``logits_to_keep``; 1 for a prefill, 0 for none); None = all T.
 
         Returns:
-          ``(logits [B, T, V], new_cache or None)``, plus ``hidden`` if requested.
+          ``(logits [B, T or logits_to_keep, V], new_cache or None)``, plus ``hidden``
+          if requested.
         """
         cfg = self.config
         if attention_mask is None:
@@ -445,7 +449,8 @@ class Qwen(nnx.Module):
                 new_k.append(kv[0])
                 new_v.append(kv[1])
         hidden = self.norm(x)
-        logits = self.head(hidden)
+        keep = hidden.shape[1] if logits_to_keep is None else logits_to_keep
+        logits = self.head(hidden[:, hidden.shape[1] - keep :])
         new_cache = (
             None
             if cache is None

@@ -122,8 +122,8 @@ def _forward_sums(
     if not max_label_tokens:
         logits, _ = model(batch["input_ids"], **kwargs)
         return token_loss_sums(logits, batch["labels"])
-    # Only the gathered hidden states reach the loss, so XLA drops the full logits.
-    _, _, hidden = model(batch["input_ids"], return_hidden=True, **kwargs)
+    # Only the gathered hidden states reach the loss: no full logits.
+    _, _, hidden = model(batch["input_ids"], return_hidden=True, logits_to_keep=0, **kwargs)
     targets = _shifted(batch["labels"])
     # Scored positions first (stable: in position order), then unscored ones as filler.
     order = jnp.argsort(targets == IGNORE, axis=1, stable=True)[:, :max_label_tokens]

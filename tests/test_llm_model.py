@@ -129,6 +129,10 @@ def test_logits_and_hidden_match_hf(checkpoints, variant):
     assert np.abs(ref_logits).max() > 1.0  # Logits are not trivially small.
     assert np.abs(np.asarray(logits) - ref_logits)[real].max() <= 1e-4
     assert np.abs(np.asarray(hidden) - ref_hidden)[real].max() <= 1e-4
+    last, _ = model(jnp.asarray(ids), attention_mask=jnp.asarray(mask), logits_to_keep=1)
+    np.testing.assert_allclose(last, np.asarray(logits)[:, -1:], atol=1e-5)
+    none, _ = model(jnp.asarray(ids), attention_mask=jnp.asarray(mask), logits_to_keep=0)
+    assert none.shape == (len(ids), 0, logits.shape[-1])
 
 
 @pytest.mark.parametrize("variant", ["qwen2_tied", "qwen3_untied"])
