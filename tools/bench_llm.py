@@ -7,7 +7,8 @@ Writes a random-init checkpoint of the config with `transformers` (`save_pretrai
 loads it in both frameworks and times, as medians of repeats: forward tokens/s (a
 left-padded batch), greedy decode tokens/s (new tokens over the KV cache), 4-beam search
 seconds per call, and one LoRA (r 8, q/v) train step in seconds (PEFT on the PyTorch
-side, AdamW on the adapters). Default config: Qwen2.5-0.5B's shape with 4 layers (the
+side, AdamW on the adapters; each side's own causal-LM loss: `token_loss_sums` of the
+`llm_sft` trainer, HF's `labels=` loss). Default config: Qwen2.5-0.5B's shape with 4 layers (the
 full 24 with --num_layers=0). Prints the table with the devices named.
 """
 
@@ -25,9 +26,11 @@ from absl import app, flags
 from flax import nnx
 
 from eval.allocator import active_allocator, reexec_with_tcmalloc
+from llm_sft.data import IGNORE
 from llm_sft.generate import generate
 from llm_sft.lora import LoRAConfig, LoRAParam, apply_lora
 from llm_sft.params import load_hf
+from llm_sft.trainer import token_loss_sums
 from tools.timing import cpu_threads, median_seconds
 
 # Qwen2.5-0.5B(-Instruct)'s config.json, so the benchmark runs without ../shared.
@@ -69,14 +72,14 @@ def bench_jax(ckpt: Path, ids, mask, new_tokens: int, dtype: str, repeats: int) 
     apply_lora(model, LoRAConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj")), rngs=nnx.Rngs(1))
     optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=LoRAParam)
 
+    labels = jnp.where(mask_j > 0, ids_j, IGNORE)
+
     @nnx.jit
     def lora_step(model, optimizer, ids, mask):
-        def loss_fn(model):
+        def loss_fn(model):  # the trainer's loss: mean next-token cross-entropy on real tokens
             logits, _ = model(ids, attention_mask=mask)
-            logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
-            nll = -jnp.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
-            w = mask[:, 1:]
-            return (nll * w).sum() / w.sum()
+            total, count = token_loss_sums(logits, labels)
+            return total / count
 
         loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, LoRAParam))(model)
         optimizer.update(model, grads)
@@ -116,13 +119,11 @@ def bench_torch(ckpt: Path, ids, mask, new_tokens: int, dtype: str, repeats: int
     peft_model = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
 
+    labels = ids_t.masked_fill(mask_t == 0, -100)
+
     def lora():
         peft_model.train()
-        logits = peft_model(input_ids=ids_t, attention_mask=mask_t).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), -1)
-        nll = -logp.gather(-1, ids_t[:, 1:, None])[..., 0]
-        w = mask_t[:, 1:].float()
-        loss = (nll * w).sum() / w.sum()
+        loss = peft_model(input_ids=ids_t, attention_mask=mask_t, labels=labels).loss  # HF's causal-LM loss
         opt.zero_grad()
         loss.backward()
         opt.step()
