@@ -100,19 +100,24 @@ def hstu_attention_blocked(
     Same result as the reference, but the fully masked blocks above the diagonal are
     never computed: with nb equal query blocks the matmuls and the [B, N, N] elementwise
     work (bias included, when `rab` is a `RabFn`) shrink to (nb + 1) / (2 nb) of dense.
+    The products run as `matmul` on head-major [B, H, N, d] arrays with the keys
+    transposed once ([B, H, d, N]): XLA:CPU then needs no per-block transposes (the
+    einsum layout cost ~25% of the attention's forward + backward time on CPU).
     """
     n = q.shape[1]
     scale = _row_scale(lengths, n, n_norm).astype(q.dtype)  # [B, N]
+    qh, vh = q.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, H, N, d]
+    kt = k.transpose(0, 2, 3, 1)  # [B, H, d, N]
     outs = []
     for r0, r1 in causal_blocks(n, block):
-        scores = jnp.einsum("bnhd,bmhd->bhnm", q[:, r0:r1], k[:, :r1])
+        scores = jnp.matmul(qh[:, :, r0:r1], kt[..., :r1])  # [B, H, rows, r1]
         if rab is not None:
             bias = rab(r0, r1, r1) if callable(rab) else rab[:, r0:r1, :r1]
             scores = scores + bias[:, None].astype(scores.dtype)
         causal = jnp.arange(r1)[None, :] <= jnp.arange(r0, r1)[:, None]
         weights = jnp.where(causal, jax.nn.silu(scores), 0.0) * scale[:, None, r0:r1, None]
-        outs.append(jnp.einsum("bhnm,bmhd->bnhd", weights, v[:, :r1]))
-    return jnp.concatenate(outs, axis=1)
+        outs.append(jnp.matmul(weights, vh[:, :, :r1]))
+    return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)
 
 
 def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, *rest, block_q: int, block_k: int, has_rab: bool):

@@ -72,17 +72,19 @@ class SASRecBlock(nnx.Module):
         # their weight gradients without transposes); attention on [B, N, H, d/H].
         x = x.reshape(b * n, d)
         q_in = self.attn_norm(x)
-        q = self.query(q_in).reshape(b, n, h, d // h)
-        k = self.key(x).reshape(b, n, h, d // h)
-        v = self.value(x).reshape(b, n, h, d // h)
+        # Head-major [B, H, N, d/H] with the keys transposed once: XLA:CPU's batched
+        # matmuls then need no per-block transposes (see `hstu_attention_blocked`).
+        q = self.query(q_in).reshape(b, n, h, d // h).transpose(0, 2, 1, 3)
+        kt = self.key(x).reshape(b, n, h, d // h).transpose(0, 2, 3, 1)
+        v = self.value(x).reshape(b, n, h, d // h).transpose(0, 2, 1, 3)
         attn = []
         for r0, r1 in causal_blocks(n):  # blocks above the causal diagonal are skipped
-            logits = jnp.einsum("bnhd,bmhd->bhnm", q[:, r0:r1], k[:, :r1]) / math.sqrt(d // h)
+            logits = jnp.matmul(q[:, :, r0:r1], kt[..., :r1]) / math.sqrt(d // h)
             causal = jnp.arange(r1)[None, :] <= jnp.arange(r0, r1)[:, None]
             logits = jnp.where(causal, logits, -jnp.inf)
             weights = self.dropout(jax.nn.softmax(logits, axis=-1), deterministic=deterministic, rngs=rngs)
-            attn.append(jnp.einsum("bhnm,bmhd->bnhd", weights, v[:, :r1]))
-        attn = jnp.concatenate(attn, axis=1).reshape(b * n, d)
+            attn.append(jnp.matmul(weights, v[:, :, :r1]))
+        attn = jnp.concatenate(attn, axis=2).transpose(0, 2, 1, 3).reshape(b * n, d)
         x = self.ffn_norm(q_in + self.out(attn))
         hidden = self.dropout(jax.nn.relu(self.ffn1(x)), deterministic=deterministic, rngs=rngs)
         x = x + self.dropout(self.ffn2(hidden), deterministic=deterministic, rngs=rngs)
