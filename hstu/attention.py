@@ -12,8 +12,9 @@ Rows at or beyond `lengths[b]` (right padding) are zero.
 blocks above the diagonal (at N 200: 75% of the dense work, bias included when it is
 given as a `RabFn`). The Pallas kernel runs one program per (batch, head, query block)
 and loops over key blocks only up to the causal diagonal and the row's length, so fully
-masked blocks are never loaded. Its backward rule recomputes the XLA reference under
-`jax.vjp` (the backward is not a Pallas kernel yet).
+masked blocks are never loaded. Its backward (`custom_vjp`) is two more kernels: one per
+query block (dq and the rows of d(rab)) and one per key block (dk and dv), each visiting
+only the blocks on or below the causal diagonal and within the rows' lengths.
 """
 
 import functools
@@ -151,6 +152,84 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, *rest, block_q: int, block_k: in
     o_ref[...] = (acc * scale[:, None]).astype(o_ref.dtype)
 
 
+def _silu_and_grad(s: jax.Array) -> tuple[jax.Array, jax.Array]:
+    sig = jax.nn.sigmoid(s)
+    return s * sig, sig * (1.0 + s * (1.0 - sig))
+
+
+def _bwd_dq_kernel(scale_ref, q_ref, k_ref, v_ref, g_ref, *rest, block_q: int, block_k: int, has_rab: bool):
+    """One (batch, head, query block): dq, and the block's rows of d(rab) for this head."""
+    if has_rab:
+        rab_ref, dq_ref, drab_ref = rest
+        drab_ref[...] = jnp.zeros(drab_ref.shape, drab_ref.dtype)
+    else:
+        (dq_ref,) = rest
+    q_start = pl.program_id(2) * block_q
+    scale = scale_ref[...]
+    num_valid = jnp.sum((scale > 0).astype(jnp.int32))
+    num_k_blocks = jnp.where(num_valid > 0, pl.cdiv(q_start + num_valid, block_k), 0)
+    q, g = q_ref[...], g_ref[...]
+    rows = q_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
+
+    def body(kb, dq):
+        k_start = kb * block_k
+        k = k_ref[pl.ds(k_start, block_k), :]
+        v = v_ref[pl.ds(k_start, block_k), :]
+        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32)
+        if has_rab:
+            s = s + rab_ref[:, pl.ds(k_start, block_k)].astype(jnp.float32)
+        cols = k_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
+        d_a = jnp.dot(g, v.T, preferred_element_type=jnp.float32) * scale[:, None]
+        ds = jnp.where(cols <= rows, d_a * _silu_and_grad(s)[1], 0.0)
+        if has_rab:
+            drab_ref[:, pl.ds(k_start, block_k)] = ds.astype(drab_ref.dtype)
+        return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+    dq = jax.lax.fori_loop(0, num_k_blocks, body, jnp.zeros(dq_ref.shape, jnp.float32))
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _bwd_dkv_kernel(scale_ref, q_ref, k_ref, v_ref, g_ref, *rest, block_q: int, block_k: int, has_rab: bool):
+    """One (batch, head, key block): dk and dv, looping over the query blocks that see it."""
+    if has_rab:
+        rab_ref, dk_ref, dv_ref = rest
+    else:
+        dk_ref, dv_ref = rest
+    k_start = pl.program_id(2) * block_k
+    scale_all = scale_ref[...]
+    num_valid = jnp.sum((scale_all > 0).astype(jnp.int32))
+    k, v = k_ref[...], v_ref[...]
+    cols = k_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
+
+    def body(qb, carry):
+        dk, dv = carry
+        q_start = qb * block_q
+        q = q_ref[pl.ds(q_start, block_q), :]
+        g = g_ref[pl.ds(q_start, block_q), :]
+        scale = scale_ref[pl.ds(q_start, block_q)]
+        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32)
+        if has_rab:
+            s = s + rab_ref[pl.ds(q_start, block_q), :].astype(jnp.float32)
+        rows = q_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
+        causal = cols <= rows
+        act, dact = _silu_and_grad(s)
+        a = jnp.where(causal, act, 0.0)
+        g_scaled = g * scale[:, None].astype(g.dtype)
+        ds = jnp.where(causal, jnp.dot(g_scaled, v.T, preferred_element_type=jnp.float32) * dact, 0.0)
+        dv = dv + jnp.dot(a.astype(g.dtype).T, g_scaled, preferred_element_type=jnp.float32)
+        dk = dk + jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=jnp.float32)
+        return dk, dv
+
+    # Query blocks from the one holding row k_start (causal) to the last with a valid row.
+    first, last = k_start // block_q, pl.cdiv(num_valid, block_q)
+    dk, dv = jax.lax.fori_loop(
+        first, jnp.maximum(first, last), body,
+        (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32)),
+    )
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
 def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, size - x.shape[axis])
@@ -162,16 +241,22 @@ def _head_dim(d: int) -> int:
     return max(16, pl.next_power_of_2(d))
 
 
-def _pallas_forward(q, k, v, rab, lengths, n_norm, block_q, block_k, interpret):
-    b, n, h, dqk = q.shape
-    dv = v.shape[-1]
+def _head_major(q, k, v, rab, lengths, n_norm, block_q, block_k):
+    """Zero-padded head-major operands of the kernels (padding leaves results unchanged)."""
+    n, (dqk, dv) = q.shape[1], (q.shape[-1], v.shape[-1])
     n_pad = pl.cdiv(n, max(block_q, block_k)) * max(block_q, block_k)
     dqk_p, dv_p = _head_dim(dqk), _head_dim(dv)
-    # Head-major layout [B, H, N, d]; zero padding of N and d leaves the result unchanged.
-    qh = _pad_to(_pad_to(q.transpose(0, 2, 1, 3), 2, n_pad), 3, dqk_p)
-    kh = _pad_to(_pad_to(k.transpose(0, 2, 1, 3), 2, n_pad), 3, dqk_p)
-    vh = _pad_to(_pad_to(v.transpose(0, 2, 1, 3), 2, n_pad), 3, dv_p)
+    pad = lambda x, d: _pad_to(_pad_to(x.transpose(0, 2, 1, 3), 2, n_pad), 3, d)  # noqa: E731
     scale = _pad_to(_row_scale(lengths, n, n_norm), 1, n_pad)
+    rab_p = None if rab is None else _pad_to(_pad_to(rab, 1, n_pad), 2, n_pad)
+    return pad(q, dqk_p), pad(k, dqk_p), pad(v, dv_p), rab_p, scale
+
+
+def _pallas_forward(q, k, v, rab, lengths, n_norm, block_q, block_k, interpret):
+    b, n, h, _ = q.shape
+    dv = v.shape[-1]
+    qh, kh, vh, rab_p, scale = _head_major(q, k, v, rab, lengths, n_norm, block_q, block_k)
+    n_pad, dqk_p, dv_p = qh.shape[2], qh.shape[3], vh.shape[3]
     in_specs = [
         pl.BlockSpec((None, block_q), lambda bi, hi, qi: (bi, qi)),
         pl.BlockSpec((None, None, block_q, dqk_p), lambda bi, hi, qi: (bi, hi, qi, 0)),
@@ -180,11 +265,8 @@ def _pallas_forward(q, k, v, rab, lengths, n_norm, block_q, block_k, interpret):
     ]
     args = [scale, qh, kh, vh]
     if rab is not None:
-        rab_p = _pad_to(_pad_to(rab, 1, n_pad), 2, n_pad)
-        if rab.shape[0] == 1:
-            in_specs.append(pl.BlockSpec((None, block_q, n_pad), lambda bi, hi, qi: (0, qi, 0)))
-        else:
-            in_specs.append(pl.BlockSpec((None, block_q, n_pad), lambda bi, hi, qi: (bi, qi, 0)))
+        shared = rab.shape[0] == 1
+        in_specs.append(pl.BlockSpec((None, block_q, n_pad), lambda bi, hi, qi: (0 if shared else bi, qi, 0)))
         args.append(rab_p)
     kernel = functools.partial(
         _fwd_kernel, block_q=block_q, block_k=block_k, has_rab=rab is not None
@@ -201,6 +283,52 @@ def _pallas_forward(q, k, v, rab, lengths, n_norm, block_q, block_k, interpret):
     return out[:, :, :n, :dv].transpose(0, 2, 1, 3)
 
 
+def _pallas_backward(q, k, v, rab, lengths, g, n_norm, block_q, block_k, interpret):
+    """dq, dk, dv, drab from two kernels: per query block (dq, d(rab)) and per key block (dk, dv)."""
+    b, n, h, dqk = q.shape
+    dv = v.shape[-1]
+    qh, kh, vh, rab_p, scale = _head_major(q, k, v, rab, lengths, n_norm, block_q, block_k)
+    gh = _pad_to(_pad_to(g.transpose(0, 2, 1, 3), 2, qh.shape[2]), 3, vh.shape[3])
+    n_pad, dqk_p, dv_p = qh.shape[2], qh.shape[3], vh.shape[3]
+    has_rab = rab is not None
+    shared = has_rab and rab.shape[0] == 1
+    whole = lambda d: pl.BlockSpec((None, None, n_pad, d), lambda bi, hi, i: (bi, hi, 0, 0))  # noqa: E731
+    rows = lambda d: pl.BlockSpec((None, None, block_q, d), lambda bi, hi, i: (bi, hi, i, 0))  # noqa: E731
+    cols = lambda d: pl.BlockSpec((None, None, block_k, d), lambda bi, hi, i: (bi, hi, i, 0))  # noqa: E731
+
+    dq_specs = [pl.BlockSpec((None, block_q), lambda bi, hi, i: (bi, i)), rows(dqk_p), whole(dqk_p), whole(dv_p), rows(dv_p)]
+    dq_out_specs = [rows(dqk_p)]
+    dq_shapes = [jax.ShapeDtypeStruct(qh.shape, q.dtype)]
+    if has_rab:
+        dq_specs.append(pl.BlockSpec((None, block_q, n_pad), lambda bi, hi, i: (0 if shared else bi, i, 0)))
+        dq_out_specs.append(pl.BlockSpec((None, None, block_q, n_pad), lambda bi, hi, i: (bi, hi, i, 0)))
+        dq_shapes.append(jax.ShapeDtypeStruct((b, h, n_pad, n_pad), jnp.float32))
+    args = [scale, qh, kh, vh, gh] + ([rab_p] if has_rab else [])
+    dq_out = pl.pallas_call(
+        functools.partial(_bwd_dq_kernel, block_q=block_q, block_k=block_k, has_rab=has_rab),
+        out_shape=dq_shapes, grid=(b, h, n_pad // block_q), in_specs=dq_specs, out_specs=dq_out_specs,
+        interpret=interpret, name="hstu_attention_bwd_dq",
+    )(*args)
+
+    dkv_specs = [pl.BlockSpec((None, n_pad), lambda bi, hi, i: (bi, 0)), whole(dqk_p), cols(dqk_p), cols(dv_p), whole(dv_p)]
+    if has_rab:
+        dkv_specs.append(pl.BlockSpec((None, n_pad, block_k), lambda bi, hi, i: (0 if shared else bi, 0, i)))
+    dk, dvv = pl.pallas_call(
+        functools.partial(_bwd_dkv_kernel, block_q=block_q, block_k=block_k, has_rab=has_rab),
+        out_shape=[jax.ShapeDtypeStruct(kh.shape, k.dtype), jax.ShapeDtypeStruct(vh.shape, v.dtype)],
+        grid=(b, h, n_pad // block_k), in_specs=dkv_specs, out_specs=[cols(dqk_p), cols(dv_p)],
+        interpret=interpret, name="hstu_attention_bwd_dkv",
+    )(*args)
+
+    unpad = lambda x, d: x[:, :, :n, :d].transpose(0, 2, 1, 3)  # noqa: E731
+    drab = None
+    if has_rab:
+        drab = jnp.sum(dq_out[1][:, :, :n, :n], axis=1)  # the bias is shared across heads
+        drab = jnp.sum(drab, axis=0, keepdims=True) if shared else drab
+        drab = drab.astype(rab.dtype)
+    return unpad(dq_out[0], dqk), unpad(dk, dqk), unpad(dvv, dv), drab
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
 def _pallas_attention(q, k, v, rab, lengths, n_norm, block_q, block_k, interpret):
     return _pallas_forward(q, k, v, rab, lengths, n_norm, block_q, block_k, interpret)
@@ -212,12 +340,8 @@ def _pallas_attention_fwd(q, k, v, rab, lengths, n_norm, block_q, block_k, inter
 
 
 def _pallas_attention_bwd(n_norm, block_q, block_k, interpret, residuals, g):
-    del block_q, block_k, interpret
     q, k, v, rab, lengths = residuals
-    ref = functools.partial(hstu_attention_reference, lengths=lengths, n_norm=n_norm)
-    _, vjp = jax.vjp(lambda q_, k_, v_, rab_: ref(q_, k_, v_, rab_), q, k, v, rab)
-    dq, dk, dv, drab = vjp(g)
-    return dq, dk, dv, drab, None
+    return (*_pallas_backward(q, k, v, rab, lengths, g, n_norm, block_q, block_k, interpret), None)
 
 
 _pallas_attention.defvjp(_pallas_attention_fwd, _pallas_attention_bwd)
@@ -245,7 +369,7 @@ def hstu_attention(
       lengths: [B] int, real (right-padded) sequence lengths.
       n_norm: "padded" divides by N, "length" by each row's real length.
       impl: "xla" (einsum over causal blocks, `hstu_attention_blocked`) or "pallas"
-        (fused kernel, XLA-recompute backward).
+        (fused forward and backward kernels).
       interpret: run the Pallas kernel in interpret mode; None = only on CPU.
       block_q, block_k: Pallas query / key block sizes.
 

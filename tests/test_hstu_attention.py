@@ -57,15 +57,20 @@ def test_pallas_forward_matches_reference(rab_kind, n_norm):
     assert not np.any(np.asarray(fused)[0])  # length-0 row is all zeros
 
 
-def test_pallas_gradients_match_reference():
-    q, k, v, rab, lengths = _inputs(n=32)
-    w = jnp.asarray(np.random.default_rng(7).standard_normal((3, 32, 2, 12), np.float32))
+@pytest.mark.parametrize("rab_kind,n_norm,n", [("batch", "length", 32), ("shared", "padded", 40), (None, "padded", 40)])
+def test_pallas_gradients_match_reference(rab_kind, n_norm, n):
+    """The backward kernels (dq + d(rab) per query block, dk + dv per key block) against
+    autodiff of the XLA path, with padding rows, a length-0 row and N not a block multiple."""
+    q, k, v, rab, lengths = _inputs(n=n)
+    rab = {"batch": rab, "shared": rab[:1], None: None}[rab_kind]
+    w = jnp.asarray(np.random.default_rng(7).standard_normal((3, n, 2, 12), np.float32))
 
     def grads(impl):
-        f = lambda *a: jnp.sum(w * hstu_attention(*a, lengths, n_norm="length", impl=impl))  # noqa: E731
-        return jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))(q, k, v, rab)
+        f = lambda q, k, v, r: jnp.sum(w * hstu_attention(q, k, v, r, lengths, n_norm=n_norm, impl=impl))  # noqa: E731
+        return jax.jit(jax.grad(f, argnums=tuple(range(len(names)))))(q, k, v, rab)
 
-    for name, g_ref, g_fused in zip("q k v rab".split(), grads("xla"), grads("pallas"), strict=True):
+    names = ["q", "k", "v"] + (["rab"] if rab is not None else [])
+    for name, g_ref, g_fused in zip(names, grads("xla"), grads("pallas"), strict=True):
         assert float(jnp.abs(g_ref).max()) > 0, name
         np.testing.assert_allclose(g_fused, g_ref, atol=1e-5, rtol=0, err_msg=name)
 
