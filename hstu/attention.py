@@ -368,7 +368,7 @@ def hstu_attention(
         computes any block of it on demand, or None.
       lengths: [B] int, real (right-padded) sequence lengths.
       n_norm: "padded" divides by N, "length" by each row's real length.
-      impl: "xla" (einsum over causal blocks, `hstu_attention_blocked`) or "pallas"
+      impl: "xla" (matmuls over causal blocks, `hstu_attention_blocked`) or "pallas"
         (fused forward and backward kernels).
       interpret: run the Pallas kernel in interpret mode; None = only on CPU.
       block_q, block_k: Pallas query / key block sizes.
