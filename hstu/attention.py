@@ -241,15 +241,25 @@ def _head_dim(d: int) -> int:
     return max(16, pl.next_power_of_2(d))
 
 
+def _to_head_major(x: jax.Array, n_pad: int, d_pad: int) -> jax.Array:
+    """[B, N, H, d] -> zero-padded [B, H, n_pad, d_pad] (padding leaves results unchanged)."""
+    return _pad_to(_pad_to(x.transpose(0, 2, 1, 3), 2, n_pad), 3, d_pad)
+
+
+def _from_head_major(x: jax.Array, n: int, d: int) -> jax.Array:
+    """Inverse of `_to_head_major`: [B, H, n_pad, d_pad] -> [B, n, H, d]."""
+    return x[:, :, :n, :d].transpose(0, 2, 1, 3)
+
+
 def _head_major(q, k, v, rab, lengths, n_norm, block_q, block_k):
-    """Zero-padded head-major operands of the kernels (padding leaves results unchanged)."""
+    """Zero-padded head-major operands of the kernels, the padded bias and row scales."""
     n, (dqk, dv) = q.shape[1], (q.shape[-1], v.shape[-1])
     n_pad = pl.cdiv(n, max(block_q, block_k)) * max(block_q, block_k)
     dqk_p, dv_p = _head_dim(dqk), _head_dim(dv)
-    pad = lambda x, d: _pad_to(_pad_to(x.transpose(0, 2, 1, 3), 2, n_pad), 3, d)  # noqa: E731
     scale = _pad_to(_row_scale(lengths, n, n_norm), 1, n_pad)
     rab_p = None if rab is None else _pad_to(_pad_to(rab, 1, n_pad), 2, n_pad)
-    return pad(q, dqk_p), pad(k, dqk_p), pad(v, dv_p), rab_p, scale
+    return (_to_head_major(q, n_pad, dqk_p), _to_head_major(k, n_pad, dqk_p), _to_head_major(v, n_pad, dv_p),
+            rab_p, scale)
 
 
 def _pallas_forward(q, k, v, rab, lengths, n_norm, block_q, block_k, interpret):
@@ -280,7 +290,7 @@ def _pallas_forward(q, k, v, rab, lengths, n_norm, block_q, block_k, interpret):
         interpret=interpret,
         name="hstu_attention_fwd",
     )(*args)
-    return out[:, :, :n, :dv].transpose(0, 2, 1, 3)
+    return _from_head_major(out, n, dv)
 
 
 def _pallas_backward(q, k, v, rab, lengths, g, n_norm, block_q, block_k, interpret):
@@ -288,8 +298,8 @@ def _pallas_backward(q, k, v, rab, lengths, g, n_norm, block_q, block_k, interpr
     b, n, h, dqk = q.shape
     dv = v.shape[-1]
     qh, kh, vh, rab_p, scale = _head_major(q, k, v, rab, lengths, n_norm, block_q, block_k)
-    gh = _pad_to(_pad_to(g.transpose(0, 2, 1, 3), 2, qh.shape[2]), 3, vh.shape[3])
     n_pad, dqk_p, dv_p = qh.shape[2], qh.shape[3], vh.shape[3]
+    gh = _to_head_major(g, n_pad, dv_p)
     has_rab = rab is not None
     shared = has_rab and rab.shape[0] == 1
     whole = lambda d: pl.BlockSpec((None, None, n_pad, d), lambda bi, hi, i: (bi, hi, 0, 0))  # noqa: E731
@@ -320,13 +330,12 @@ def _pallas_backward(q, k, v, rab, lengths, g, n_norm, block_q, block_k, interpr
         interpret=interpret, name="hstu_attention_bwd_dkv",
     )(*args)
 
-    unpad = lambda x, d: x[:, :, :n, :d].transpose(0, 2, 1, 3)  # noqa: E731
     drab = None
     if has_rab:
         drab = jnp.sum(dq_out[1][:, :, :n, :n], axis=1)  # the bias is shared across heads
         drab = jnp.sum(drab, axis=0, keepdims=True) if shared else drab
         drab = drab.astype(rab.dtype)
-    return unpad(dq_out[0], dqk), unpad(dk, dqk), unpad(dvv, dv), drab
+    return _from_head_major(dq_out[0], n, dqk), _from_head_major(dk, n, dqk), _from_head_major(dvv, n, dv), drab
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))

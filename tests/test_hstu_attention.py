@@ -64,12 +64,12 @@ def test_pallas_gradients_match_reference(rab_kind, n_norm, n):
     q, k, v, rab, lengths = _inputs(n=n)
     rab = {"batch": rab, "shared": rab[:1], None: None}[rab_kind]
     w = jnp.asarray(np.random.default_rng(7).standard_normal((3, n, 2, 12), np.float32))
+    names = ["q", "k", "v"] + (["rab"] if rab is not None else [])
 
     def grads(impl):
         f = lambda q, k, v, r: jnp.sum(w * hstu_attention(q, k, v, r, lengths, n_norm=n_norm, impl=impl))  # noqa: E731
         return jax.jit(jax.grad(f, argnums=tuple(range(len(names)))))(q, k, v, rab)
 
-    names = ["q", "k", "v"] + (["rab"] if rab is not None else [])
     for name, g_ref, g_fused in zip(names, grads("xla"), grads("pallas"), strict=True):
         assert float(jnp.abs(g_ref).max()) > 0, name
         np.testing.assert_allclose(g_fused, g_ref, atol=1e-5, rtol=0, err_msg=name)
