@@ -38,7 +38,9 @@ bench: setup-test
 	@set -e; for b in tools/bench_*.py; do [ -e "$$b" ] || continue; \
 	  echo "== $$b"; $(BIN)/python -m tools.$$(basename $$b .py); done
 
+# Formatting and lint (ruff); `.ci/run` runs it before the tests.
 lint: setup-test
+	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
 clean:

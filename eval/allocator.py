@@ -16,8 +16,13 @@ import os
 import sys
 
 LIBRARIES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
-SEARCH_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
-               "/usr/local/lib")
+SEARCH_DIRS = (
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/usr/lib64",
+    "/usr/lib",
+    "/usr/local/lib",
+)
 ENV_SWITCH = "LLM4REC_ALLOCATOR"
 
 

@@ -14,7 +14,9 @@ class MostPopular(Recommender):
     """Scores each item by its number of training interactions."""
 
     def fit(self, ds: Dataset, split: Split, *, budget: str, seed: int) -> dict:
-        self.popularity = np.bincount(split.train.values, minlength=ds.num_items + 1).astype(np.float32)
+        self.popularity = np.bincount(split.train.values, minlength=ds.num_items + 1).astype(
+            np.float32
+        )
         return {}
 
     def score(self, examples: EvalExamples, index: np.ndarray) -> np.ndarray:

@@ -54,12 +54,21 @@ def evaluate(
             raise ValueError(f"protocol {protocol!r} needs scores; {type(rec).__name__} only ranks")
         k = max(ks)
         lists = np.concatenate(
-            [rec.rank(examples, idx, k) for idx in np.array_split(np.arange(len(examples)), max(1, len(examples) // 256))]
+            [
+                rec.rank(examples, idx, k)
+                for idx in np.array_split(np.arange(len(examples)), max(1, len(examples) // 256))
+            ]
         )
-        return {**metrics_from_ranks(ranks_from_lists(lists, examples.targets), ks), "num_examples": len(examples)}
+        return {
+            **metrics_from_ranks(ranks_from_lists(lists, examples.targets), ks),
+            "num_examples": len(examples),
+        }
     if protocol == "full":
-        return protocols.full_ranking(lambda idx: rec.score(examples, idx), examples, ds.num_items, ks)
+        return protocols.full_ranking(
+            lambda idx: rec.score(examples, idx), examples, ds.num_items, ks
+        )
     if protocol == "sampled":
+
         def sampled(idx, candidates):
             return np.take_along_axis(rec.score(examples, idx), candidates, axis=1)
 

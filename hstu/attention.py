@@ -52,7 +52,11 @@ def _check_shapes(q, k, v, rab, lengths) -> None:
             f"q{q.shape} k{k.shape} v{v.shape}"
         )
     b, n = q.shape[:2]
-    if rab is not None and not callable(rab) and (rab.ndim != 3 or rab.shape[0] not in (1, b) or rab.shape[1:] != (n, n)):
+    if (
+        rab is not None
+        and not callable(rab)
+        and (rab.ndim != 3 or rab.shape[0] not in (1, b) or rab.shape[1:] != (n, n))
+    ):
         raise ValueError(f"hstu_attention: rab must be [{b} or 1, {n}, {n}], got {rab.shape}")
     if lengths.shape != (b,):
         raise ValueError(f"hstu_attention: lengths must be [{b}], got {lengths.shape}")
@@ -139,9 +143,7 @@ def _fwd_kernel(scale_ref, q_ref, k_ref, v_ref, *rest, block_q: int, block_k: in
         k_start = kb * block_k
         k = k_ref[pl.ds(k_start, block_k), :]
         v = v_ref[pl.ds(k_start, block_k), :]
-        s = jax.lax.dot_general(
-            q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-        )
+        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         if has_rab:
             s = s + rab_ref[:, pl.ds(k_start, block_k)].astype(jnp.float32)
         cols = k_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
@@ -157,7 +159,9 @@ def _silu_and_grad(s: jax.Array) -> tuple[jax.Array, jax.Array]:
     return s * sig, sig * (1.0 + s * (1.0 - sig))
 
 
-def _bwd_dq_kernel(scale_ref, q_ref, k_ref, v_ref, g_ref, *rest, block_q: int, block_k: int, has_rab: bool):
+def _bwd_dq_kernel(
+    scale_ref, q_ref, k_ref, v_ref, g_ref, *rest, block_q: int, block_k: int, has_rab: bool
+):
     """One (batch, head, query block): dq, and the block's rows of d(rab) for this head."""
     if has_rab:
         rab_ref, dq_ref, drab_ref = rest
@@ -189,7 +193,9 @@ def _bwd_dq_kernel(scale_ref, q_ref, k_ref, v_ref, g_ref, *rest, block_q: int, b
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _bwd_dkv_kernel(scale_ref, q_ref, k_ref, v_ref, g_ref, *rest, block_q: int, block_k: int, has_rab: bool):
+def _bwd_dkv_kernel(
+    scale_ref, q_ref, k_ref, v_ref, g_ref, *rest, block_q: int, block_k: int, has_rab: bool
+):
     """One (batch, head, key block): dk and dv, looping over the query blocks that see it."""
     if has_rab:
         rab_ref, dk_ref, dv_ref = rest
@@ -215,7 +221,9 @@ def _bwd_dkv_kernel(scale_ref, q_ref, k_ref, v_ref, g_ref, *rest, block_q: int, 
         act, dact = _silu_and_grad(s)
         a = jnp.where(causal, act, 0.0)
         g_scaled = g * scale[:, None].astype(g.dtype)
-        ds = jnp.where(causal, jnp.dot(g_scaled, v.T, preferred_element_type=jnp.float32) * dact, 0.0)
+        ds = jnp.where(
+            causal, jnp.dot(g_scaled, v.T, preferred_element_type=jnp.float32) * dact, 0.0
+        )
         dv = dv + jnp.dot(a.astype(g.dtype).T, g_scaled, preferred_element_type=jnp.float32)
         dk = dk + jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=jnp.float32)
         return dk, dv
@@ -223,7 +231,9 @@ def _bwd_dkv_kernel(scale_ref, q_ref, k_ref, v_ref, g_ref, *rest, block_q: int, 
     # Query blocks from the one holding row k_start (causal) to the last with a valid row.
     first, last = k_start // block_q, pl.cdiv(num_valid, block_q)
     dk, dv = jax.lax.fori_loop(
-        first, jnp.maximum(first, last), body,
+        first,
+        jnp.maximum(first, last),
+        body,
         (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32)),
     )
     dk_ref[...] = dk.astype(dk_ref.dtype)
@@ -258,8 +268,13 @@ def _head_major(q, k, v, rab, lengths, n_norm, block_q, block_k):
     dqk_p, dv_p = _head_dim(dqk), _head_dim(dv)
     scale = _pad_to(_row_scale(lengths, n, n_norm), 1, n_pad)
     rab_p = None if rab is None else _pad_to(_pad_to(rab, 1, n_pad), 2, n_pad)
-    return (_to_head_major(q, n_pad, dqk_p), _to_head_major(k, n_pad, dqk_p), _to_head_major(v, n_pad, dv_p),
-            rab_p, scale)
+    return (
+        _to_head_major(q, n_pad, dqk_p),
+        _to_head_major(k, n_pad, dqk_p),
+        _to_head_major(v, n_pad, dv_p),
+        rab_p,
+        scale,
+    )
 
 
 def _pallas_forward(q, k, v, rab, lengths, n_norm, block_q, block_k, interpret):
@@ -276,7 +291,9 @@ def _pallas_forward(q, k, v, rab, lengths, n_norm, block_q, block_k, interpret):
     args = [scale, qh, kh, vh]
     if rab is not None:
         shared = rab.shape[0] == 1
-        in_specs.append(pl.BlockSpec((None, block_q, n_pad), lambda bi, hi, qi: (0 if shared else bi, qi, 0)))
+        in_specs.append(
+            pl.BlockSpec((None, block_q, n_pad), lambda bi, hi, qi: (0 if shared else bi, qi, 0))
+        )
         args.append(rab_p)
     kernel = functools.partial(
         _fwd_kernel, block_q=block_q, block_k=block_k, has_rab=rab is not None
@@ -306,28 +323,56 @@ def _pallas_backward(q, k, v, rab, lengths, g, n_norm, block_q, block_k, interpr
     rows = lambda d: pl.BlockSpec((None, None, block_q, d), lambda bi, hi, i: (bi, hi, i, 0))  # noqa: E731
     cols = lambda d: pl.BlockSpec((None, None, block_k, d), lambda bi, hi, i: (bi, hi, i, 0))  # noqa: E731
 
-    dq_specs = [pl.BlockSpec((None, block_q), lambda bi, hi, i: (bi, i)), rows(dqk_p), whole(dqk_p), whole(dv_p), rows(dv_p)]
+    dq_specs = [
+        pl.BlockSpec((None, block_q), lambda bi, hi, i: (bi, i)),
+        rows(dqk_p),
+        whole(dqk_p),
+        whole(dv_p),
+        rows(dv_p),
+    ]
     dq_out_specs = [rows(dqk_p)]
     dq_shapes = [jax.ShapeDtypeStruct(qh.shape, q.dtype)]
     if has_rab:
-        dq_specs.append(pl.BlockSpec((None, block_q, n_pad), lambda bi, hi, i: (0 if shared else bi, i, 0)))
-        dq_out_specs.append(pl.BlockSpec((None, None, block_q, n_pad), lambda bi, hi, i: (bi, hi, i, 0)))
+        dq_specs.append(
+            pl.BlockSpec((None, block_q, n_pad), lambda bi, hi, i: (0 if shared else bi, i, 0))
+        )
+        dq_out_specs.append(
+            pl.BlockSpec((None, None, block_q, n_pad), lambda bi, hi, i: (bi, hi, i, 0))
+        )
         dq_shapes.append(jax.ShapeDtypeStruct((b, h, n_pad, n_pad), jnp.float32))
     args = [scale, qh, kh, vh, gh] + ([rab_p] if has_rab else [])
     dq_out = pl.pallas_call(
         functools.partial(_bwd_dq_kernel, block_q=block_q, block_k=block_k, has_rab=has_rab),
-        out_shape=dq_shapes, grid=(b, h, n_pad // block_q), in_specs=dq_specs, out_specs=dq_out_specs,
-        interpret=interpret, name="hstu_attention_bwd_dq",
+        out_shape=dq_shapes,
+        grid=(b, h, n_pad // block_q),
+        in_specs=dq_specs,
+        out_specs=dq_out_specs,
+        interpret=interpret,
+        name="hstu_attention_bwd_dq",
     )(*args)
 
-    dkv_specs = [pl.BlockSpec((None, n_pad), lambda bi, hi, i: (bi, 0)), whole(dqk_p), cols(dqk_p), cols(dv_p), whole(dv_p)]
+    dkv_specs = [
+        pl.BlockSpec((None, n_pad), lambda bi, hi, i: (bi, 0)),
+        whole(dqk_p),
+        cols(dqk_p),
+        cols(dv_p),
+        whole(dv_p),
+    ]
     if has_rab:
-        dkv_specs.append(pl.BlockSpec((None, n_pad, block_k), lambda bi, hi, i: (0 if shared else bi, 0, i)))
+        dkv_specs.append(
+            pl.BlockSpec((None, n_pad, block_k), lambda bi, hi, i: (0 if shared else bi, 0, i))
+        )
     dk, dvv = pl.pallas_call(
         functools.partial(_bwd_dkv_kernel, block_q=block_q, block_k=block_k, has_rab=has_rab),
-        out_shape=[jax.ShapeDtypeStruct(kh.shape, k.dtype), jax.ShapeDtypeStruct(vh.shape, v.dtype)],
-        grid=(b, h, n_pad // block_k), in_specs=dkv_specs, out_specs=[cols(dqk_p), cols(dv_p)],
-        interpret=interpret, name="hstu_attention_bwd_dkv",
+        out_shape=[
+            jax.ShapeDtypeStruct(kh.shape, k.dtype),
+            jax.ShapeDtypeStruct(vh.shape, v.dtype),
+        ],
+        grid=(b, h, n_pad // block_k),
+        in_specs=dkv_specs,
+        out_specs=[cols(dqk_p), cols(dv_p)],
+        interpret=interpret,
+        name="hstu_attention_bwd_dkv",
     )(*args)
 
     drab = None
@@ -335,7 +380,12 @@ def _pallas_backward(q, k, v, rab, lengths, g, n_norm, block_q, block_k, interpr
         drab = jnp.sum(dq_out[1][:, :, :n, :n], axis=1)  # the bias is shared across heads
         drab = jnp.sum(drab, axis=0, keepdims=True) if shared else drab
         drab = drab.astype(rab.dtype)
-    return _from_head_major(dq_out[0], n, dqk), _from_head_major(dk, n, dqk), _from_head_major(dvv, n, dv), drab
+    return (
+        _from_head_major(dq_out[0], n, dqk),
+        _from_head_major(dk, n, dqk),
+        _from_head_major(dvv, n, dv),
+        drab,
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))

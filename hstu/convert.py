@@ -109,13 +109,16 @@ def _set(tree: dict, path: tuple[Any, ...], value: Any) -> None:
 
 def torch_state_dict_to_flax(state_dict: dict[str, Any], model: nnx.Module) -> nnx.Module:
     """Loads a torch state dict (tensors or arrays) into `model` in place; returns it."""
-    arrays = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
-              for k, v in state_dict.items()}
+    arrays = {
+        k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
+        for k, v in state_dict.items()
+    }
     entries = _entries(model)
     missing = sorted({e[0] for e in entries} - set(arrays))
     if missing:
-        raise KeyError(f"torch state dict lacks {len(missing)} keys for "
-                       f"{type(model).__name__}: {missing[:8]}")
+        raise KeyError(
+            f"torch state dict lacks {len(missing)} keys for {type(model).__name__}: {missing[:8]}"
+        )
     unused = sorted(set(arrays) - {e[0] for e in entries})
     if unused:
         logging.info("ignoring torch keys: %s", unused)
@@ -128,8 +131,10 @@ def torch_state_dict_to_flax(state_dict: dict[str, Any], model: nnx.Module) -> n
         value = _to_flax(value, kind)
         target = _get(pure, path)
         if value.shape != target.shape:
-            raise ValueError(f"{key}: torch shape {arrays[key].shape} -> {value.shape} does not "
-                             f"match flax {'/'.join(map(str, path))} {target.shape}")
+            raise ValueError(
+                f"{key}: torch shape {arrays[key].shape} -> {value.shape} does not "
+                f"match flax {'/'.join(map(str, path))} {target.shape}"
+            )
         _set(pure, path, jnp.asarray(value, dtype=target.dtype))
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)
@@ -146,8 +151,7 @@ def flax_to_torch_state_dict(model: nnx.Module) -> dict[str, Any]:
         value = _to_torch(np.asarray(_get(pure, path)), kind)
         parts.setdefault(key, [None, None, None] if chunk is not None else [None])
         parts[key][chunk or 0] = value
-    return {k: torch.from_numpy(np.array(np.concatenate(v, axis=0)))
-            for k, v in parts.items()}
+    return {k: torch.from_numpy(np.array(np.concatenate(v, axis=0))) for k, v in parts.items()}
 
 
 def build_model(kind: str, cfg: Any, seed: int = 0) -> nnx.Module:
@@ -183,27 +187,42 @@ def load_checkpoint(out_dir: str) -> nnx.Module:
 def _infer_sizes(kind: str, arrays: dict[str, Any], num_heads: int) -> dict[str, int]:
     """Architecture sizes readable from a torch state dict's shapes."""
     item, pos, layer = (
-        ("_embedding_module._item_emb.weight", "_input_features_preproc._pos_emb.weight",
-         "_hstu._attention_layers.{}._uvqk") if kind == "hstu"
-        else ("item_emb.weight", "pos_emb.weight", "attention_layers.{}.in_proj_weight"))
+        (
+            "_embedding_module._item_emb.weight",
+            "_input_features_preproc._pos_emb.weight",
+            "_hstu._attention_layers.{}._uvqk",
+        )
+        if kind == "hstu"
+        else ("item_emb.weight", "pos_emb.weight", "attention_layers.{}.in_proj_weight")
+    )
     if item not in arrays or pos not in arrays or layer.format(0) not in arrays:
         return {}  # let torch_state_dict_to_flax report the missing keys
-    sizes = {"num_items": arrays[item].shape[0] - 1, "embedding_dim": arrays[item].shape[1],
-             "max_seq_len": arrays[pos].shape[0],
-             "num_blocks": sum(layer.format(i) in arrays for i in range(len(arrays)))}
+    sizes = {
+        "num_items": arrays[item].shape[0] - 1,
+        "embedding_dim": arrays[item].shape[1],
+        "max_seq_len": arrays[pos].shape[0],
+        "num_blocks": sum(layer.format(i) in arrays for i in range(len(arrays))),
+    }
     if kind == "hstu":
         hdv = arrays["_hstu._attention_layers.0._o.weight"].shape[1]
         uvqk_cols = arrays[layer.format(0)].shape[1]
-        sizes.update(linear_dim=hdv // num_heads,
-                     attention_dim=(uvqk_cols - 2 * hdv) // (2 * num_heads))
+        sizes.update(
+            linear_dim=hdv // num_heads, attention_dim=(uvqk_cols - 2 * hdv) // (2 * num_heads)
+        )
     return {k: int(v) for k, v in sizes.items()}
 
 
 _SIZE_FLAGS = ("num_blocks", "num_heads", "embedding_dim", "max_seq_len", "num_items")
 
 
-def run(torch_state_dict: str, preset: str, out: str | None = None, check_inputs: str | None = None,
-        check_outputs: str | None = None, **overrides: int | None) -> nnx.Module:
+def run(
+    torch_state_dict: str,
+    preset: str,
+    out: str | None = None,
+    check_inputs: str | None = None,
+    check_outputs: str | None = None,
+    **overrides: int | None,
+) -> nnx.Module:
     """Convert a reference PyTorch state dict; optionally save it and run check inputs."""
     import torch
 
@@ -226,20 +245,30 @@ def run(torch_state_dict: str, preset: str, out: str | None = None, check_inputs
         logging.info("wrote %s", out)
     if check_inputs:
         arrays = np.load(check_inputs)
-        outputs = model(jnp.asarray(arrays["ids"]), jnp.asarray(arrays["timestamps"]),
-                        jnp.asarray(arrays["lengths"]), deterministic=True)
+        outputs = model(
+            jnp.asarray(arrays["ids"]),
+            jnp.asarray(arrays["timestamps"]),
+            jnp.asarray(arrays["lengths"]),
+            deterministic=True,
+        )
         np.save(check_outputs, np.asarray(outputs))
         logging.info("wrote %s %s", check_outputs, outputs.shape)
     return model
 
 
 def _define_flags() -> None:
-    flags.DEFINE_string("torch_state_dict", None, "Torch state dict (.pt) to convert.", required=True)
-    flags.DEFINE_string("preset", None, "Architecture preset (see hstu.model.PRESETS).", required=True)
+    flags.DEFINE_string(
+        "torch_state_dict", None, "Torch state dict (.pt) to convert.", required=True
+    )
+    flags.DEFINE_string(
+        "preset", None, "Architecture preset (see hstu.model.PRESETS).", required=True
+    )
     flags.DEFINE_integer("num_blocks", None, "Override the preset's number of blocks.")
     flags.DEFINE_integer("num_heads", None, "Override the preset's number of heads.")
     flags.DEFINE_integer("embedding_dim", None, "Override the preset's embedding dim.")
-    flags.DEFINE_integer("max_seq_len", None, "Override max_seq_len (default: from the state dict).")
+    flags.DEFINE_integer(
+        "max_seq_len", None, "Override max_seq_len (default: from the state dict)."
+    )
     flags.DEFINE_integer("num_items", None, "Override num_items (default: from the state dict).")
     flags.DEFINE_string("out", None, "Output directory for config.json + orbax checkpoint.")
     flags.DEFINE_string("check_inputs", None, "npz with ids / timestamps / lengths to run.")
@@ -249,8 +278,14 @@ def _define_flags() -> None:
 def main(argv: list[str]) -> None:
     del argv
     f = flags.FLAGS
-    run(f.torch_state_dict, f.preset, f.out, f.check_inputs, f.check_outputs,
-        **{k: getattr(f, k) for k in _SIZE_FLAGS})
+    run(
+        f.torch_state_dict,
+        f.preset,
+        f.out,
+        f.check_inputs,
+        f.check_outputs,
+        **{k: getattr(f, k) for k in _SIZE_FLAGS},
+    )
 
 
 if __name__ == "__main__":

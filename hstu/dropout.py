@@ -44,11 +44,15 @@ class Dropout(nnx.Module):
             raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
         self.rate = rate
 
-    def __call__(self, x: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
         if deterministic or self.rate == 0.0:
             return x
         if rngs is None:
-            raise ValueError("Dropout: `rngs` with a 'dropout' stream is required when not deterministic")
+            raise ValueError(
+                "Dropout: `rngs` with a 'dropout' stream is required when not deterministic"
+            )
         threshold = jnp.uint32(min(round(self.rate * 2.0**32), 2**32 - 1))
         keep = hash_bits(rngs.dropout(), x.shape) >= threshold
         return jnp.where(keep, x * (1.0 / (1.0 - self.rate)), jnp.zeros_like(x))

@@ -22,10 +22,16 @@ from eval.training import Checkpoints
 from hstu.trainer import Trainer, make_trainer
 
 KS = (1, 5, 10, 20, 50, 200)
-PROTOCOLS = {"full_filtered": ("full", True), "full_unfiltered": ("full", False), "sampled_100": ("sampled", True)}
+PROTOCOLS = {
+    "full_filtered": ("full", True),
+    "full_unfiltered": ("full", False),
+    "sampled_100": ("sampled", True),
+}
 
 
-def test_metrics(trainer: Trainer, ds: data.Dataset, examples: EvalExamples, seed: int = 0) -> dict[str, dict]:
+def test_metrics(
+    trainer: Trainer, ds: data.Dataset, examples: EvalExamples, seed: int = 0
+) -> dict[str, dict]:
     """{protocol name: metrics} for the three protocols of `PROTOCOLS`."""
     return {
         name: trainer.evaluate(ds, examples, protocol, filter_history, KS, seed)
@@ -35,8 +41,22 @@ def test_metrics(trainer: Trainer, ds: data.Dataset, examples: EvalExamples, see
 
 def print_metrics(results: dict[str, dict]) -> None:
     for name, metrics in results.items():
-        print(f"test {name}: " + " ".join(f"{k}={metrics[k]:.4f}" for k in ("HR@1", "HR@10", "NDCG@10", "HR@50",
-                                                                            "NDCG@50", "HR@200", "NDCG@200", "MRR")))
+        print(
+            f"test {name}: "
+            + " ".join(
+                f"{k}={metrics[k]:.4f}"
+                for k in (
+                    "HR@1",
+                    "HR@10",
+                    "NDCG@10",
+                    "HR@50",
+                    "NDCG@50",
+                    "HR@200",
+                    "NDCG@200",
+                    "MRR",
+                )
+            )
+        )
 
 
 def load_run(run_dir: str | pathlib.Path, which: str = "best", data_dir: str | None = None):
@@ -44,7 +64,9 @@ def load_run(run_dir: str | pathlib.Path, which: str = "best", data_dir: str | N
     run_dir = pathlib.Path(run_dir).absolute()
     config_file = run_dir / "run.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"--run={run_dir}: no run.json (is it an `hstu.train --out` folder?)")
+        raise FileNotFoundError(
+            f"--run={run_dir}: no run.json (is it an `hstu.train --out` folder?)"
+        )
     run = json.loads(config_file.read_text())
     ds = data.load(run["dataset"], data_dir or run["data_dir"])
     trainer = make_trainer(run["model"], run["preset"], ds.num_items, run["overrides"])
@@ -60,7 +82,9 @@ def load_run(run_dir: str | pathlib.Path, which: str = "best", data_dir: str | N
 def _define_flags() -> None:
     flags.DEFINE_string("run", None, "An `hstu.train --out` folder.", required=True)
     flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint to evaluate.")
-    flags.DEFINE_string("data_dir", None, "Raw data folder (default: the one recorded in run.json).")
+    flags.DEFINE_string(
+        "data_dir", None, "Raw data folder (default: the one recorded in run.json)."
+    )
     flags.DEFINE_enum("split", "test", ["test", "valid"], "Examples to evaluate.")
     flags.DEFINE_string("out", None, "Optional JSON file for the metrics.")
 
@@ -71,8 +95,12 @@ def main(argv):
     trainer, ds, split, step = load_run(f.run, f.which, f.data_dir)
     results = test_metrics(trainer, ds, getattr(split, f.split))
     if f.out:
-        pathlib.Path(f.out).write_text(json.dumps({"step": step, f.split: results}, indent=1, default=float))
-    print(f"checkpoint {f.which} (step {step}), {f.split} examples: {results['full_filtered']['num_examples']}")
+        pathlib.Path(f.out).write_text(
+            json.dumps({"step": step, f.split: results}, indent=1, default=float)
+        )
+    print(
+        f"checkpoint {f.which} (step {step}), {f.split} examples: {results['full_filtered']['num_examples']}"
+    )
     print_metrics(results)
 
 

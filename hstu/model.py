@@ -36,22 +36,46 @@ NegativeSharing = Literal["position", "sequence", "batch"]
 # Architecture presets. `model` selects the class, the rest are config fields.
 PRESETS: dict[str, dict[str, Any]] = {
     "hstu-ml": dict(
-        model="hstu", max_seq_len=200, embedding_dim=50, num_blocks=2, num_heads=1,
-        attention_dim=50, linear_dim=50, dropout_rate=0.2,
+        model="hstu",
+        max_seq_len=200,
+        embedding_dim=50,
+        num_blocks=2,
+        num_heads=1,
+        attention_dim=50,
+        linear_dim=50,
+        dropout_rate=0.2,
     ),
     "hstu-large-ml": dict(
-        model="hstu", max_seq_len=200, embedding_dim=50, num_blocks=8, num_heads=2,
-        attention_dim=25, linear_dim=25, dropout_rate=0.2,
+        model="hstu",
+        max_seq_len=200,
+        embedding_dim=50,
+        num_blocks=8,
+        num_heads=2,
+        attention_dim=25,
+        linear_dim=25,
+        dropout_rate=0.2,
     ),
     # SASRec paper (Kang & McAuley 2018), Amazon setting: BCE with one negative.
     "sasrec-paper": dict(
-        model="sasrec", max_seq_len=50, embedding_dim=50, num_blocks=2, num_heads=1,
-        dropout_rate=0.5, loss="bce", l2_norm_output=False,
+        model="sasrec",
+        max_seq_len=50,
+        embedding_dim=50,
+        num_blocks=2,
+        num_heads=1,
+        dropout_rate=0.5,
+        loss="bce",
+        l2_norm_output=False,
     ),
     # SASRec as the HSTU paper's baseline: L2-normalised, sampled softmax (128 negatives).
     "sasrec-ml": dict(
-        model="sasrec", max_seq_len=200, embedding_dim=50, num_blocks=2, num_heads=1,
-        dropout_rate=0.2, loss="sampled_softmax", l2_norm_output=True,
+        model="sasrec",
+        max_seq_len=200,
+        embedding_dim=50,
+        num_blocks=2,
+        num_heads=1,
+        dropout_rate=0.2,
+        loss="sampled_softmax",
+        l2_norm_output=True,
     ),
 }
 
@@ -108,7 +132,10 @@ def _layer_norm(x: jax.Array, eps: float = LN_EPS) -> jax.Array:
 
 
 def time_buckets(
-    timestamps: jax.Array, num_buckets: int, rows: tuple[int, int] | None = None, col_end: int | None = None
+    timestamps: jax.Array,
+    num_buckets: int,
+    rows: tuple[int, int] | None = None,
+    col_end: int | None = None,
 ) -> jax.Array:
     """[B, N] timestamps -> [B, N, N] int buckets of |ts[i+1] - ts[j]| (log base ~2).
 
@@ -119,7 +146,9 @@ def time_buckets(
     n = timestamps.shape[1]
     r0, r1 = rows or (0, n)
     ext = jnp.concatenate([timestamps, timestamps[:, -1:]], axis=1)
-    delta = jnp.abs(ext[:, r0 + 1 : r1 + 1, None] - timestamps[:, None, :col_end]).astype(jnp.float32)
+    delta = jnp.abs(ext[:, r0 + 1 : r1 + 1, None] - timestamps[:, None, :col_end]).astype(
+        jnp.float32
+    )
     bucket = jnp.floor(jnp.log(jnp.maximum(delta, 1.0)) / TIME_BUCKET_DIVISOR).astype(jnp.int32)
     return jnp.clip(bucket, 0, num_buckets)
 
@@ -142,15 +171,25 @@ class RelativeBucketedTimeAndPositionBias(nnx.Module):
         self.pos_w = nnx.Param(init(rngs.params(), (2 * max_seq_len - 1,)))
         self.ts_w = nnx.Param(init(rngs.params(), (num_buckets + 1,)))
 
-    def __call__(self, timestamps: jax.Array, row_start: int = 0, row_end: int | None = None,
-                 col_end: int | None = None) -> jax.Array:
+    def __call__(
+        self,
+        timestamps: jax.Array,
+        row_start: int = 0,
+        row_end: int | None = None,
+        col_end: int | None = None,
+    ) -> jax.Array:
         """[B, N] timestamps -> rab [B, N, N], or its block [row_start:row_end, :col_end]."""
         n = timestamps.shape[1]
         if n > self.max_seq_len:
             raise ValueError(f"sequence length {n} exceeds max_seq_len {self.max_seq_len}")
         row_end = n if row_end is None else row_end
         col_end = n if col_end is None else col_end
-        offsets = jnp.arange(col_end)[None, :] - jnp.arange(row_start, row_end)[:, None] + self.max_seq_len - 1
+        offsets = (
+            jnp.arange(col_end)[None, :]
+            - jnp.arange(row_start, row_end)[:, None]
+            + self.max_seq_len
+            - 1
+        )
         pos_bias = self.pos_w[...][offsets]  # [rows, cols]
         buckets = time_buckets(timestamps, self.num_buckets, (row_start, row_end), col_end)
         return pos_bias[None] + self.ts_w[...][buckets]  # [B, rows, cols]
@@ -163,7 +202,9 @@ class HSTULayer(nnx.Module):
         self.cfg = cfg
         h, dv, dqk = cfg.num_heads, cfg.linear_dim, cfg.attention_dim
         self.uvqk = nnx.Param(
-            nnx.initializers.normal(0.02)(rngs.params(), (cfg.embedding_dim, 2 * h * dv + 2 * h * dqk))
+            nnx.initializers.normal(0.02)(
+                rngs.params(), (cfg.embedding_dim, 2 * h * dv + 2 * h * dqk)
+            )
         )
         self.o = nnx.Linear(
             h * dv, cfg.embedding_dim, kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs
@@ -209,12 +250,15 @@ class HSTU(nnx.Module):
         self.cfg = cfg
         d = cfg.embedding_dim
         self.item_emb = nnx.Embed(
-            cfg.num_items + 1, d,
-            embedding_init=nnx.initializers.truncated_normal(0.02, lower=-2.0, upper=2.0), rngs=rngs,
+            cfg.num_items + 1,
+            d,
+            embedding_init=nnx.initializers.truncated_normal(0.02, lower=-2.0, upper=2.0),
+            rngs=rngs,
         )
         pos_std = math.sqrt(1.0 / d)
         self.pos_emb = nnx.Embed(
-            cfg.max_seq_len, d,
+            cfg.max_seq_len,
+            d,
             embedding_init=nnx.initializers.truncated_normal(pos_std, lower=-2.0, upper=2.0),
             rngs=rngs,
         )
@@ -259,20 +303,38 @@ class HSTU(nnx.Module):
     def loss(self, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
         """Next-item sampled softmax loss on a training batch (dropout on)."""
         drop_rng, neg_rng = jax.random.split(rng)
-        out = self(batch["ids"], batch["timestamps"], batch["lengths"], False,
-                   rngs=nnx.Rngs(dropout=drop_rng))
+        out = self(
+            batch["ids"],
+            batch["timestamps"],
+            batch["lengths"],
+            False,
+            rngs=nnx.Rngs(dropout=drop_rng),
+        )
         targets = batch["ids"][:, 1:]
-        negatives = sample_negatives(neg_rng, targets.shape, self.cfg.num_items,
-                                     self.cfg.num_negatives, self.cfg.negatives_shared)
+        negatives = sample_negatives(
+            neg_rng,
+            targets.shape,
+            self.cfg.num_items,
+            self.cfg.num_negatives,
+            self.cfg.negatives_shared,
+        )
         loss = sampled_softmax_loss(
-            out[:, :-1], self.item_embeddings(targets), self.item_embeddings(negatives),
-            targets, negatives, (targets != 0).astype(out.dtype), self.cfg.temperature,
+            out[:, :-1],
+            self.item_embeddings(targets),
+            self.item_embeddings(negatives),
+            targets,
+            negatives,
+            (targets != 0).astype(out.dtype),
+            self.cfg.temperature,
         )
         return loss, {"loss": loss}
 
 
 def sample_negatives(
-    rng: jax.Array, shape: tuple[int, ...], num_items: int, num_negatives: int,
+    rng: jax.Array,
+    shape: tuple[int, ...],
+    num_items: int,
+    num_negatives: int,
     shared: NegativeSharing = "position",
 ) -> jax.Array:
     """Uniform negative item ids in [1, num_items] for targets of `shape` [B, N].

@@ -14,7 +14,9 @@ from hstu.trainer import Trainer, make_trainer
 # model on ml-100k on a 2-core CPU: shorter sequences and negatives shared across the batch.
 # `full` keeps the preset, with the data set's history length (`DatasetSpec.max_seq_len`).
 BUDGETS: dict[str, dict] = {
-    "demo": dict(max_seq_len=50, num_epochs=40, learning_rate=3e-3, negatives_shared="batch", patience=5),
+    "demo": dict(
+        max_seq_len=50, num_epochs=40, learning_rate=3e-3, negatives_shared="batch", patience=5
+    ),
     "full": dict(patience=10),
 }
 
@@ -24,7 +26,11 @@ class _Sequential(Recommender):
     preset: str
 
     def fit(self, ds: Dataset, split: Split, *, budget: str, seed: int) -> dict:
-        overrides = {"max_seq_len": data.DATASETS[ds.name].max_seq_len, **BUDGETS[budget], "seed": seed}
+        overrides = {
+            "max_seq_len": data.DATASETS[ds.name].max_seq_len,
+            **BUDGETS[budget],
+            "seed": seed,
+        }
         self.trainer: Trainer = make_trainer(self.model, self.preset, ds.num_items, overrides)
         info = self.trainer.fit(ds, split, None, data.DATASETS[ds.name].protocol, progress=False)
         return {"steps": info["steps"], "valid_NDCG@10": info["valid"].get("NDCG@10")}

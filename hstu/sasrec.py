@@ -82,7 +82,9 @@ class SASRecBlock(nnx.Module):
             logits = jnp.matmul(q[:, :, r0:r1], kt[..., :r1]) / math.sqrt(d // h)
             causal = jnp.arange(r1)[None, :] <= jnp.arange(r0, r1)[:, None]
             logits = jnp.where(causal, logits, -jnp.inf)
-            weights = self.dropout(jax.nn.softmax(logits, axis=-1), deterministic=deterministic, rngs=rngs)
+            weights = self.dropout(
+                jax.nn.softmax(logits, axis=-1), deterministic=deterministic, rngs=rngs
+            )
             attn.append(jnp.matmul(weights, v[:, :, :r1]))
         attn = jnp.concatenate(attn, axis=2).transpose(0, 2, 1, 3).reshape(b * n, d)
         x = self.ffn_norm(q_in + self.out(attn))
@@ -146,17 +148,34 @@ class SASRec(nnx.Module):
         weights = (targets != 0).astype(out.dtype)
         if self.cfg.loss == "bce":
             negatives = sample_negatives(neg_rng, targets.shape, self.cfg.num_items, 1)[..., 0]
-            loss = bce_loss(out, self.item_embeddings(targets), self.item_embeddings(negatives),
-                            weights, weights * (negatives != targets))
+            loss = bce_loss(
+                out,
+                self.item_embeddings(targets),
+                self.item_embeddings(negatives),
+                weights,
+                weights * (negatives != targets),
+            )
         elif self.cfg.loss == "sampled_softmax":
-            negatives = sample_negatives(neg_rng, targets.shape, self.cfg.num_items,
-                                         self.cfg.num_negatives, self.cfg.negatives_shared)
+            negatives = sample_negatives(
+                neg_rng,
+                targets.shape,
+                self.cfg.num_items,
+                self.cfg.num_negatives,
+                self.cfg.negatives_shared,
+            )
             loss = sampled_softmax_loss(
-                out, self.item_embeddings(targets), self.item_embeddings(negatives),
-                targets, negatives, weights, self.cfg.temperature,
+                out,
+                self.item_embeddings(targets),
+                self.item_embeddings(negatives),
+                targets,
+                negatives,
+                weights,
+                self.cfg.temperature,
             )
         else:
-            raise ValueError(f"SASRecConfig.loss must be 'bce' or 'sampled_softmax', got {self.cfg.loss!r}")
+            raise ValueError(
+                f"SASRecConfig.loss must be 'bce' or 'sampled_softmax', got {self.cfg.loss!r}"
+            )
         return loss, {"loss": loss}
 
 

@@ -40,7 +40,10 @@ _OVERRIDES = {
     "eval_every": (flags.DEFINE_integer, "Validate every this many steps (default: each epoch)."),
     "patience": (flags.DEFINE_integer, "Early stopping patience (evaluations)."),
     "seed": (flags.DEFINE_integer, "Seed."),
-    "stochastic_length_alpha": (flags.DEFINE_float, "HSTU's stochastic length: alpha in (0, 2] (off by default)."),
+    "stochastic_length_alpha": (
+        flags.DEFINE_float,
+        "HSTU's stochastic length: alpha in (0, 2] (off by default).",
+    ),
 }
 
 
@@ -50,9 +53,13 @@ def _define_flags() -> None:
     flags.DEFINE_enum("model", "hstu", ["hstu", "sasrec"], "Model family.")
     flags.DEFINE_enum("preset", "hstu-ml", sorted(PRESETS), "Published settings to start from.")
     flags.DEFINE_string("out", None, "Run folder (checkpoints, metrics.jsonl, TensorBoard).")
-    flags.DEFINE_enum("protocol", None, ["full", "sampled"], "Validation protocol (default: the data set's).")
+    flags.DEFINE_enum(
+        "protocol", None, ["full", "sampled"], "Validation protocol (default: the data set's)."
+    )
     flags.DEFINE_enum("loss", None, ["bce", "sampled_softmax"], "Override (SASRec): loss.")
-    flags.DEFINE_enum("attention_impl", None, ["xla", "pallas"], "Override (HSTU): attention kernel.")
+    flags.DEFINE_enum(
+        "attention_impl", None, ["xla", "pallas"], "Override (HSTU): attention kernel."
+    )
     for name, (define, help_) in _OVERRIDES.items():
         define(name, None, help_)
 
@@ -72,7 +79,11 @@ def train(dataset: str, data_dir: str, model: str, preset: str, overrides: dict,
         (out_dir / "run.json").write_text(json.dumps(run, indent=1))
     start = time.perf_counter()
     info = trainer.fit(ds, split, out_dir, protocol)
-    result = {"train_s": time.perf_counter() - start, **info, "test": test_metrics(trainer, ds, split.test)}
+    result = {
+        "train_s": time.perf_counter() - start,
+        **info,
+        "test": test_metrics(trainer, ds, split.test),
+    }
     if out_dir:
         (out_dir / "result.json").write_text(json.dumps(result, indent=1, default=float))
     return result

@@ -32,10 +32,16 @@ from hstu.sasrec import SASRec
 
 # Optimisation settings per preset (the architecture lives in `hstu.model.PRESETS`).
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    "sasrec-paper": dict(learning_rate=1e-3, b2=0.98, weight_decay=0.0, batch_size=128, num_epochs=200),
-    "sasrec-ml": dict(learning_rate=1e-3, b2=0.98, weight_decay=0.0, batch_size=128, num_epochs=100),
+    "sasrec-paper": dict(
+        learning_rate=1e-3, b2=0.98, weight_decay=0.0, batch_size=128, num_epochs=200
+    ),
+    "sasrec-ml": dict(
+        learning_rate=1e-3, b2=0.98, weight_decay=0.0, batch_size=128, num_epochs=100
+    ),
     "hstu-ml": dict(learning_rate=1e-3, b2=0.98, weight_decay=0.0, batch_size=128, num_epochs=100),
-    "hstu-large-ml": dict(learning_rate=1e-3, b2=0.98, weight_decay=0.0, batch_size=128, num_epochs=100),
+    "hstu-large-ml": dict(
+        learning_rate=1e-3, b2=0.98, weight_decay=0.0, batch_size=128, num_epochs=100
+    ),
 }
 
 
@@ -70,7 +76,8 @@ def training_source(split: data.Split, max_len: int) -> ex_lib.ArraySource:
     return ex_lib.ArraySource(
         {
             "ids": ex_lib.pad(train, max_len, "right"),
-            "timestamps": ex_lib.pad(ts, max_len, "right").astype(np.int64) if ts is not None
+            "timestamps": ex_lib.pad(ts, max_len, "right").astype(np.int64)
+            if ts is not None
             else np.zeros((len(rows), max_len), np.int64),
             "lengths": np.minimum(train.lengths, max_len).astype(np.int32),
         }
@@ -91,7 +98,9 @@ def query_inputs(examples: EvalExamples, index: np.ndarray, max_len: int) -> dic
     return {"ids": ids, "timestamps": ts, "lengths": lengths, "target_ts": target_ts}
 
 
-def stochastic_length(batch: dict[str, np.ndarray], alpha: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def stochastic_length(
+    batch: dict[str, np.ndarray], alpha: float, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """HSTU's stochastic length (Zhai et al. 2024, Sec. 3.3) on a right-padded batch.
 
     With N the padded length and L = floor(N ** (alpha / 2)), a row of length n > L is
@@ -103,7 +112,9 @@ def stochastic_length(batch: dict[str, np.ndarray], alpha: float, rng: np.random
     b, n = ids.shape
     keep = int(n ** (alpha / 2))
     if not 0 < alpha <= 2 or keep < 1:
-        raise ValueError(f"stochastic_length: alpha must be in (0, 2] with N**(alpha/2) >= 1, got alpha={alpha}, N={n}")
+        raise ValueError(
+            f"stochastic_length: alpha must be in (0, 2] with N**(alpha/2) >= 1, got alpha={alpha}, N={n}"
+        )
     prob = 1.0 - n**alpha / np.maximum(lengths, 1).astype(np.float64) ** 2
     rows = np.flatnonzero((lengths > keep) & (rng.random(b) < prob))
     if not len(rows):
@@ -125,13 +136,24 @@ def stochastic_length(batch: dict[str, np.ndarray], alpha: float, rng: np.random
 class Trainer:
     """Holds a model, its optimizer and the jitted train/score functions."""
 
-    def __init__(self, kind: str, model_cfg, train_cfg: TrainConfig, mesh: Mesh | None = None,
-                 shard_items: bool = False):
+    def __init__(
+        self,
+        kind: str,
+        model_cfg,
+        train_cfg: TrainConfig,
+        mesh: Mesh | None = None,
+        shard_items: bool = False,
+    ):
         """`mesh` (axes 'data', 'model'): batches are split over 'data'; parameters are
         replicated, except the item table, split over 'model' rows when `shard_items`."""
         self.kind, self.model_cfg, self.cfg = kind, model_cfg, train_cfg
         model = build_model(kind, model_cfg, train_cfg.seed)
-        tx = optax.adamw(train_cfg.learning_rate, b1=train_cfg.b1, b2=train_cfg.b2, weight_decay=train_cfg.weight_decay)
+        tx = optax.adamw(
+            train_cfg.learning_rate,
+            b1=train_cfg.b1,
+            b2=train_cfg.b2,
+            weight_decay=train_cfg.weight_decay,
+        )
         optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
         self.graphdef, self.state = nnx.split((model, optimizer))
         self.mesh = mesh
@@ -162,7 +184,9 @@ class Trainer:
 
     def train_step(self, batch: dict[str, np.ndarray], step: int) -> jax.Array:
         """One optimizer step; the dropout/negative key depends only on (seed, step)."""
-        self.state, loss = self._step(self.state, self._put_batch(batch), jax.random.fold_in(self.key, step))
+        self.state, loss = self._step(
+            self.state, self._put_batch(batch), jax.random.fold_in(self.key, step)
+        )
         return loss
 
     def _query_scores(self, state, inputs):
@@ -179,21 +203,42 @@ class Trainer:
         """Scores [len(index), N+1] over all items for examples `index` (eval mode)."""
         return self._scores(self.state, query_inputs(examples, index, self.model_cfg.max_seq_len))
 
-    def evaluate(self, ds: data.Dataset, examples: EvalExamples, protocol: str = "full",
-                 filter_history: bool = True, ks=DEFAULT_KS, seed: int = 0) -> dict[str, float]:
+    def evaluate(
+        self,
+        ds: data.Dataset,
+        examples: EvalExamples,
+        protocol: str = "full",
+        filter_history: bool = True,
+        ks=DEFAULT_KS,
+        seed: int = 0,
+    ) -> dict[str, float]:
         """Metrics on `examples`: full ranking (history filtered or not) or 100 sampled negatives."""
         bs = self.cfg.eval_batch_size
         if protocol == "full":
             return protocols.full_ranking(
-                lambda idx: self.scores(examples, idx), examples, ds.num_items, ks, bs, filter_history
+                lambda idx: self.scores(examples, idx),
+                examples,
+                ds.num_items,
+                ks,
+                bs,
+                filter_history,
             )
+
         def sampled(idx, candidates):
             return np.take_along_axis(np.asarray(self.scores(examples, idx)), candidates, axis=1)
 
-        return protocols.sampled_ranking(sampled, examples, ds.num_items, seed=seed, ks=ks, batch_size=bs)
+        return protocols.sampled_ranking(
+            sampled, examples, ds.num_items, seed=seed, ks=ks, batch_size=bs
+        )
 
-    def fit(self, ds: data.Dataset, split: data.Split, out: pathlib.Path | None = None,
-            protocol: str = "full", progress: bool = True) -> dict:
+    def fit(
+        self,
+        ds: data.Dataset,
+        split: data.Split,
+        out: pathlib.Path | None = None,
+        protocol: str = "full",
+        progress: bool = True,
+    ) -> dict:
         """Train with validation-based selection; returns the best validation metrics."""
         source = training_source(split, self.model_cfg.max_seq_len)
         per_epoch = max(1, len(source) // self.cfg.batch_size)
@@ -216,7 +261,9 @@ class Trainer:
         while step < total:
             batch = next(loader)
             if self.cfg.stochastic_length_alpha is not None:
-                rng = np.random.default_rng([self.cfg.seed, step])  # depends on (seed, step): exact resume
+                rng = np.random.default_rng(
+                    [self.cfg.seed, step]
+                )  # depends on (seed, step): exact resume
                 batch = stochastic_length(batch, self.cfg.stochastic_length_alpha, rng)
             loss_sum += self.train_step(batch, step)
             loss_n += 1
@@ -224,7 +271,11 @@ class Trainer:
             bar.update(1)
             if step % eval_every == 0 or step == total:
                 train_loss = float(loss_sum) / loss_n
-                valid = self.evaluate(ds, split.valid, protocol) if len(split.valid) else {"NDCG@10": -train_loss}
+                valid = (
+                    self.evaluate(ds, split.valid, protocol)
+                    if len(split.valid)
+                    else {"NDCG@10": -train_loss}
+                )
                 bar.set_postfix(loss=f"{train_loss:.4f}", valid_ndcg10=f"{valid['NDCG@10']:.4f}")
                 if logger:
                     logger.log(step, "train", {"loss": train_loss})
@@ -249,8 +300,14 @@ class Trainer:
         return {"steps": step, "valid": best[0] if best else {}}
 
 
-def make_trainer(model: str, preset: str, num_items: int, overrides: dict[str, Any],
-                 mesh: Mesh | None = None, shard_items: bool = False) -> Trainer:
+def make_trainer(
+    model: str,
+    preset: str,
+    num_items: int,
+    overrides: dict[str, Any],
+    mesh: Mesh | None = None,
+    shard_items: bool = False,
+) -> Trainer:
     """A Trainer for `preset` with architecture/optimisation `overrides` (None = keep)."""
     kind, model_cfg = config_from_preset(preset, num_items=num_items, **{
         k: v for k, v in overrides.items() if k in _model_fields(preset)
@@ -258,7 +315,10 @@ def make_trainer(model: str, preset: str, num_items: int, overrides: dict[str, A
     if kind != model:
         raise ValueError(f"--preset={preset} is a {kind} preset, but --model={model}")
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    train = {**TRAIN_PRESETS.get(preset, {}), **{k: v for k, v in overrides.items() if k in train_fields and v is not None}}
+    train = {
+        **TRAIN_PRESETS.get(preset, {}),
+        **{k: v for k, v in overrides.items() if k in train_fields and v is not None},
+    }
     return Trainer(kind, model_cfg, TrainConfig(**train), mesh, shard_items)
 
 

@@ -168,20 +168,26 @@ def tokenize_prompts(
     """
     empty = np.flatnonzero(histories.lengths == 0)
     if len(empty):
-        raise ValueError(f"tokenize_prompts: example {empty[0]} (and {len(empty) - 1} more) has an empty history")
+        raise ValueError(
+            f"tokenize_prompts: example {empty[0]} (and {len(empty) - 1} more) has an empty history"
+        )
     budgets = np.full(len(histories), max_length - reserve, np.int64)
     prompts, keep = _fit_prompts(histories, titles, noun, tokenizer, template, budgets, max_history)
     over = np.array([i for i, p in enumerate(prompts) if p is None], np.int64)
     if len(over):
         unbounded = np.full(len(over), np.iinfo(np.int64).max)
-        extra, _ = _fit_prompts(histories.take(over), titles, noun, tokenizer, template, unbounded, 1)
+        extra, _ = _fit_prompts(
+            histories.take(over), titles, noun, tokenizer, template, unbounded, 1
+        )
         for i, p in zip(over, extra, strict=True):
             prompts[i] = p
         keep[over] = 1
     return prompts, keep
 
 
-def left_pad(rows: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(
+    rows: Sequence[Sequence[int]], width: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids, attention_mask) [len(rows), width] int32, rows aligned to the right."""
     ids = np.full((len(rows), width), pad_id, np.int32)
     mask = np.zeros((len(rows), width), np.int32)

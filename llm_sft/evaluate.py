@@ -125,7 +125,9 @@ def decode_batched(
         ids, mask = sft_data.left_pad([prompts[i] for i in index], width, pad_id)
         out = generate(model, ids, mask, pad_token_id=pad_id, **generate_kwargs)
         parts.append([None if x is None else np.asarray(x)[:n] for x in out])
-    return GenerateOutput(*(None if p[0] is None else np.concatenate(p) for p in zip(*parts, strict=True)))
+    return GenerateOutput(
+        *(None if p[0] is None else np.concatenate(p) for p in zip(*parts, strict=True))
+    )
 
 
 def strip_quotes(text: str) -> str:
@@ -142,7 +144,9 @@ def decode_responses(tokenizer, sequences: np.ndarray) -> list[list[str]]:
     flat = sequences.reshape(-1, length)
     is_eos = flat == tokenizer.eos_token_id
     ends = np.where(is_eos.any(1), np.argmax(is_eos, 1), length)
-    texts = tokenizer.batch_decode([row[:end].tolist() for row, end in zip(flat, ends, strict=True)])
+    texts = tokenizer.batch_decode(
+        [row[:end].tolist() for row, end in zip(flat, ends, strict=True)]
+    )
     texts = [strip_quotes(t) for t in texts]
     return [texts[i * r : (i + 1) * r] for i in range(e)]
 
@@ -177,7 +181,9 @@ def prompts_for(
 # -- runs -----------------------------------------------------------------------------------
 
 
-def load_run(run: str | Path, hf_checkpoint: str | None = None) -> tuple[dict, Qwen, Qwen | None, Any]:
+def load_run(
+    run: str | Path, hf_checkpoint: str | None = None
+) -> tuple[dict, Qwen, Qwen | None, Any]:
     """(run.json, fine-tuned model, base model or None, tokenizer) of a finished run.
 
     A LoRA run needs its base checkpoint (recorded in run.json or ``hf_checkpoint``); its
@@ -263,7 +269,9 @@ def evaluate_model(
         )  # fmt: skip
         texts = [row[0] for row in decode_responses(tokenizer, greedy.sequences)]
         result["unconstrained_greedy"] = {
-            "title_match": protocols.generative_ranking([[t] for t in texts], examples.targets, titles, ks),  # fmt: skip
+            "title_match": protocols.generative_ranking(
+                [[t] for t in texts], examples.targets, titles, ks
+            ),  # fmt: skip
             "top1": texts,
         }
     # Grounding: catalogue titles and top-1 responses embedded in one pass (one shape).
@@ -278,7 +286,9 @@ def evaluate_model(
         )
     if gamma_grid:
         top1 = emb[len(titles) - 1 : len(titles) - 1 + len(examples)]
-        result["best_gamma"] = protocols.select_gamma(top1, catalogue, examples.targets, popularity, gamma_grid, ks)
+        result["best_gamma"] = protocols.select_gamma(
+            top1, catalogue, examples.targets, popularity, gamma_grid, ks
+        )
     return result
 
 
@@ -286,7 +296,9 @@ def _subset(examples: EvalExamples, n: int, seed: int) -> EvalExamples:
     """A seeded random subset of ``n`` examples in their original order (all when n < 0)."""
     if not 0 <= n < len(examples):
         return examples
-    return examples.take(np.sort(np.random.default_rng(seed).choice(len(examples), n, replace=False)))
+    return examples.take(
+        np.sort(np.random.default_rng(seed).choice(len(examples), n, replace=False))
+    )
 
 
 def evaluate_run(
@@ -401,7 +413,9 @@ def _define_flags() -> None:
     f.DEFINE_integer("max_examples", -1, "Evaluate a seeded random subset (-1: all).")
     f.DEFINE_integer("batch_size", 16, "Prompts per beam-search call.")
     f.DEFINE_float("gamma", 0.0, "Grounding popularity exponent (BIGRec).")
-    f.DEFINE_list("gamma_grid", [], "Select the gamma per cutoff on validation from these (replaces --gamma).")
+    f.DEFINE_list(
+        "gamma_grid", [], "Select the gamma per cutoff on validation from these (replaces --gamma)."
+    )
     f.DEFINE_integer("max_valid_examples", 1000, "Validation examples for --gamma_grid (-1: all).")
     f.DEFINE_bool("unconstrained", False, "Also report unconstrained greedy decoding.")
     f.DEFINE_integer("seed", 0, "Seed of the --max_examples subset.")

@@ -240,7 +240,9 @@ def last_hidden(model: Qwen, input_ids: Any, attention_mask: Any) -> jax.Array:
 @functools.partial(jax.jit, static_argnums=0)
 def _last_hidden(graphdef, state, input_ids, attention_mask):
     model = nnx.merge(graphdef, state)
-    _, _, hidden = model(input_ids, attention_mask=attention_mask, return_hidden=True, logits_to_keep=0)
+    _, _, hidden = model(
+        input_ids, attention_mask=attention_mask, return_hidden=True, logits_to_keep=0
+    )
     return hidden[:, -1].astype(jnp.float32)
 
 

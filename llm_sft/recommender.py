@@ -83,25 +83,39 @@ class BigRecRecommender(Recommender):
         titles, noun = ds.items.titles, sft_data.item_noun(ds.name)
         histories, targets = sft_data.train_histories(split.train, cfg.max_history)
         if not len(targets):
-            raise ValueError("BigRecRecommender.fit: the training split has no (history, next item) pair")
+            raise ValueError(
+                "BigRecRecommender.fit: the training split has no (history, next item) pair"
+            )
         rng = np.random.default_rng(seed)
         self.tokenizer = tok = self._train_tokenizer(ds, histories, rng)
         if len(tok) > cfg.vocab_size:
             raise ValueError(f"tokenizer has {len(tok)} tokens > vocab_size={cfg.vocab_size}")
         train = dataclasses.replace(cfg.train, seed=seed)
-        wanted = train.max_steps * train.per_device_train_batch_size * train.gradient_accumulation_steps
+        wanted = (
+            train.max_steps * train.per_device_train_batch_size * train.gradient_accumulation_steps
+        )
         if train.max_steps > 0 and wanted < len(targets):
             rows = np.sort(rng.choice(len(targets), wanted, replace=False))
             histories, targets = histories.take(rows), targets[rows]
         ex = sft_data.tokenize_examples(
-            histories, targets, titles, noun, tok, max_length=cfg.max_length, max_history=cfg.max_history
+            histories,
+            targets,
+            titles,
+            noun,
+            tok,
+            max_length=cfg.max_length,
+            max_history=cfg.max_history,
         )
         lengths = ex.input_ids.lengths
         width = round_up(int(lengths.max()))
         arrays = sft_data.padded_arrays(ex, width, tok.pad_token_id, "right")
         # Scored tokens per row = response + EOS: the LM head runs on those positions only.
-        train = dataclasses.replace(train, max_label_tokens=round_up(int((lengths - ex.prompt_lengths).max())))
-        config = ModelConfig(vocab_size=cfg.vocab_size, rope_theta=10_000.0, tie_word_embeddings=True, **cfg.model)
+        train = dataclasses.replace(
+            train, max_label_tokens=round_up(int((lengths - ex.prompt_lengths).max()))
+        )
+        config = ModelConfig(
+            vocab_size=cfg.vocab_size, rope_theta=10_000.0, tie_word_embeddings=True, **cfg.model
+        )
         mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
         trainer = Trainer(init_model(config, seed, mesh), mesh, train, len(ex), lora=False)
         prepared = time.perf_counter()
@@ -125,7 +139,13 @@ class BigRecRecommender(Recommender):
         cfg, titles = self.cfg, ds.items.titles
         rows = rng.choice(len(histories), min(cfg.tokenizer_prompts, len(histories)), replace=False)
         prompts = [
-            sft_data.prompt_text(*sft_data.instruction_and_input([titles[t] for t in histories[r]], sft_data.item_noun(ds.name)), "alpaca", None)  # fmt: skip
+            sft_data.prompt_text(
+                *sft_data.instruction_and_input(
+                    [titles[t] for t in histories[r]], sft_data.item_noun(ds.name)
+                ),
+                "alpaca",
+                None,
+            )  # fmt: skip
             for r in rows
         ]
         corpus = prompts + [sft_data.response_text(t) for t in titles[1:]]

@@ -135,7 +135,9 @@ def _check_label_tokens(labels: np.ndarray, max_label_tokens: int) -> None:
     if max_label_tokens:
         most = int((np.asarray(labels)[..., 1:] != IGNORE).sum(-1).max(initial=0))
         if most > max_label_tokens:
-            raise ValueError(f"a row has {most} scored tokens > max_label_tokens={max_label_tokens}")
+            raise ValueError(
+                f"a row has {most} scored tokens > max_label_tokens={max_label_tokens}"
+            )
 
 
 def _pad_rows(arrays: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:

@@ -28,13 +28,27 @@ from rqvae.train import TrainConfig, train_rqvae
 # 3 epochs and a validation subset for selection.
 BUDGETS: dict[str, dict] = {
     "demo": dict(
-        rqvae=TrainConfig(model=RQVAEConfig(codebook_size=64), epochs=200, batch_size=256, eval_every=400),
+        rqvae=TrainConfig(
+            model=RQVAEConfig(codebook_size=64), epochs=200, batch_size=256, eval_every=400
+        ),
         tiger=TigerTrainConfig(
             model=TigerConfig(
-                d_model=64, num_heads=4, head_dim=16, d_ff=256, encoder_layers=2, decoder_layers=2, dropout=0.0,
+                d_model=64,
+                num_heads=4,
+                head_dim=16,
+                d_ff=256,
+                encoder_layers=2,
+                decoder_layers=2,
+                dropout=0.0,
                 max_items=10,
             ),
-            epochs=3, batch_size=256, lr=3e-3, warmup_steps=100, eval_every=1, patience=None, max_valid=300,
+            epochs=3,
+            batch_size=256,
+            lr=3e-3,
+            warmup_steps=100,
+            eval_every=1,
+            patience=None,
+            max_valid=300,
             max_targets=50,
         ),
     ),

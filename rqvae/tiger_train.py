@@ -95,7 +95,9 @@ def _define_flags() -> None:
     flags.DEFINE_integer(
         "max_valid", t.max_valid, "Validation examples used for selection (default all)."
     )
-    flags.DEFINE_integer("max_targets", t.max_targets, "Train on each user's last N positions only (default all).")
+    flags.DEFINE_integer(
+        "max_targets", t.max_targets, "Train on each user's last N positions only (default all)."
+    )
     flags.DEFINE_integer("seed", t.seed, "Random seed.")
     flags.DEFINE_integer("d_model", d.d_model, "Model width.")
     flags.DEFINE_integer("num_layers", d.encoder_layers, "Encoder and decoder layers (each).")

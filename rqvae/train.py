@@ -270,7 +270,9 @@ def _define_flags() -> None:
     flags.DEFINE_integer("num_levels", 3, "Quantisation levels L.")
     flags.DEFINE_integer("codebook_size", 256, "Codes per level K.")
     flags.DEFINE_integer("code_dim", 32, "Latent / code dimension.")
-    flags.DEFINE_list("hidden_dims", ["512", "256", "128"], "Encoder hidden sizes (decoder mirrors).")
+    flags.DEFINE_list(
+        "hidden_dims", ["512", "256", "128"], "Encoder hidden sizes (decoder mirrors)."
+    )
     flags.DEFINE_enum("activation", "relu", ["relu", "silu"], "MLP activation.")
     flags.DEFINE_integer("epochs", 1000, "Training epochs.")
     flags.DEFINE_integer("batch_size", 1024, "Batch size (capped at the number of items).")
@@ -281,7 +283,9 @@ def _define_flags() -> None:
     flags.DEFINE_enum("quantizer", "ste", ["ste", "rotation", "gumbel"], "Gradient estimator.")
     flags.DEFINE_bool("ema", False, "EMA codebook updates instead of the codebook loss.")
     flags.DEFINE_bool("standardize", False, "Standardise each input dimension.")
-    flags.DEFINE_enum("recon", "sum", ["sum", "mean"], "Reconstruction loss: sum or mean over dims.")
+    flags.DEFINE_enum(
+        "recon", "sum", ["sum", "mean"], "Reconstruction loss: sum or mean over dims."
+    )
     flags.DEFINE_integer("eval_every", 1000, "Steps between evaluations / dead-code restarts.")
     flags.DEFINE_bool("kmeans_init", True, "Initialise codebooks by k-means on residuals.")
     flags.DEFINE_enum("kmeans_init_method", "kmeans++", ["kmeans++", "random"], "k-means seeding.")
@@ -301,9 +305,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--embeddings=FILE.npy and --out=DIR are required")
     emb = np.load(f.embeddings)
     if emb.ndim != 2:
-        raise app.UsageError(
-            f"--embeddings={f.embeddings}: expected a 2-D array, got {emb.shape}"
-        )
+        raise app.UsageError(f"--embeddings={f.embeddings}: expected a 2-D array, got {emb.shape}")
     config = TrainConfig(
         model=RQVAEConfig(
             hidden_dims=tuple(int(h) for h in f.hidden_dims),

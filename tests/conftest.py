@@ -26,13 +26,19 @@ def shared_data(name: str) -> pathlib.Path:
     return folder
 
 
-def write_tiny_ml100k(folder: pathlib.Path, num_users: int = 20, num_items: int = 30, per_user: int = 8) -> pathlib.Path:
+def write_tiny_ml100k(
+    folder: pathlib.Path, num_users: int = 20, num_items: int = 30, per_user: int = 8
+) -> pathlib.Path:
     """A random ml-100k-format folder (`u.data`, `u.item`) under `folder`."""
     import numpy as np
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    lines = [f"{u}\t{rng.integers(1, num_items)}\t4\t{t}" for u in range(1, num_users + 1) for t in range(per_user)]
+    lines = [
+        f"{u}\t{rng.integers(1, num_items)}\t4\t{t}"
+        for u in range(1, num_users + 1)
+        for t in range(per_user)
+    ]
     (folder / "u.data").write_text("\n".join(lines) + "\n")
     items = "".join(f"{i}|Movie {i}|d||u|0\n" for i in range(1, num_items + 1))
     (folder / "u.item").write_text(items, encoding="latin-1")

@@ -27,7 +27,7 @@ def execve(monkeypatch):
 
 def test_reexec_preloads_tcmalloc_once(execve):
     allocator.reexec_with_tcmalloc()
-    (exe, argv, env), = execve
+    ((exe, argv, env),) = execve
     assert exe == sys.executable and argv[1:] == sys.orig_argv[1:]
     assert env["LD_PRELOAD"] == "/lib/libtcmalloc.so.4 /lib/other.so"
     assert env[allocator.ENV_SWITCH] == "system"  # the child never re-executes

@@ -59,13 +59,17 @@ def test_sasrec_lcrec_recbole_formats(tmp_path):
 
     inter = {"0": [0, 1, 2], "1": [2, 0]}
     items = {"0": {"title": "A", "brand": "X"}, "1": {"title": "B  b"}, "2": {"title": "C"}}
-    folder = write(tmp_path / "s", {"S.inter.json": json.dumps(inter), "S.item.json": json.dumps(items)})
+    folder = write(
+        tmp_path / "s", {"S.inter.json": json.dumps(inter), "S.item.json": json.dumps(items)}
+    )
     ds = data.load("amazon-scientific-2018", folder)
     assert ds.items.titles == ["", "A", "B b", "C"]
     assert ds.items.text(1, ("title", "brand")) == "Title: A; Brand: X"
     np.testing.assert_array_equal(ds.sequences[1], [3, 1])
 
-    atomic = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n7\t1\t4\t20\n7\t2\t5\t10\n"
+    atomic = (
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n7\t1\t4\t20\n7\t2\t5\t10\n"
+    )
     item = "item_id:token\tmovie_title:token_seq\n1\tOne\n2\tTwo\n"
     ds = data.load("x", write(tmp_path / "r", {"x.inter": atomic, "x.item": item}), fmt="recbole")
     np.testing.assert_array_equal(ds.sequences[0], [2, 1])
@@ -125,7 +129,11 @@ def test_leave_one_out_split():
 
 
 BAD_INPUTS = {
-    "ml-100k": ({"u.data": U_DATA.replace("1\t12\t5\t200", "1\t12\tfive\t200"), "u.item": U_ITEM}, "u.data", 5),
+    "ml-100k": (
+        {"u.data": U_DATA.replace("1\t12\t5\t200", "1\t12\tfive\t200"), "u.item": U_ITEM},
+        "u.data",
+        5,
+    ),
     "amazon-games-2014": ({"Video.txt": "1 5\n1 3\n2\n"}, "Video.txt", 3),
     "x-recbole": ({"x.inter": "user_id:token\titem_id:token\n7\t1\n8\n"}, "x.inter", 3),
 }
@@ -141,7 +149,9 @@ def test_corrupt_line_names_file_and_line(tmp_path, name):
 
 
 def test_corrupt_json_and_csv_name_file_and_line(tmp_path):
-    folder = write(tmp_path / "s", {"S.inter.json": '{"0": [0, 1],\n "1": [2,, 0]}', "S.item.json": "{}"})
+    folder = write(
+        tmp_path / "s", {"S.inter.json": '{"0": [0, 1],\n "1": [2,, 0]}', "S.item.json": "{}"}
+    )
     with pytest.raises(data.DataFormatError, match=r"S\.inter\.json:2:"):
         data.load("amazon-scientific-2018", folder)
     folder = amazon_folder(tmp_path)
@@ -170,8 +180,12 @@ def test_amazon_examples_roundtrip_through_cache(tmp_path):
     a = data.load("amazon-cds-vinyl-2018", folder)
     b = data.load("amazon-cds-vinyl-2018", folder)
     for split in ("valid", "test"):
-        np.testing.assert_array_equal(a.examples[split].history.values, b.examples[split].history.values)
-        np.testing.assert_array_equal(a.examples[split].target_timestamps, b.examples[split].target_timestamps)
+        np.testing.assert_array_equal(
+            a.examples[split].history.values, b.examples[split].history.values
+        )
+        np.testing.assert_array_equal(
+            a.examples[split].target_timestamps, b.examples[split].target_timestamps
+        )
 
 
 def test_unknown_dataset_and_missing_dir_errors(tmp_path):
@@ -189,7 +203,9 @@ def test_padding_and_prefix_examples():
     assert len(src) == 3  # (1->2), (1,2->3), (4->5)
     np.testing.assert_array_equal(src.arrays["history"], [[0, 1], [1, 2], [0, 4]])
     np.testing.assert_array_equal(src.arrays["target"], [2, 3, 5])
-    recent = examples.prefix_source(Ragged.from_rows([[1, 2, 3, 4], [5, 6]]), max_len=2, max_targets=2)
+    recent = examples.prefix_source(
+        Ragged.from_rows([[1, 2, 3, 4], [5, 6]]), max_len=2, max_targets=2
+    )
     np.testing.assert_array_equal(recent.arrays["target"], [3, 4, 6])  # each row's last 2 targets
     np.testing.assert_array_equal(recent.arrays["history"], [[1, 2], [2, 3], [0, 5]])
     win = examples.window_source(rows, max_len=3)
@@ -235,9 +251,18 @@ def test_shared_amazon_cds_examples_and_quirks():
 
 
 def test_eval_examples_take_keeps_every_field():
-    ex = EvalExamples(np.array([7, 8, 9]), Ragged.from_rows([[1], [2, 3], [4]]), np.array([5, 6, 7]),
-                      Ragged.from_rows([[10], [20, 30], [40]]), np.array([11, 31, 41]))
+    ex = EvalExamples(
+        np.array([7, 8, 9]),
+        Ragged.from_rows([[1], [2, 3], [4]]),
+        np.array([5, 6, 7]),
+        Ragged.from_rows([[10], [20, 30], [40]]),
+        np.array([11, 31, 41]),
+    )
     sub = ex.take(np.array([2, 1]))
-    assert list(sub.users) == [9, 8] and list(sub.targets) == [7, 6] and list(sub.target_timestamps) == [41, 31]
+    assert (
+        list(sub.users) == [9, 8]
+        and list(sub.targets) == [7, 6]
+        and list(sub.target_timestamps) == [41, 31]
+    )
     assert [list(sub.history[i]) for i in range(2)] == [[4], [2, 3]]
     assert [list(sub.history_timestamps[i]) for i in range(2)] == [[40], [20, 30]]

@@ -255,7 +255,10 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert fetch_data.default_cache_dir("ml-1m") == tmp_path / "x" / "llm4rec" / "raw" / "ml-1m"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "h"))
-    assert fetch_data.default_cache_dir("ml-1m") == tmp_path / "h" / ".cache" / "llm4rec" / "raw" / "ml-1m"
+    assert (
+        fetch_data.default_cache_dir("ml-1m")
+        == tmp_path / "h" / ".cache" / "llm4rec" / "raw" / "ml-1m"
+    )
 
 
 @pytest.mark.skipif(not SHARED_ML100K.is_dir(), reason="shared ml-100k data not present")

@@ -46,18 +46,24 @@ def test_reference_matches_naive_loop(n_norm):
     np.testing.assert_allclose(out, _naive(q, k, v, rab, lengths, n_norm), atol=1e-5)
 
 
-@pytest.mark.parametrize("rab_kind,n_norm", [("batch", "padded"), ("shared", "length"), (None, "padded")])
+@pytest.mark.parametrize(
+    "rab_kind,n_norm", [("batch", "padded"), ("shared", "length"), (None, "padded")]
+)
 def test_pallas_forward_matches_reference(rab_kind, n_norm):
     q, k, v, rab, lengths = _inputs()  # N = 40 is not a multiple of the block: padded inside
     rab = {"batch": rab, "shared": rab[:1], None: None}[rab_kind]
     ref = hstu_attention(q, k, v, rab, lengths, n_norm=n_norm)
-    fused = jax.jit(lambda *a: hstu_attention(*a, n_norm=n_norm, impl="pallas"))(q, k, v, rab, lengths)
+    fused = jax.jit(lambda *a: hstu_attention(*a, n_norm=n_norm, impl="pallas"))(
+        q, k, v, rab, lengths
+    )
     assert fused.shape == ref.shape
     np.testing.assert_allclose(fused, ref, atol=1e-5, rtol=0)
     assert not np.any(np.asarray(fused)[0])  # length-0 row is all zeros
 
 
-@pytest.mark.parametrize("rab_kind,n_norm,n", [("batch", "length", 32), ("shared", "padded", 40), (None, "padded", 40)])
+@pytest.mark.parametrize(
+    "rab_kind,n_norm,n", [("batch", "length", 32), ("shared", "padded", 40), (None, "padded", 40)]
+)
 def test_pallas_gradients_match_reference(rab_kind, n_norm, n):
     """The backward kernels (dq + d(rab) per query block, dk + dv per key block) against
     autodiff of the XLA path, with padding rows, a length-0 row and N not a block multiple."""
@@ -67,7 +73,9 @@ def test_pallas_gradients_match_reference(rab_kind, n_norm, n):
     names = ["q", "k", "v"] + (["rab"] if rab is not None else [])
 
     def grads(impl):
-        f = lambda q, k, v, r: jnp.sum(w * hstu_attention(q, k, v, r, lengths, n_norm=n_norm, impl=impl))  # noqa: E731
+        def f(q, k, v, r):
+            return jnp.sum(w * hstu_attention(q, k, v, r, lengths, n_norm=n_norm, impl=impl))
+
         return jax.jit(jax.grad(f, argnums=tuple(range(len(names)))))(q, k, v, rab)
 
     for name, g_ref, g_fused in zip(names, grads("xla"), grads("pallas"), strict=True):
@@ -85,8 +93,11 @@ def test_blocked_xla_matches_dense_reference(rab_kind):
     """Values and gradients (q, k, v, rab) of the causal-block path equal the dense one."""
     q, k, v, rab, lengths = _inputs(n=40)
     w = jnp.asarray(np.random.default_rng(3).standard_normal((3, 40, 2, 12), np.float32))
-    as_input = {"array": lambda r: r, "callable": lambda r: lambda r0, r1, c1: r[:, r0:r1, :c1],
-                None: lambda r: r}[rab_kind]
+    as_input = {
+        "array": lambda r: r,
+        "callable": lambda r: lambda r0, r1, c1: r[:, r0:r1, :c1],
+        None: lambda r: r,
+    }[rab_kind]
 
     def value_and_grads(attn, wrap):
         def loss(q_, k_, v_, rab_):
@@ -96,7 +107,9 @@ def test_blocked_xla_matches_dense_reference(rab_kind):
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, rab)
 
     ref_val, ref_grads = value_and_grads(hstu_attention_reference, lambda r: r)
-    val, grads = value_and_grads(functools.partial(hstu_attention_blocked, block=16), as_input)  # 3 blocks
+    val, grads = value_and_grads(
+        functools.partial(hstu_attention_blocked, block=16), as_input
+    )  # 3 blocks
     np.testing.assert_allclose(val, ref_val, rtol=1e-5)
     for name, g, g_ref in zip("q k v rab".split(), grads, ref_grads, strict=True):
         np.testing.assert_allclose(g, g_ref, atol=1e-5, rtol=0, err_msg=name)

@@ -20,8 +20,15 @@ from hstu.model import (
 from hstu.sasrec import SASRec, SASRecConfig, bce_loss
 
 NUM_ITEMS, N = 30, 12
-HSTU_KW = dict(num_items=NUM_ITEMS, max_seq_len=16, embedding_dim=8, num_blocks=2, num_heads=2,
-               attention_dim=4, linear_dim=6)
+HSTU_KW = dict(
+    num_items=NUM_ITEMS,
+    max_seq_len=16,
+    embedding_dim=8,
+    num_blocks=2,
+    num_heads=2,
+    attention_dim=4,
+    linear_dim=6,
+)
 SASREC_KW = dict(num_items=NUM_ITEMS, max_seq_len=16, embedding_dim=8, num_blocks=2, num_heads=2)
 
 
@@ -42,8 +49,10 @@ def _random_model(cls, cfg, seed=0):
     model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(seed)
     state = nnx.state(model, nnx.Param)
-    nnx.update(model, jax.tree.map(
-        lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype), state))
+    nnx.update(
+        model,
+        jax.tree.map(lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype), state),
+    )
     return model
 
 
@@ -57,7 +66,10 @@ def test_rel_bias_matches_reference_construction():
     n, nb = 6, 128
     bias = nnx.eval_shape(lambda: RelativeBucketedTimeAndPositionBias(n, nb, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(0)
-    pos_w, ts_w = rng.standard_normal(2 * n - 1, np.float32), rng.standard_normal(nb + 1, np.float32)
+    pos_w, ts_w = (
+        rng.standard_normal(2 * n - 1, np.float32),
+        rng.standard_normal(nb + 1, np.float32),
+    )
     bias.pos_w.set_value(jnp.asarray(pos_w))
     bias.ts_w.set_value(jnp.asarray(ts_w))
     ts = np.array([[10, 11, 50, 50, 4000, 10**6]], np.int32)
@@ -72,7 +84,9 @@ def test_rel_bias_matches_reference_construction():
 
 
 def test_rel_bias_blocks_are_slices_of_the_full_bias():
-    bias = _random_model(lambda cfg, rngs: RelativeBucketedTimeAndPositionBias(N, 128, rngs=rngs), None)
+    bias = _random_model(
+        lambda cfg, rngs: RelativeBucketedTimeAndPositionBias(N, 128, rngs=rngs), None
+    )
     _, ts, _ = _batch()
     full = np.asarray(bias(jnp.asarray(ts)))
     for r0, r1 in attention.causal_blocks(N, 5):
@@ -118,14 +132,18 @@ def test_sasrec_torch_parity_both_ways(l2_norm_output, block, monkeypatch):
     ids, _, _ = _batch()
     with torch.no_grad():
         expected = t_model(torch.from_numpy(ids.astype(np.int64))).numpy()
-    model = _flax_from_torch(t_model, SASRec, SASRecConfig(l2_norm_output=l2_norm_output, **SASREC_KW))
+    model = _flax_from_torch(
+        t_model, SASRec, SASRecConfig(l2_norm_output=l2_norm_output, **SASREC_KW)
+    )
     out = np.asarray(model(jnp.asarray(ids)))
     np.testing.assert_allclose(out, expected, atol=1e-5, rtol=0)
 
     back = TorchSASRec(NUM_ITEMS, l2_norm_output=l2_norm_output, **kw).eval()
     back.load_state_dict(convert.flax_to_torch_state_dict(model))
     with torch.no_grad():
-        np.testing.assert_allclose(back(torch.from_numpy(ids.astype(np.int64))).numpy(), out, atol=1e-5)
+        np.testing.assert_allclose(
+            back(torch.from_numpy(ids.astype(np.int64))).numpy(), out, atol=1e-5
+        )
 
 
 def test_hstu_causal_padding_and_pallas():
@@ -177,24 +195,44 @@ def test_bce_loss_known_answer():
     pos_w = np.array([[1, 1, 0], [1, 1, 1]], np.float64)
     neg_w = pos_w * np.array([[1, 0, 1], [1, 1, 1]])  # one negative collided with its positive
     softplus = lambda x: np.log1p(np.exp(x))  # noqa: E731
-    expected = (np.sum(softplus(-np.sum(q * pos, -1)) * pos_w) / pos_w.sum()
-                + np.sum(softplus(np.sum(q * neg, -1)) * neg_w) / neg_w.sum())
-    np.testing.assert_allclose(bce_loss(*map(jnp.asarray, (q, pos, neg, pos_w, neg_w))), expected,
-                               rtol=1e-5)
+    expected = (
+        np.sum(softplus(-np.sum(q * pos, -1)) * pos_w) / pos_w.sum()
+        + np.sum(softplus(np.sum(q * neg, -1)) * neg_w) / neg_w.sum()
+    )
+    np.testing.assert_allclose(
+        bce_loss(*map(jnp.asarray, (q, pos, neg, pos_w, neg_w))), expected, rtol=1e-5
+    )
 
 
-@pytest.mark.parametrize("cls,cfg", [
-    (HSTU, HSTUConfig(num_negatives=16, dropout_rate=0.0, **{**HSTU_KW, "num_blocks": 1})),
-    pytest.param(SASRec, SASRecConfig(loss="bce", dropout_rate=0.0, **SASREC_KW),
-                 marks=pytest.mark.slow),
-    pytest.param(SASRec, SASRecConfig(loss="sampled_softmax", l2_norm_output=True, num_negatives=16,
-                                      dropout_rate=0.0, **SASREC_KW), marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "cls,cfg",
+    [
+        (HSTU, HSTUConfig(num_negatives=16, dropout_rate=0.0, **{**HSTU_KW, "num_blocks": 1})),
+        pytest.param(
+            SASRec, SASRecConfig(loss="bce", dropout_rate=0.0, **SASREC_KW), marks=pytest.mark.slow
+        ),
+        pytest.param(
+            SASRec,
+            SASRecConfig(
+                loss="sampled_softmax",
+                l2_norm_output=True,
+                num_negatives=16,
+                dropout_rate=0.0,
+                **SASREC_KW,
+            ),
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
 def test_loss_fn_trains_under_nnx_jit(cls, cfg):
     model = nnx.jit(lambda: cls(cfg, rngs=nnx.Rngs(0)))()  # default init, compiled once
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
     ids, ts, lengths = _batch(lengths=(12, 8, 10, 12))
-    batch = {"ids": jnp.asarray(ids), "timestamps": jnp.asarray(ts), "lengths": jnp.asarray(lengths)}
+    batch = {
+        "ids": jnp.asarray(ids),
+        "timestamps": jnp.asarray(ts),
+        "lengths": jnp.asarray(lengths),
+    }
 
     @nnx.jit
     def step(model, optimizer, batch, rng):
@@ -214,21 +252,39 @@ def test_convert_cli_end_to_end(tmp_path):
     from tools.baselines.torch_hstu import HSTU as TorchHSTU
 
     torch.manual_seed(1)
-    t_model = TorchHSTU(NUM_ITEMS, max_seq_len=16, embedding_dim=8, num_blocks=1, num_heads=2,
-                        attention_dim=4, linear_dim=6).eval()
+    t_model = TorchHSTU(
+        NUM_ITEMS,
+        max_seq_len=16,
+        embedding_dim=8,
+        num_blocks=1,
+        num_heads=2,
+        attention_dim=4,
+        linear_dim=6,
+    ).eval()
     torch.save({"model_state_dict": t_model.state_dict()}, tmp_path / "model.pt")
     ids, ts, lengths = _batch()
     np.savez(tmp_path / "in.npz", ids=ids, timestamps=ts, lengths=lengths)
-    convert.run(str(tmp_path / "model.pt"), "hstu-ml", out=str(tmp_path / "ckpt"),
-                check_inputs=str(tmp_path / "in.npz"), check_outputs=str(tmp_path / "out.npy"),
-                num_heads=2)
+    convert.run(
+        str(tmp_path / "model.pt"),
+        "hstu-ml",
+        out=str(tmp_path / "ckpt"),
+        check_inputs=str(tmp_path / "in.npz"),
+        check_outputs=str(tmp_path / "out.npy"),
+        num_heads=2,
+    )
     with torch.no_grad():
-        expected = t_model(*[torch.from_numpy(x.astype(np.int64)) for x in (ids, ts, lengths)]).numpy()
+        expected = t_model(
+            *[torch.from_numpy(x.astype(np.int64)) for x in (ids, ts, lengths)]
+        ).numpy()
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5, rtol=0)
     restored = convert.load_checkpoint(str(tmp_path / "ckpt"))
     assert restored.cfg.num_blocks == 1 and restored.cfg.attention_dim == 4
-    np.testing.assert_allclose(restored(jnp.asarray(ids), jnp.asarray(ts), jnp.asarray(lengths)),
-                               expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        restored(jnp.asarray(ids), jnp.asarray(ts), jnp.asarray(lengths)),
+        expected,
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 def test_torch_sasrec_trainer_runs_on_the_jax_batches(tmp_path):
@@ -242,4 +298,6 @@ def test_torch_sasrec_trainer_runs_on_the_jax_batches(tmp_path):
     assert [round(c["epoch"]) for c in curve] == [1, 2, 3]
     assert all(np.isfinite(c["loss"]) and 0 <= c["NDCG@10"] <= c["HR@10"] <= 1 for c in curve)
     again = train("ml-100k", str(folder), epochs=3, eval_every=None, max_seq_len=8, batch_size=8)
-    assert [c["loss"] for c in again] == [c["loss"] for c in curve]  # seeded: same batches, init, negatives
+    assert [c["loss"] for c in again] == [
+        c["loss"] for c in curve
+    ]  # seeded: same batches, init, negatives

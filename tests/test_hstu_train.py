@@ -12,24 +12,41 @@ from eval.data.dataset import ItemTable, Ragged
 from eval.training import Checkpoints
 from hstu import trainer as T
 
-TINY = dict(max_seq_len=12, embedding_dim=16, num_blocks=1, num_heads=2, dropout_rate=0.1,
-            num_negatives=8, batch_size=8, learning_rate=5e-3)
+TINY = dict(
+    max_seq_len=12,
+    embedding_dim=16,
+    num_blocks=1,
+    num_heads=2,
+    dropout_rate=0.1,
+    num_negatives=8,
+    batch_size=8,
+    learning_rate=5e-3,
+)
 
 
 def tiny_split(num_users=32, num_items=40, seed=0):
     """Users walk a ring of items (next = current + 1), so the next item is learnable."""
     rng = np.random.default_rng(seed)
-    seqs = [(rng.integers(num_items) + np.arange(rng.integers(5, 14))) % num_items + 1 for _ in range(num_users)]
+    seqs = [
+        (rng.integers(num_items) + np.arange(rng.integers(5, 14))) % num_items + 1
+        for _ in range(num_users)
+    ]
     ts = [1_000_000 + 3600 * np.arange(len(s)) for s in seqs]
-    ds = data.Dataset("tiny", ItemTable([""] * (num_items + 1), [""] * (num_items + 1)),
-                      [str(u) for u in range(num_users)], Ragged.from_rows(seqs),
-                      timestamps=Ragged.from_rows(ts, dtype=np.int64))
+    ds = data.Dataset(
+        "tiny",
+        ItemTable([""] * (num_items + 1), [""] * (num_items + 1)),
+        [str(u) for u in range(num_users)],
+        Ragged.from_rows(seqs),
+        timestamps=Ragged.from_rows(ts, dtype=np.int64),
+    )
     return ds, data.split(ds)
 
 
 def flat_params(trainer):
     leaves = jax.tree.leaves(trainer.state)
-    return np.concatenate([np.asarray(x, np.float64).ravel() for x in leaves if np.issubdtype(x.dtype, np.floating)])
+    return np.concatenate(
+        [np.asarray(x, np.float64).ravel() for x in leaves if np.issubdtype(x.dtype, np.floating)]
+    )
 
 
 @pytest.mark.parametrize("kind,preset", [("hstu", "hstu-ml"), ("sasrec", "sasrec-ml")])
@@ -51,8 +68,14 @@ def test_fit_learns_and_logs(tmp_path, kind, preset):
 @pytest.mark.parametrize("sl_alpha", [None, 1.5])
 def test_resume_reproduces_uninterrupted_run(tmp_path, sl_alpha):
     ds, sp = tiny_split()
-    over = {**TINY, "eval_every": 3, "max_steps": 6, "patience": 1000, "num_epochs": 10,
-            "stochastic_length_alpha": sl_alpha}
+    over = {
+        **TINY,
+        "eval_every": 3,
+        "max_steps": 6,
+        "patience": 1000,
+        "num_epochs": 10,
+        "stochastic_length_alpha": sl_alpha,
+    }
     full = T.make_trainer("hstu", "hstu-ml", ds.num_items, over)
     full.fit(ds, sp, tmp_path / "full", progress=False)
     part = T.make_trainer("hstu", "hstu-ml", ds.num_items, {**over, "max_steps": 3})
@@ -66,8 +89,14 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, sl_alpha):
     assert s_full[2] == s_res[2] == 6
     for x, y in zip(jax.tree.leaves(s_full[0]), jax.tree.leaves(s_res[0]), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
-    losses = [[r["loss"] for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())
-               if r["split"] == "train"] for d in ("full", "resumed")]
+    losses = [
+        [
+            r["loss"]
+            for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == "train"
+        ]
+        for d in ("full", "resumed")
+    ]
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
 
 
@@ -85,13 +114,17 @@ def test_stochastic_length_keeps_ordered_subsequences():
         kept = out["ids"][row, :keep]
         assert np.all(np.diff(kept) > 0) and set(kept) <= set(ids[row, : lengths[row]])
         assert not out["ids"][row, keep:].any()
-    np.testing.assert_array_equal(out["timestamps"], out["ids"] * 7)  # timestamps follow their items
+    np.testing.assert_array_equal(
+        out["timestamps"], out["ids"] * 7
+    )  # timestamps follow their items
     np.testing.assert_array_equal(out["ids"][~changed], ids[~changed])
     # Rows longer than L are subsampled with probability 1 - N^alpha / n^2.
     for length in (9, 12, 16):
         rows = lengths == length
         expected = 1 - n**alpha / length**2
-        assert abs(changed[rows].mean() - expected) < 4 * np.sqrt(expected * (1 - expected) / rows.sum())
+        assert abs(changed[rows].mean() - expected) < 4 * np.sqrt(
+            expected * (1 - expected) / rows.sum()
+        )
     with pytest.raises(ValueError, match="alpha"):
         T.stochastic_length(batch, 2.5, rng)
 
@@ -114,8 +147,13 @@ def test_data_parallel_matches_single_device():
 
 
 def test_query_inputs_right_pad_last_items():
-    ex = data.EvalExamples(np.array([0, 1]), Ragged.from_rows([[1, 2, 3], [4]]), np.array([5, 6]),
-                           Ragged.from_rows([[10, 20, 30], [40]], dtype=np.int64), np.array([35, 45]))
+    ex = data.EvalExamples(
+        np.array([0, 1]),
+        Ragged.from_rows([[1, 2, 3], [4]]),
+        np.array([5, 6]),
+        Ragged.from_rows([[10, 20, 30], [40]], dtype=np.int64),
+        np.array([35, 45]),
+    )
     q = T.query_inputs(ex, np.array([0, 1]), max_len=2)
     np.testing.assert_array_equal(q["ids"], [[2, 3], [4, 0]])
     np.testing.assert_array_equal(q["timestamps"], [[20, 30], [40, 0]])

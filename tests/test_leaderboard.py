@@ -55,7 +55,9 @@ def test_evaluate_full_and_sampled():
 def test_sampled_protocol_ranks_against_negatives():
     rng = np.random.default_rng(0)
     seqs = [rng.permutation(np.arange(1, 301))[:10] for _ in range(50)]
-    ds = data.Dataset("r", ItemTable([""] * 301, [""] * 301), [str(u) for u in range(50)], Ragged.from_rows(seqs))
+    ds = data.Dataset(
+        "r", ItemTable([""] * 301, [""] * 301), [str(u) for u in range(50)], Ragged.from_rows(seqs)
+    )
     sp = data.split(ds)
     pop = MostPopular()
     pop.fit(ds, sp, budget="demo", seed=0)
@@ -67,10 +69,25 @@ def test_sampled_protocol_ranks_against_negatives():
 
 
 TINY_TIGER = dict(
-    rqvae=TrainConfig(model=RQVAEConfig(hidden_dims=(16,), code_dim=4, num_levels=2, codebook_size=4), epochs=3, batch_size=8),
+    rqvae=TrainConfig(
+        model=RQVAEConfig(hidden_dims=(16,), code_dim=4, num_levels=2, codebook_size=4),
+        epochs=3,
+        batch_size=8,
+    ),
     tiger=TigerTrainConfig(
-        model=TigerConfig(d_model=8, num_heads=2, head_dim=4, d_ff=16, encoder_layers=1, decoder_layers=1, max_items=4),
-        epochs=2, batch_size=16, eval_every=1, beam_size=20,
+        model=TigerConfig(
+            d_model=8,
+            num_heads=2,
+            head_dim=4,
+            d_ff=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            max_items=4,
+        ),
+        epochs=2,
+        batch_size=16,
+        eval_every=1,
+        beam_size=20,
     ),
 )
 
@@ -82,14 +99,20 @@ def test_leaderboard_writes_tables(tmp_path, monkeypatch):
 
     # Every registered model runs end to end; the trained ones with a tiny budget, TIGER
     # on random item embeddings (the MiniLM wheel is not fetched in tests).
-    monkeypatch.setitem(recommender.BUDGETS, "demo", dict(max_seq_len=8, num_epochs=2, embedding_dim=8))
+    monkeypatch.setitem(
+        recommender.BUDGETS, "demo", dict(max_seq_len=8, num_epochs=2, embedding_dim=8)
+    )
     monkeypatch.setitem(tiger_recommender.BUDGETS, "demo", TINY_TIGER)
     monkeypatch.setitem(llm_recommender.BUDGETS, "demo", TINY_BIGREC)
     monkeypatch.setattr(
-        tiger_recommender, "item_embeddings", lambda ds: np.random.default_rng(1).normal(size=(ds.num_items, 16))
+        tiger_recommender,
+        "item_embeddings",
+        lambda ds: np.random.default_rng(1).normal(size=(ds.num_items, 16)),
     )
     write_tiny_ml100k(tmp_path / "root" / "ml-100k")
-    results = leaderboard.run(["ml-100k"], list(leaderboard.RECOMMENDERS), "demo", 0, str(tmp_path / "root"))
+    results = leaderboard.run(
+        ["ml-100k"], list(leaderboard.RECOMMENDERS), "demo", 0, str(tmp_path / "root")
+    )
     leaderboard.write(results, tmp_path / "out", "demo")
     table = (tmp_path / "out" / "leaderboard.md").read_text()
     assert all(f"| {name} |" in table for name in leaderboard.RECOMMENDERS) and "NDCG@20" in table

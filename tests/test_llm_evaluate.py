@@ -31,7 +31,9 @@ MODEL = ModelConfig(
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     instruction, input_text = sft.instruction_and_input(TITLES[1:], "movies")
-    corpus = [sft.ALPACA_TEMPLATE, instruction, input_text] * 5 + [sft.response_text(t) for t in TITLES[1:]]
+    corpus = [sft.ALPACA_TEMPLATE, instruction, input_text] * 5 + [
+        sft.response_text(t) for t in TITLES[1:]
+    ]
     return sft.train_bpe_tokenizer(corpus, MODEL.vocab_size, tmp_path_factory.mktemp("bpe"))
 
 
@@ -63,7 +65,9 @@ def test_constrained_beams_are_catalogue_titles(model, tokenizer):
     ds = tiny_dataset()
     sp = data.split(ds)
     pop = np.bincount(sp.train.values, minlength=ds.num_items + 1)
-    out = ev.evaluate_model(model, tokenizer, ds, sp.test, pop, num_beams=4, ks=(1, 3), unconstrained=True)
+    out = ev.evaluate_model(
+        model, tokenizer, ds, sp.test, pop, num_beams=4, ks=(1, 3), unconstrained=True
+    )
     tm = out["title_match"]
     # 5 distinct titles >= 4 beams: every slot is a finished title, none invalid.
     assert out["empty_slots"] == 0 and tm["invalid"] == 0 and tm["num_generated"] == 3 * 4
@@ -106,9 +110,16 @@ def test_metrics_equal_a_hand_computation(model, tokenizer, monkeypatch):
 
     position = {"Alpha": 0.0, "Gamma": 1.0, "Beta": 3.0, "Delta": 7.0, "Epsilon Film": 20.0}
     monkeypatch.setattr(ev, "decode_batched", fake_decode)
-    monkeypatch.setattr(ev, "embed_texts", lambda m, tok, texts, **kw: np.array([[position[t]] for t in texts]))
-    out = ev.evaluate_model(model, tokenizer, ds, examples, np.ones(8), num_beams=3, ks=(1, 3), gamma_grid=(0.0, 2.0))
-    assert out["best_gamma"] == {1: 0.0, 3: 0.0}  # uniform popularity: every gamma ties, the first wins
+    monkeypatch.setattr(
+        ev, "embed_texts", lambda m, tok, texts, **kw: np.array([[position[t]] for t in texts])
+    )
+    out = ev.evaluate_model(
+        model, tokenizer, ds, examples, np.ones(8), num_beams=3, ks=(1, 3), gamma_grid=(0.0, 2.0)
+    )
+    assert out["best_gamma"] == {
+        1: 0.0,
+        3: 0.0,
+    }  # uniform popularity: every gamma ties, the first wins
     # Title match: "Gamma" (target 4) at rank 2; "Delta" (target 6) not generated.
     tm = out["title_match"]
     assert tm["HR@1"] == 0 and tm["HR@3"] == 0.5 and tm["invalid"] == 0
@@ -162,7 +173,9 @@ def test_evaluate_run_reads_the_train_run_folder(tmp_path):
         progress=False,
     )  # fmt: skip
     info = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert info["dataset"] == "ml-100k" and info["export"].endswith("hf") and info["max_history"] == 10
+    assert (
+        info["dataset"] == "ml-100k" and info["export"].endswith("hf") and info["max_history"] == 10
+    )
     summary = ev.evaluate_run(
         tmp_path / "run", split="valid", num_beams=5, max_examples=6, ks=(1, 3, 5),
         gamma_grid=(0.0, 1.0), max_valid_examples=4, out=tmp_path / "eval.json",

@@ -263,5 +263,11 @@ def test_torch_baseline_matches_loss_codes_and_gradients():
     t_loss.backward()
     np.testing.assert_array_equal(np.asarray(aux["codes"]), t_codes.numpy())
     np.testing.assert_allclose(float(loss), t_loss.item(), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(grads["encoder"][0]["kernel"][...]).T, net.encoder[0].weight.grad.numpy(), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(grads["codebooks"][...]), net.codebooks.grad.numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(grads["encoder"][0]["kernel"][...]).T,
+        net.encoder[0].weight.grad.numpy(),
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(
+        np.asarray(grads["codebooks"][...]), net.codebooks.grad.numpy(), atol=1e-5
+    )

@@ -24,7 +24,11 @@ def _batch(rng, batch_size, max_len, num_items):
     ids = rng.integers(1, num_items + 1, (batch_size, max_len))
     ids[np.arange(max_len)[None, :] >= lengths[:, None]] = 0
     ts = np.cumsum(rng.integers(1, 86_400, (batch_size, max_len)), axis=1)
-    return {"ids": ids.astype(np.int32), "timestamps": ts.astype(np.int64), "lengths": lengths.astype(np.int32)}
+    return {
+        "ids": ids.astype(np.int32),
+        "timestamps": ts.astype(np.int64),
+        "lengths": lengths.astype(np.int32),
+    }
 
 
 def _median_rate(fn, items_per_call: int, calls: int, repeats: int) -> float:
@@ -34,7 +38,9 @@ def _median_rate(fn, items_per_call: int, calls: int, repeats: int) -> float:
 def bench_jax(model: str, batch, num_items: int, calls: int, repeats: int) -> tuple[float, float]:
     preset = {"hstu": "hstu-ml", "sasrec": "sasrec-ml"}[model]
     n = batch["ids"].shape[1]
-    tr = make_trainer(model, preset, num_items, dict(max_seq_len=n, negatives_shared="batch", dropout_rate=0.2))
+    tr = make_trainer(
+        model, preset, num_items, dict(max_seq_len=n, negatives_shared="batch", dropout_rate=0.2)
+    )
     step = [0]
 
     def train(k):
@@ -66,15 +72,32 @@ def bench_torch(model: str, batch, num_items: int, calls: int, repeats: int) -> 
     torch.set_num_threads(cpu_threads())
     n = batch["ids"].shape[1]
     if model == "hstu":
-        net = HSTU(num_items, max_seq_len=n, embedding_dim=50, num_blocks=2, num_heads=1,
-                   attention_dim=50, linear_dim=50, dropout_rate=0.2)
+        net = HSTU(
+            num_items,
+            max_seq_len=n,
+            embedding_dim=50,
+            num_blocks=2,
+            num_heads=1,
+            attention_dim=50,
+            linear_dim=50,
+            dropout_rate=0.2,
+        )
         table = lambda: net._embedding_module._item_emb.weight  # noqa: E731
     else:
-        net = SASRec(num_items, max_seq_len=n, embedding_dim=50, num_blocks=2, num_heads=1,
-                     dropout_rate=0.2, l2_norm_output=True)
+        net = SASRec(
+            num_items,
+            max_seq_len=n,
+            embedding_dim=50,
+            num_blocks=2,
+            num_heads=1,
+            dropout_rate=0.2,
+            l2_norm_output=True,
+        )
         table = lambda: net.item_emb.weight  # noqa: E731
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0)
-    ids, ts, lengths = (torch.from_numpy(batch[k].astype(np.int64)) for k in ("ids", "timestamps", "lengths"))
+    ids, ts, lengths = (
+        torch.from_numpy(batch[k].astype(np.int64)) for k in ("ids", "timestamps", "lengths")
+    )
     args = (ids, ts, lengths) if model == "hstu" else (ids,)
 
     def train(k):
@@ -123,15 +146,21 @@ def main(argv):
     import torch
 
     batch = _batch(np.random.default_rng(0), f.batch_size, f.max_seq_len, f.num_items)
-    print(f"device: JAX {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), "
-          f"PyTorch {torch.__version__} CPU, {cpu_threads()} threads, allocator {active_allocator()}; batch {f.batch_size} x {f.max_seq_len}, "
-          f"{f.num_items} items; medians of {f.repeats} x {f.calls} calls")
-    print("| model | JAX train samples/s | PyTorch train samples/s | ratio | JAX eval users/s | PyTorch eval users/s | ratio |")
+    print(
+        f"device: JAX {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), "
+        f"PyTorch {torch.__version__} CPU, {cpu_threads()} threads, allocator {active_allocator()}; batch {f.batch_size} x {f.max_seq_len}, "
+        f"{f.num_items} items; medians of {f.repeats} x {f.calls} calls"
+    )
+    print(
+        "| model | JAX train samples/s | PyTorch train samples/s | ratio | JAX eval users/s | PyTorch eval users/s | ratio |"
+    )
     print("|---|---|---|---|---|---|---|")
     for model in f.models:
         jt, je = bench_jax(model, batch, f.num_items, f.calls, f.repeats)
         tt, te = bench_torch(model, batch, f.num_items, f.calls, f.repeats)
-        print(f"| {model} | {jt:.1f} | {tt:.1f} | {jt / tt:.2f}x | {je:.1f} | {te:.1f} | {je / te:.2f}x |")
+        print(
+            f"| {model} | {jt:.1f} | {tt:.1f} | {jt / tt:.2f}x | {je:.1f} | {te:.1f} | {je / te:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

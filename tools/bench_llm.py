@@ -69,7 +69,9 @@ def bench_jax(ckpt: Path, ids, mask, new_tokens: int, dtype: str, repeats: int) 
     beam = run(lambda: generate(model, ids_j, mask_j, max_new_tokens=new_tokens, method="beam", num_beams=4,
                                 ).sequences)  # fmt: skip
 
-    apply_lora(model, LoRAConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj")), rngs=nnx.Rngs(1))
+    apply_lora(
+        model, LoRAConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj")), rngs=nnx.Rngs(1)
+    )
     optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=LoRAParam)
 
     labels = jnp.where(mask_j > 0, ids_j, IGNORE)
@@ -93,13 +95,17 @@ def bench_jax(ckpt: Path, ids, mask, new_tokens: int, dtype: str, repeats: int) 
     return out
 
 
-def bench_torch(ckpt: Path, ids, mask, new_tokens: int, dtype: str, repeats: int) -> dict[str, float]:
+def bench_torch(
+    ckpt: Path, ids, mask, new_tokens: int, dtype: str, repeats: int
+) -> dict[str, float]:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(cpu_threads())
-    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, dtype), attn_implementation="sdpa").eval()
+    hf = AutoModelForCausalLM.from_pretrained(
+        ckpt, dtype=getattr(torch, dtype), attn_implementation="sdpa"
+    ).eval()
     ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
     gen = dict(attention_mask=mask_t, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
                eos_token_id=None, do_sample=False, temperature=None, top_k=None, top_p=None)  # fmt: skip
@@ -116,14 +122,18 @@ def bench_torch(ckpt: Path, ids, mask, new_tokens: int, dtype: str, repeats: int
         with torch.no_grad():
             hf.generate(ids_t, num_beams=4, **gen)
 
-    peft_model = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    peft_model = get_peft_model(
+        hf, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    )
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
 
     labels = ids_t.masked_fill(mask_t == 0, -100)
 
     def lora():
         peft_model.train()
-        loss = peft_model(input_ids=ids_t, attention_mask=mask_t, labels=labels).loss  # HF's causal-LM loss
+        loss = peft_model(
+            input_ids=ids_t, attention_mask=mask_t, labels=labels
+        ).loss  # HF's causal-LM loss
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -46,13 +46,17 @@ def bench_jax(x: np.ndarray, cfg: RQVAEConfig, batch_size: int, calls: int, repe
     return _median_rate(run, calls, repeats)
 
 
-def bench_torch(x: np.ndarray, cfg: RQVAEConfig, batch_size: int, calls: int, repeats: int) -> float:
+def bench_torch(
+    x: np.ndarray, cfg: RQVAEConfig, batch_size: int, calls: int, repeats: int
+) -> float:
     import torch
 
     from tools.baselines.torch_rqvae import RQVAE as TorchRQVAE
 
     torch.set_num_threads(cpu_threads())
-    net = TorchRQVAE(x.shape[1], cfg.hidden_dims, cfg.code_dim, cfg.num_levels, cfg.codebook_size, cfg.beta)
+    net = TorchRQVAE(
+        x.shape[1], cfg.hidden_dims, cfg.code_dim, cfg.num_levels, cfg.codebook_size, cfg.beta
+    )
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
     x_t = torch.from_numpy(x)
     rng = np.random.default_rng(0)
@@ -87,9 +91,11 @@ def main(argv):
     x = np.random.default_rng(0).normal(size=(f.num_items, f.input_dim)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     cfg = RQVAEConfig()
-    print(f"device: JAX {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), "
-          f"PyTorch {torch.__version__} CPU, {cpu_threads()} threads, allocator {active_allocator()}; {f.num_items} x {f.input_dim} inputs, "
-          f"batch {f.batch_size}, {cfg.num_levels} x {cfg.codebook_size} codes; medians of {f.repeats} x {f.calls} steps")
+    print(
+        f"device: JAX {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), "
+        f"PyTorch {torch.__version__} CPU, {cpu_threads()} threads, allocator {active_allocator()}; {f.num_items} x {f.input_dim} inputs, "
+        f"batch {f.batch_size}, {cfg.num_levels} x {cfg.codebook_size} codes; medians of {f.repeats} x {f.calls} steps"
+    )
     jax_rate = bench_jax(x, cfg, f.batch_size, f.calls, f.repeats)
     torch_rate = bench_torch(x, cfg, f.batch_size, f.calls, f.repeats)
     print("| model | JAX steps/s | PyTorch steps/s | ratio |\n|---|---|---|---|")

@@ -32,6 +32,7 @@ RECOMMENDERS: dict[str, str] = {
     "bigrec": "llm_sft.recommender:BigRecRecommender",
 }
 
+
 def make(name: str) -> Recommender:
     """Instantiate a registered recommender by name."""
     if name not in RECOMMENDERS:
@@ -66,7 +67,13 @@ def run(datasets, models, budget: str, seed: int, root: str | None) -> dict:
             valid = evaluate(rec, ds, sp.valid, protocol, seed=seed) if len(sp.valid) else {}
             test = evaluate(rec, ds, sp.test, protocol, seed=seed)
             eval_s = time.perf_counter() - start - fit_s
-            entry["models"][model] = {"valid": valid, "test": test, "fit_s": fit_s, "eval_s": eval_s, **info}
+            entry["models"][model] = {
+                "valid": valid,
+                "test": test,
+                "fit_s": fit_s,
+                "eval_s": eval_s,
+                **info,
+            }
             logging.info("%s / %s: NDCG@10=%.4f (fit %.1fs)", name, model, test["NDCG@10"], fit_s)
         results[name] = entry
     return results

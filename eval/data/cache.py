@@ -118,7 +118,9 @@ def _read(folder: pathlib.Path, name: str) -> Dataset:
                 users=z[f"{split}/users"],
                 history=Ragged(z[f"{split}/history_values"], hist_offsets),
                 targets=z[f"{split}/targets"],
-                history_timestamps=Ragged(z[f"{split}/history_ts_values"], hist_offsets) if has_ts else None,
+                history_timestamps=Ragged(z[f"{split}/history_ts_values"], hist_offsets)
+                if has_ts
+                else None,
                 target_timestamps=z[f"{split}/target_ts"] if has_ts else None,
             )
         return Dataset(

@@ -16,7 +16,14 @@ import numpy as np
 from eval.data.dataset import Ragged
 
 
-def pad_windows(values: np.ndarray, starts: np.ndarray, ends: np.ndarray, max_len: int, side: str = "left", pad=0) -> np.ndarray:
+def pad_windows(
+    values: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    max_len: int,
+    side: str = "left",
+    pad=0,
+) -> np.ndarray:
     """Rows `values[max(start, end - max_len):end]` padded to `[R, max_len]`."""
     if side not in ("left", "right"):
         raise ValueError(f"side must be 'left' or 'right', got {side!r}")
@@ -51,7 +58,9 @@ class PrefixExamples:
         return len(self.ends)
 
 
-def prefix_examples(train: Ragged, min_history: int = 1, max_targets: int | None = None) -> PrefixExamples:
+def prefix_examples(
+    train: Ragged, min_history: int = 1, max_targets: int | None = None
+) -> PrefixExamples:
     """Positions t >= min_history of every row: history row[:t], target row[t]; with
     `max_targets`, only each row's last `max_targets` positions (the most recent targets)."""
     lengths = train.lengths
@@ -98,7 +107,9 @@ def prefix_source(train: Ragged, max_len: int, side: str = "left", timestamps: R
     return ArraySource(arrays)
 
 
-def window_source(train: Ragged, max_len: int, side: str = "right", timestamps: Ragged | None = None) -> ArraySource:
+def window_source(
+    train: Ragged, max_len: int, side: str = "right", timestamps: Ragged | None = None
+) -> ArraySource:
     """SASRec-style shifted windows, one per user with >= 2 items: the last `max_len + 1`
     items give `inputs = seq[:-1]` and `targets = seq[1:]` (every position predicts the next)."""
     users = np.flatnonzero(train.lengths >= 2).astype(np.int32)
@@ -162,9 +173,16 @@ def batches(
     `start_batch` skips that many batches (resume); `num_epochs=None` repeats forever.
     """
     batched = BatchSource(
-        source, batch_size, seed=seed, shuffle=shuffle, drop_remainder=drop_remainder, num_epochs=num_epochs
+        source,
+        batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        drop_remainder=drop_remainder,
+        num_epochs=num_epochs,
     )
-    sampler = grain.samplers.SequentialSampler(num_records=len(batched), shard_options=grain.sharding.NoSharding())
+    sampler = grain.samplers.SequentialSampler(
+        num_records=len(batched), shard_options=grain.sharding.NoSharding()
+    )
     loader = grain.DataLoader(data_source=batched, sampler=sampler, worker_count=worker_count)
     it = iter(loader)
     for _ in range(start_batch):

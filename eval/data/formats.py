@@ -71,7 +71,9 @@ def _lines(path: pathlib.Path, encoding: str = "utf-8"):
 
 def _interaction_table(path, sep, columns, encoding="utf-8", skip_header=False) -> RawData:
     """user, item, rating, timestamp rows separated by `sep` (columns names their order)."""
-    raw = RawData([], [], [] if "timestamp" in columns else None, [] if "rating" in columns else None)
+    raw = RawData(
+        [], [], [] if "timestamp" in columns else None, [] if "rating" in columns else None
+    )
     for lineno, line in _lines(path, encoding):
         if skip_header and lineno == 1:
             continue
@@ -106,12 +108,19 @@ def read_grouplens(data_dir: pathlib.Path) -> RawData:
             }
         return raw
     if (data_dir / "ratings.dat").exists():
-        raw = _interaction_table(data_dir / "ratings.dat", "::", ("user", "item", "rating", "timestamp"))
+        raw = _interaction_table(
+            data_dir / "ratings.dat", "::", ("user", "item", "rating", "timestamp")
+        )
         for lineno, line in _lines(data_dir / "movies.dat", "latin-1"):
             fields = line.split("::")
             if len(fields) != 3:
-                raise _fail(data_dir / "movies.dat", lineno, "expected 3 '::'-separated fields", line)
-            raw.item_meta[fields[0]] = {"title": fields[1].strip(), "genres": fields[2].replace("|", ", ")}
+                raise _fail(
+                    data_dir / "movies.dat", lineno, "expected 3 '::'-separated fields", line
+                )
+            raw.item_meta[fields[0]] = {
+                "title": fields[1].strip(),
+                "genres": fields[2].replace("|", ", "),
+            }
         return raw
     if (data_dir / "ratings.csv").exists():
         raw = _interaction_table(
@@ -124,7 +133,10 @@ def read_grouplens(data_dir: pathlib.Path) -> RawData:
                     continue
                 if len(fields) != 3:
                     raise _fail(path, lineno, "expected 3 CSV fields", ",".join(fields))
-                raw.item_meta[fields[0]] = {"title": fields[1].strip(), "genres": fields[2].replace("|", ", ")}
+                raw.item_meta[fields[0]] = {
+                    "title": fields[1].strip(),
+                    "genres": fields[2].replace("|", ", "),
+                }
         return raw
     if list(data_dir.glob("*.inter")):
         return read_recbole(data_dir)
@@ -159,7 +171,9 @@ def read_sasrec(data_dir: pathlib.Path, filename: str | None = None) -> RawData:
 def _single(data_dir: pathlib.Path, pattern: str) -> pathlib.Path:
     found = sorted(data_dir.glob(pattern))
     if len(found) != 1:
-        raise FileNotFoundError(f"{data_dir}: expected exactly one {pattern} file, found {len(found)}")
+        raise FileNotFoundError(
+            f"{data_dir}: expected exactly one {pattern} file, found {len(found)}"
+        )
     return found[0]
 
 
@@ -207,9 +221,7 @@ def read_recbole(data_dir: pathlib.Path) -> RawData:
     for need in ("user_id", "item_id"):
         if need not in cols:
             raise DataFormatError(f"{inter_path}:1: header lacks {need!r}: {header}")
-    raw = RawData(
-        [], [], [] if "timestamp" in cols else None, [] if "rating" in cols else None
-    )
+    raw = RawData([], [], [] if "timestamp" in cols else None, [] if "rating" in cols else None)
     for lineno, fields, line in rows:
         raw.users.append(fields[cols["user_id"]])
         raw.items.append(fields[cols["item_id"]])
@@ -274,7 +286,9 @@ def read_amazon_csv(data_dir: pathlib.Path) -> RawData:
         path = data_dir / f"{split}.csv"
         if not path.exists():
             continue
-        rows = raw.examples.setdefault(split, {"users": [], "history": [], "history_ts": [], "target": [], "ts": []})
+        rows = raw.examples.setdefault(
+            split, {"users": [], "history": [], "history_ts": [], "target": [], "ts": []}
+        )
         with open(path, encoding="utf-8", newline="") as f:
             reader = csv.reader(f)
             header = next(reader, None)
@@ -344,7 +358,9 @@ def _literal_list(path, lineno, value, line) -> list:
     try:
         parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError):
-        raise _fail(path, lineno, f"expected a Python list literal, got {value[:60]!r}", line) from None
+        raise _fail(
+            path, lineno, f"expected a Python list literal, got {value[:60]!r}", line
+        ) from None
     if not isinstance(parsed, list):
         raise _fail(path, lineno, "expected a list", line)
     return parsed
@@ -416,7 +432,9 @@ def build_dataset(
     table = ItemTable(
         original_ids=[""] + original,
         titles=[""] + [raw.item_meta.get(o, {}).get("title", "") for o in original],
-        fields={k: [""] + [raw.item_meta.get(o, {}).get(k, "") for o in original] for k in field_names},
+        fields={
+            k: [""] + [raw.item_meta.get(o, {}).get(k, "") for o in original] for k in field_names
+        },
     )
     seq_items = np.fromiter((dense[i] for i in items[order]), dtype=np.int32, count=len(order))
     counts = np.bincount(user_index, minlength=len(user_codes))
@@ -455,7 +473,9 @@ def _examples(raw: RawData, ds: Dataset, dense: dict[str, int], report: DropRepo
             users=np.asarray([user_pos[rows["users"][r]] for r in ok], dtype=np.int32),
             history=Ragged.from_rows([[dense[h] for h in rows["history"][r]] for r in ok]),
             targets=np.asarray([dense[rows["target"][r]] for r in ok], dtype=np.int32),
-            history_timestamps=Ragged.from_rows([rows["history_ts"][r] for r in ok], dtype=np.int64),
+            history_timestamps=Ragged.from_rows(
+                [rows["history_ts"][r] for r in ok], dtype=np.int64
+            ),
             target_timestamps=np.asarray([rows["ts"][r] for r in ok], dtype=np.int64),
         )
     return out

@@ -45,10 +45,42 @@ def register(spec: DatasetSpec) -> DatasetSpec:
 
 _MOVIELENS = ("u.data", "u.item", "*.dat", "ratings.csv", "movies.csv", "*.inter", "*.item")
 for _name in ("ml-100k", "ml-1m", "ml-20m"):
-    register(DatasetSpec(_name, formats.read_grouplens, "movies", f"MovieLens {_name[3:].upper()}", _MOVIELENS))
-register(DatasetSpec("amazon-games-2014", formats.read_sasrec, "video games", "Amazon Video Games 2014 (SASRec's Games)", ("*.txt",), "sampled", 50))
-register(DatasetSpec("amazon-scientific-2018", formats.read_lcrec, "industrial and scientific products", "Amazon Industrial & Scientific 2018 (LC-Rec JSON)", ("*.inter.json", "*.item.json"), max_seq_len=50))
-register(DatasetSpec("amazon-cds-vinyl-2018", formats.read_amazon_csv, "CDs or vinyl", "Amazon CDs & Vinyl 2018 (BIGRec/D3 CSV)", ("valid.csv", "test.csv", "info.txt"), max_seq_len=50))
+    register(
+        DatasetSpec(
+            _name, formats.read_grouplens, "movies", f"MovieLens {_name[3:].upper()}", _MOVIELENS
+        )
+    )
+register(
+    DatasetSpec(
+        "amazon-games-2014",
+        formats.read_sasrec,
+        "video games",
+        "Amazon Video Games 2014 (SASRec's Games)",
+        ("*.txt",),
+        "sampled",
+        50,
+    )
+)
+register(
+    DatasetSpec(
+        "amazon-scientific-2018",
+        formats.read_lcrec,
+        "industrial and scientific products",
+        "Amazon Industrial & Scientific 2018 (LC-Rec JSON)",
+        ("*.inter.json", "*.item.json"),
+        max_seq_len=50,
+    )
+)
+register(
+    DatasetSpec(
+        "amazon-cds-vinyl-2018",
+        formats.read_amazon_csv,
+        "CDs or vinyl",
+        "Amazon CDs & Vinyl 2018 (BIGRec/D3 CSV)",
+        ("valid.csv", "test.csv", "info.txt"),
+        max_seq_len=50,
+    )
+)
 
 
 def get_spec(name: str, fmt: str | None = None) -> DatasetSpec:

@@ -52,7 +52,10 @@ def leave_one_out(ds: Dataset, min_length: int = 3) -> Split:
     lengths = ds.sequences.lengths
     evaluated = lengths >= min_length
     report = DropReport()
-    report.add(f"users with < {min_length} interactions (train only, not evaluated)", int((~evaluated).sum()))
+    report.add(
+        f"users with < {min_length} interactions (train only, not evaluated)",
+        int((~evaluated).sum()),
+    )
     train_len = np.where(evaluated, lengths - 2, lengths)
     users = np.flatnonzero(evaluated).astype(np.int32)
     starts = ds.sequences.offsets[:-1]
@@ -63,8 +66,12 @@ def leave_one_out(ds: Dataset, min_length: int = 3) -> Split:
             users=users,
             history=hist.take(users),
             targets=ds.sequences.values[starts[users] + n_hist[users]],
-            history_timestamps=ds.timestamps.truncate(n_hist).take(users) if ds.timestamps else None,
-            target_timestamps=ds.timestamps.values[starts[users] + n_hist[users]] if ds.timestamps else None,
+            history_timestamps=ds.timestamps.truncate(n_hist).take(users)
+            if ds.timestamps
+            else None,
+            target_timestamps=ds.timestamps.values[starts[users] + n_hist[users]]
+            if ds.timestamps
+            else None,
         )
 
     return Split(
@@ -84,7 +91,11 @@ def given_examples(ds: Dataset) -> Split:
     first_target_ts = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
     first_history_len = np.full(n, -1, dtype=np.int64)
     for ex in ds.examples.values():
-        ts = ex.target_timestamps if ex.target_timestamps is not None else np.zeros(len(ex), np.int64)
+        ts = (
+            ex.target_timestamps
+            if ex.target_timestamps is not None
+            else np.zeros(len(ex), np.int64)
+        )
         hist_len = ex.history.lengths
         order = np.argsort(ts, kind="stable")  # the order `read_amazon_csv` rebuilds in
         users = ex.users[order]

@@ -61,20 +61,35 @@ class RelativeBucketedTimeAndPositionBasedBias(nn.Module):
 
 
 class SequentialTransductionUnit(nn.Module):
-    def __init__(self, dim: int, linear_dim: int, attention_dim: int, num_heads: int,
-                 dropout_rate: float, max_seq_len: int, num_buckets: int = 128):
+    def __init__(
+        self,
+        dim: int,
+        linear_dim: int,
+        attention_dim: int,
+        num_heads: int,
+        dropout_rate: float,
+        max_seq_len: int,
+        num_buckets: int = 128,
+    ):
         super().__init__()
         self._h, self._dv, self._dqk = num_heads, linear_dim, attention_dim
         self._dropout_rate = dropout_rate
         self._uvqk = nn.Parameter(
-            torch.empty(dim, 2 * num_heads * linear_dim + 2 * num_heads * attention_dim).normal_(0, 0.02)
+            torch.empty(dim, 2 * num_heads * linear_dim + 2 * num_heads * attention_dim).normal_(
+                0, 0.02
+            )
         )
         self._o = nn.Linear(num_heads * linear_dim, dim)
         nn.init.xavier_uniform_(self._o.weight)
         self._rel_attn_bias = RelativeBucketedTimeAndPositionBasedBias(max_seq_len, num_buckets)
 
-    def forward(self, x: torch.Tensor, timestamps: torch.Tensor, lengths: torch.Tensor,
-                n_norm: str = "padded") -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestamps: torch.Tensor,
+        lengths: torch.Tensor,
+        n_norm: str = "padded",
+    ) -> torch.Tensor:
         b, n, d = x.shape
         h, dv, dqk = self._h, self._dv, self._dqk
         uvqk = F.silu(F.layer_norm(x, [d], eps=1e-6) @ self._uvqk)
@@ -100,24 +115,43 @@ class HSTUJagged(nn.Module):
 class HSTU(nn.Module):
     """`forward(ids, timestamps, lengths) -> [B, N, D]` L2-normalised, zero at padding."""
 
-    def __init__(self, num_items: int, max_seq_len: int = 200, embedding_dim: int = 50,
-                 num_blocks: int = 2, num_heads: int = 1, attention_dim: int = 50,
-                 linear_dim: int = 50, dropout_rate: float = 0.2, num_buckets: int = 128,
-                 n_norm: str = "padded"):
+    def __init__(
+        self,
+        num_items: int,
+        max_seq_len: int = 200,
+        embedding_dim: int = 50,
+        num_blocks: int = 2,
+        num_heads: int = 1,
+        attention_dim: int = 50,
+        linear_dim: int = 50,
+        dropout_rate: float = 0.2,
+        num_buckets: int = 128,
+        n_norm: str = "padded",
+    ):
         super().__init__()
         self._n_norm = n_norm
         self._embedding_module = LocalEmbeddingModule(num_items, embedding_dim)
         self._input_features_preproc = LearnablePositionalEmbeddingInputFeaturesPreprocessor(
             max_seq_len, embedding_dim, dropout_rate
         )
-        self._hstu = HSTUJagged([
-            SequentialTransductionUnit(embedding_dim, linear_dim, attention_dim, num_heads,
-                                       dropout_rate, max_seq_len, num_buckets)
-            for _ in range(num_blocks)
-        ])
+        self._hstu = HSTUJagged(
+            [
+                SequentialTransductionUnit(
+                    embedding_dim,
+                    linear_dim,
+                    attention_dim,
+                    num_heads,
+                    dropout_rate,
+                    max_seq_len,
+                    num_buckets,
+                )
+                for _ in range(num_blocks)
+            ]
+        )
 
-    def forward(self, ids: torch.Tensor, timestamps: torch.Tensor,
-                lengths: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, timestamps: torch.Tensor, lengths: torch.Tensor
+    ) -> torch.Tensor:
         x = self._input_features_preproc(ids, self._embedding_module._item_emb(ids))
         for layer in self._hstu._attention_layers:
             x = layer(x, timestamps, lengths, self._n_norm)

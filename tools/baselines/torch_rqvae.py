@@ -25,7 +25,9 @@ class RQVAE(nn.Module):
         super().__init__()
         dims = (input_dim, *hidden_dims, code_dim)
         self.encoder, self.decoder = _mlp(dims), _mlp(dims[::-1])
-        self.codebooks = nn.Parameter(torch.randn(num_levels, codebook_size, code_dim) / code_dim**0.5)
+        self.codebooks = nn.Parameter(
+            torch.randn(num_levels, codebook_size, code_dim) / code_dim**0.5
+        )
         self.beta = beta
 
     @staticmethod
@@ -42,7 +44,11 @@ class RQVAE(nn.Module):
             dist = (r * r).sum(-1, keepdim=True) - 2 * r @ e.T + (e * e).sum(-1)
             idx = dist.argmin(-1)
             q = e[idx]
-            vq = vq + ((r.detach() - q) ** 2).sum(-1).mean() + self.beta * ((r - q.detach()) ** 2).sum(-1).mean()
+            vq = (
+                vq
+                + ((r.detach() - q) ** 2).sum(-1).mean()
+                + self.beta * ((r - q.detach()) ** 2).sum(-1).mean()
+            )
             codes.append(idx)
             r = r - q.detach()
         z_q = z + ((z - r).detach() - z).detach()  # straight-through: value = sum of codes

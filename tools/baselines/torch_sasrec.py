@@ -28,9 +28,16 @@ class PointWiseFeedForward(nn.Module):
 class SASRec(nn.Module):
     """`forward(ids) -> [B, N, D]` final-LayerNorm features (L2-normalised if asked)."""
 
-    def __init__(self, num_items: int, max_seq_len: int = 200, embedding_dim: int = 50,
-                 num_blocks: int = 2, num_heads: int = 1, dropout_rate: float = 0.2,
-                 l2_norm_output: bool = False):
+    def __init__(
+        self,
+        num_items: int,
+        max_seq_len: int = 200,
+        embedding_dim: int = 50,
+        num_blocks: int = 2,
+        num_heads: int = 1,
+        dropout_rate: float = 0.2,
+        l2_norm_output: bool = False,
+    ):
         super().__init__()
         d = embedding_dim
         self.l2_norm_output = l2_norm_output
@@ -50,7 +57,7 @@ class SASRec(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         n = ids.shape[1]
-        seqs = self.item_emb(ids) * self.item_emb.embedding_dim ** 0.5
+        seqs = self.item_emb(ids) * self.item_emb.embedding_dim**0.5
         seqs = self.emb_dropout(seqs + self.pos_emb(torch.arange(n, device=ids.device)))
         keep = (ids != 0).unsqueeze(-1).to(seqs.dtype)
         seqs = seqs * keep
@@ -58,7 +65,9 @@ class SASRec(nn.Module):
         for i in range(len(self.attention_layers)):
             seqs = seqs.transpose(0, 1)  # MultiheadAttention expects [N, B, D]
             q = self.attention_layernorms[i](seqs)
-            mha, _ = self.attention_layers[i](q, seqs, seqs, attn_mask=attn_mask, need_weights=False)
+            mha, _ = self.attention_layers[i](
+                q, seqs, seqs, attn_mask=attn_mask, need_weights=False
+            )
             seqs = (q + mha).transpose(0, 1)
             seqs = self.forward_layers[i](self.forward_layernorms[i](seqs)) * keep
         feats = self.last_layernorm(seqs)

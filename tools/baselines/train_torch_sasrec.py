@@ -56,7 +56,9 @@ def train(dataset: str, data_dir: str, epochs: int, eval_every: int | None, max_
         inputs = query_inputs(split.valid, index, max_seq_len)
         with torch.no_grad():
             out = model(torch.from_numpy(inputs["ids"].astype(np.int64)))
-            query = out[torch.arange(len(index)), torch.from_numpy(inputs["lengths"].astype(np.int64)) - 1]
+            query = out[
+                torch.arange(len(index)), torch.from_numpy(inputs["lengths"].astype(np.int64)) - 1
+            ]
             s = query @ model.item_emb.weight.T
             s[:, 0] = -torch.inf
         return s.numpy()
@@ -100,7 +102,9 @@ if __name__ == "__main__":
     flags.DEFINE_string("dataset", "amazon-games-2014", "Registered data set name.")
     flags.DEFINE_string("data_dir", None, "Folder with the raw files.", required=True)
     flags.DEFINE_integer("epochs", 20, "Epochs.")
-    flags.DEFINE_integer("eval_every", None, "Validate every this many steps (default: each epoch).")
+    flags.DEFINE_integer(
+        "eval_every", None, "Validate every this many steps (default: each epoch)."
+    )
     flags.DEFINE_integer("max_seq_len", 50, "History length.")
     flags.DEFINE_float("dropout_rate", 0.5, "Dropout.")
     flags.DEFINE_integer("seed", 0, "Seed.")
