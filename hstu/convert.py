@@ -25,8 +25,9 @@ import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from flax import nnx
 
-from hstu.model import HSTU, PRESETS, HSTUConfig, config_from_preset
-from hstu.sasrec import SASRec, SASRecConfig
+from hstu.model import HSTUConfig
+from hstu.models import MODELS, build_model, config_from_preset, model_kind, preset
+from hstu.sasrec import SASRecConfig
 
 # (torch key, flax path, kind, chunk): kind is "copy", "linear" (transpose) or "conv"
 # (Conv1d kernel 1 -> Linear); chunk i takes the i-th third of a fused q/k/v tensor.
@@ -72,11 +73,9 @@ def _sasrec_entries(cfg: SASRecConfig) -> Iterator[Entry]:
 
 
 def _entries(model: nnx.Module) -> list[Entry]:
-    if isinstance(model, HSTU):
-        return list(_hstu_entries(model.cfg))
-    if isinstance(model, SASRec):
-        return list(_sasrec_entries(model.cfg))
-    raise TypeError(f"unsupported model type {type(model).__name__}")
+    """The key table of a model's torch layout (one per registered model)."""
+    layouts = {"hstu": _hstu_entries, "sasrec": _sasrec_entries}
+    return list(layouts[model_kind(model.cfg)](model.cfg))
 
 
 def _to_flax(x: np.ndarray, kind: str) -> np.ndarray:
@@ -154,17 +153,11 @@ def flax_to_torch_state_dict(model: nnx.Module) -> dict[str, Any]:
     return {k: torch.from_numpy(np.array(np.concatenate(v, axis=0))) for k, v in parts.items()}
 
 
-def build_model(kind: str, cfg: Any, seed: int = 0) -> nnx.Module:
-    """Instantiates HSTU (`kind="hstu"`) or SASRec (`kind="sasrec"`) from a config."""
-    cls = {"hstu": HSTU, "sasrec": SASRec}[kind]
-    return cls(cfg, rngs=nnx.Rngs(seed))
-
-
 def save_checkpoint(model: nnx.Module, out_dir: str) -> None:
     """Writes `config.json` and an orbax checkpoint of `nnx.state(model)` to `out_dir/state`."""
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    kind = "hstu" if isinstance(model, HSTU) else "sasrec"
+    kind = model_kind(model.cfg)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump({"model": kind, **dataclasses.asdict(model.cfg)}, f, indent=2)
     checkpointer = ocp.StandardCheckpointer()
@@ -177,9 +170,8 @@ def load_checkpoint(out_dir: str) -> nnx.Module:
     out_dir = os.path.abspath(out_dir)
     with open(os.path.join(out_dir, "config.json")) as f:
         fields = json.load(f)
-    kind = fields.pop("model")
-    cfg = (HSTUConfig if kind == "hstu" else SASRecConfig)(**fields)
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: build_model(kind, cfg)))
+    cfg = MODELS[fields.pop("model")].config(**fields)
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: build_model(cfg)))
     state = ocp.StandardCheckpointer().restore(os.path.join(out_dir, "state"), abstract_state)
     return nnx.merge(graphdef, state)
 
@@ -217,7 +209,7 @@ _SIZE_FLAGS = ("num_blocks", "num_heads", "embedding_dim", "max_seq_len", "num_i
 
 def run(
     torch_state_dict: str,
-    preset: str,
+    preset_name: str,
     out: str | None = None,
     check_inputs: str | None = None,
     check_outputs: str | None = None,
@@ -228,17 +220,19 @@ def run(
 
     if bool(check_inputs) != bool(check_outputs):
         raise app.UsageError("--check_inputs and --check_outputs go together")
-    if preset not in PRESETS:
-        raise app.UsageError(f"--preset={preset!r} unknown; known: {sorted(PRESETS)}")
+    try:
+        spec = preset(preset_name)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     state_dict = torch.load(torch_state_dict, map_location="cpu", weights_only=True)
     state_dict = state_dict.get("model_state_dict", state_dict)
-    kind = PRESETS[preset]["model"]
-    num_heads = overrides.get("num_heads") or PRESETS[preset]["num_heads"]
+    kind = spec["model"]
+    num_heads = overrides.get("num_heads") or spec["arch"]["num_heads"]
     # Shapes in the state dict win over the preset; explicit overrides win over both.
     sizes = _infer_sizes(kind, state_dict, num_heads)
     sizes.update({k: v for k, v in overrides.items() if v is not None})
-    kind, cfg = config_from_preset(preset, **sizes)
-    model = torch_state_dict_to_flax(state_dict, nnx.eval_shape(lambda: build_model(kind, cfg)))
+    _, cfg = config_from_preset(preset_name, **sizes)
+    model = torch_state_dict_to_flax(state_dict, nnx.eval_shape(lambda: build_model(cfg)))
     logging.info("converted %s (%s)", torch_state_dict, cfg)
     if out:
         save_checkpoint(model, out)
@@ -261,7 +255,7 @@ def _define_flags() -> None:
         "torch_state_dict", None, "Torch state dict (.pt) to convert.", required=True
     )
     flags.DEFINE_string(
-        "preset", None, "Architecture preset (see hstu.model.PRESETS).", required=True
+        "preset", None, "Architecture preset (see hstu.models.PRESETS).", required=True
     )
     flags.DEFINE_integer("num_blocks", None, "Override the preset's number of blocks.")
     flags.DEFINE_integer("num_heads", None, "Override the preset's number of heads.")

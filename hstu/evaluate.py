@@ -2,7 +2,7 @@ r"""Evaluate a trained HSTU / SASRec run on the test examples.
 
   python -m hstu.evaluate --run=runs/x [--which=best|latest] [--data_dir=DIR]
 
-`--run` is an `hstu.train --out` folder: `run.json` (data set, model, preset, overrides)
+`--run` is an `hstu.train --out` folder: `run.json` (data set, preset, overrides)
 rebuilds the model, `checkpoints/<which>` supplies the weights. Reports full ranking over
 the whole catalogue with history items filtered (the reference protocol) and without,
 and the SASRec-paper protocol (100 sampled negatives): HR, NDCG @1,10,50,200 and MRR.
@@ -18,7 +18,7 @@ from absl import app, flags
 from eval import data
 from eval.allocator import reexec_with_tcmalloc
 from eval.data.dataset import EvalExamples
-from eval.training import Checkpoints
+from eval.training import load_run_checkpoint, read_run
 from hstu.trainer import Trainer, make_trainer
 
 KS = (1, 5, 10, 20, 50, 200)
@@ -61,21 +61,10 @@ def print_metrics(results: dict[str, dict]) -> None:
 
 def load_run(run_dir: str | pathlib.Path, which: str = "best", data_dir: str | None = None):
     """(trainer holding the checkpoint's weights, data set, split, step) of an `hstu.train` run."""
-    run_dir = pathlib.Path(run_dir).absolute()
-    config_file = run_dir / "run.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"--run={run_dir}: no run.json (is it an `hstu.train --out` folder?)"
-        )
-    run = json.loads(config_file.read_text())
-    ds = data.load(run["dataset"], data_dir or run["data_dir"])
-    trainer = make_trainer(run["model"], run["preset"], ds.num_items, run["overrides"])
-    ckpt = Checkpoints(run_dir / "checkpoints")
-    restored = ckpt.restore(trainer.state, which)
-    ckpt.close()
-    if restored is None:
-        raise FileNotFoundError(f"--run={run_dir}: no {which!r} checkpoint under checkpoints/")
-    trainer.state, _, step = restored
+    config = read_run(run_dir)["config"]
+    ds = data.load(config["dataset"], data_dir or config["data_dir"], fmt=config["format"])
+    trainer = make_trainer(config["preset"], ds.num_items, config["overrides"])
+    step = load_run_checkpoint(run_dir, trainer.state, which)
     return trainer, ds, data.split(ds), step
 
 

@@ -9,8 +9,8 @@ dense right-padded batches:
   per-layer relative position + bucketed time bias shared across heads, then
   `x + o(Dropout(LN(attn) * u))` (LayerNorms without parameters, eps 1e-6);
 * output: zero at padding, L2-normalised; scores are cosines with L2-normalised items;
-* loss: sampled softmax (uniform negatives, temperature 0.05), every position predicting
-  the next item.
+* loss (`hstu.losses`): sampled softmax (uniform negatives, temperature 0.05), every
+  position predicting the next item.
 
 Timestamps follow the reference layout: `timestamps[b, lengths[b]]` holds the request
 (target) timestamp when `lengths[b] < N` (see `scatter_target_timestamps`).
@@ -19,7 +19,7 @@ Timestamps follow the reference layout: `timestamps[b, lengths[b]]` holds the re
 import dataclasses
 import functools
 import math
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,57 +27,29 @@ from flax import nnx
 
 from hstu.attention import Impl, NNorm, hstu_attention
 from hstu.dropout import Dropout
+from hstu.items import ItemScores, l2_normalize
+from hstu.losses import LossName, NegativeSharing
 
-L2_EPS = 1e-6
 LN_EPS = 1e-6
 TIME_BUCKET_DIVISOR = 0.301
-NegativeSharing = Literal["position", "sequence", "batch"]
 
-# Architecture presets. `model` selects the class, the rest are config fields.
+# Published settings: the architecture (`HSTUConfig` fields) and the optimisation
+# (`hstu.trainer.TrainConfig` fields); `hstu.models.PRESETS` gathers every model's.
+_TRAIN_ML = dict(learning_rate=1e-3, b2=0.98, weight_decay=0.0, batch_size=128, num_epochs=100)
 PRESETS: dict[str, dict[str, Any]] = {
     "hstu-ml": dict(
         model="hstu",
-        max_seq_len=200,
-        embedding_dim=50,
-        num_blocks=2,
-        num_heads=1,
-        attention_dim=50,
-        linear_dim=50,
-        dropout_rate=0.2,
+        arch=dict(max_seq_len=200, embedding_dim=50, num_blocks=2, num_heads=1, attention_dim=50,
+                  linear_dim=50, dropout_rate=0.2),
+        train=_TRAIN_ML,
     ),
     "hstu-large-ml": dict(
         model="hstu",
-        max_seq_len=200,
-        embedding_dim=50,
-        num_blocks=8,
-        num_heads=2,
-        attention_dim=25,
-        linear_dim=25,
-        dropout_rate=0.2,
+        arch=dict(max_seq_len=200, embedding_dim=50, num_blocks=8, num_heads=2, attention_dim=25,
+                  linear_dim=25, dropout_rate=0.2),
+        train=_TRAIN_ML,
     ),
-    # SASRec paper (Kang & McAuley 2018), Amazon setting: BCE with one negative.
-    "sasrec-paper": dict(
-        model="sasrec",
-        max_seq_len=50,
-        embedding_dim=50,
-        num_blocks=2,
-        num_heads=1,
-        dropout_rate=0.5,
-        loss="bce",
-        l2_norm_output=False,
-    ),
-    # SASRec as the HSTU paper's baseline: L2-normalised, sampled softmax (128 negatives).
-    "sasrec-ml": dict(
-        model="sasrec",
-        max_seq_len=200,
-        embedding_dim=50,
-        num_blocks=2,
-        num_heads=1,
-        dropout_rate=0.2,
-        loss="sampled_softmax",
-        l2_norm_output=True,
-    ),
-}
+}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,33 +67,10 @@ class HSTUConfig:
     num_buckets: int = 128
     n_norm: NNorm = "padded"
     attention_impl: Impl = "xla"
+    loss: LossName = "sampled_softmax"
     num_negatives: int = 128
     negatives_shared: NegativeSharing = "position"
     temperature: float = 0.05
-
-
-def config_from_preset(name: str, **overrides: Any) -> tuple[str, Any]:
-    """Returns (model kind, config) for preset `name` with non-None `overrides` applied."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
-    fields = {k: v for k, v in PRESETS[name].items() if k != "model"}
-    fields.update({k: v for k, v in overrides.items() if v is not None})
-    kind = PRESETS[name]["model"]
-    if kind == "hstu":
-        return kind, HSTUConfig(**fields)
-    from hstu.sasrec import SASRecConfig
-
-    return kind, SASRecConfig(**fields)
-
-
-def l2_normalize(x: jax.Array, eps: float = L2_EPS) -> jax.Array:
-    """x / max(||x||, eps) along the last axis (reference `L2NormEmbeddingPostprocessor`).
-
-    Written as x * rsqrt(max(|x|^2, eps^2)) so that zero rows (padding) get zero, not NaN,
-    gradients.
-    """
-    sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 def _layer_norm(x: jax.Array, eps: float = LN_EPS) -> jax.Array:
@@ -243,8 +192,11 @@ class HSTULayer(nnx.Module):
         return (self.o(y) + tokens).reshape(b, n, d)
 
 
-class HSTU(nnx.Module):
-    """HSTU encoder: `__call__(ids, timestamps, lengths) -> [B, N, D]` L2-normalised."""
+class HSTU(nnx.Module, ItemScores):
+    """HSTU encoder: `__call__(ids, timestamps, lengths) -> [B, N, D]` L2-normalised; items
+    are scored by cosine (`ItemScores`)."""
+
+    normalize_items = True
 
     def __init__(self, cfg: HSTUConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -285,103 +237,3 @@ class HSTU(nnx.Module):
             x = layer(x, timestamps, lengths, deterministic=deterministic, rngs=rngs)
         row_valid = (jnp.arange(n)[None, :] < lengths[:, None])[..., None]
         return l2_normalize(jnp.where(row_valid, x, 0.0))
-
-    def item_embeddings(self, item_ids: jax.Array) -> jax.Array:
-        """L2-normalised item embeddings [..., D]."""
-        return l2_normalize(self.item_emb(item_ids))
-
-    def item_scores(self, query: jax.Array, item_ids: jax.Array | None = None) -> jax.Array:
-        """Cosine scores of query [..., D] against `item_ids` [..., C] or all items.
-
-        With `item_ids=None` returns [..., num_items + 1] with padding item 0 set to -inf.
-        """
-        if item_ids is None:
-            scores = query @ l2_normalize(self.item_emb.embedding[...]).T
-            return scores.at[..., 0].set(-jnp.inf)
-        return jnp.einsum("...d,...cd->...c", query, self.item_embeddings(item_ids))
-
-    def loss(self, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
-        """Next-item sampled softmax loss on a training batch (dropout on)."""
-        drop_rng, neg_rng = jax.random.split(rng)
-        out = self(
-            batch["ids"],
-            batch["timestamps"],
-            batch["lengths"],
-            False,
-            rngs=nnx.Rngs(dropout=drop_rng),
-        )
-        targets = batch["ids"][:, 1:]
-        negatives = sample_negatives(
-            neg_rng,
-            targets.shape,
-            self.cfg.num_items,
-            self.cfg.num_negatives,
-            self.cfg.negatives_shared,
-        )
-        loss = sampled_softmax_loss(
-            out[:, :-1],
-            self.item_embeddings(targets),
-            self.item_embeddings(negatives),
-            targets,
-            negatives,
-            (targets != 0).astype(out.dtype),
-            self.cfg.temperature,
-        )
-        return loss, {"loss": loss}
-
-
-def sample_negatives(
-    rng: jax.Array,
-    shape: tuple[int, ...],
-    num_items: int,
-    num_negatives: int,
-    shared: NegativeSharing = "position",
-) -> jax.Array:
-    """Uniform negative item ids in [1, num_items] for targets of `shape` [B, N].
-
-    `shared="position"` draws R negatives per position, as the reference does
-    ([B, N, R]); "sequence" shares them along each row ([B, 1, R]) and "batch" across the
-    batch ([1, 1, R]). All are uniform over the catalogue; sharing makes the loss's
-    negative-embedding gather and its gradient R*B*N times cheaper, which dominates a step
-    on CPU. Shapes broadcast against [B, N, R] in `sampled_softmax_loss`.
-    """
-    sizes = {"position": shape, "sequence": (*shape[:-1], 1), "batch": (1,) * len(shape)}
-    return jax.random.randint(rng, (*sizes[shared], num_negatives), 1, num_items + 1)
-
-
-def sampled_softmax_loss(
-    query: jax.Array,
-    positive_emb: jax.Array,
-    negative_emb: jax.Array,
-    positive_ids: jax.Array,
-    negative_ids: jax.Array,
-    weights: jax.Array,
-    temperature: float,
-) -> jax.Array:
-    """Weighted mean of -log softmax([pos, negs] / T)[0] (reference `SampledSoftmaxLoss`).
-
-    Args:
-      query: [..., D]; positive_emb: [..., D]; negative_emb: [..., R, D].
-      positive_ids: [...]; negative_ids: [..., R] (a negative equal to the positive is masked).
-      weights: [...] (0 on padding targets).
-      temperature: softmax temperature.
-    """
-    pos = jnp.sum(query * positive_emb, axis=-1, keepdims=True) / temperature
-    if all(s == 1 for s in negative_emb.shape[:-2]):  # shared by the batch: one 2-D matmul
-        d = query.shape[-1]
-        neg = (query.reshape(-1, d) @ negative_emb.reshape(-1, d).T).reshape(*query.shape[:-1], -1)
-    else:
-        neg = jnp.einsum("...d,...rd->...r", query, negative_emb)
-    neg = neg / temperature
-    neg = jnp.where(negative_ids == positive_ids[..., None], -5e4, neg)
-    nll = -jax.nn.log_softmax(jnp.concatenate([pos, neg], axis=-1), axis=-1)[..., 0]
-    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
-def loss_fn(model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array):
-    """Pure training loss `(loss, aux)` for HSTU or SASRec; use under `nnx.value_and_grad`.
-
-    `batch` holds `ids` [B, N] (right-padded, target included), `timestamps` [B, N] and
-    `lengths` [B]; position t predicts `ids[:, t + 1]`.
-    """
-    return model.loss(batch, rng)

@@ -22,7 +22,6 @@ BUDGETS: dict[str, dict] = {
 
 
 class _Sequential(Recommender):
-    model: str
     preset: str
 
     def fit(self, ds: Dataset, split: Split, *, budget: str, seed: int) -> dict:
@@ -31,9 +30,9 @@ class _Sequential(Recommender):
             **BUDGETS[budget],
             "seed": seed,
         }
-        self.trainer: Trainer = make_trainer(self.model, self.preset, ds.num_items, overrides)
+        self.trainer: Trainer = make_trainer(self.preset, ds.num_items, overrides)
         info = self.trainer.fit(ds, split, None, data.DATASETS[ds.name].protocol, progress=False)
-        return {"steps": info["steps"], "valid_NDCG@10": info["valid"].get("NDCG@10")}
+        return {"steps": info.steps, "valid_NDCG@10": info.valid.get("NDCG@10")}
 
     def score(self, examples: EvalExamples, index: np.ndarray) -> np.ndarray:
         return np.asarray(self.trainer.scores(examples, index))
@@ -42,10 +41,10 @@ class _Sequential(Recommender):
 class HSTURecommender(_Sequential):
     """HSTU, the reference MovieLens settings (`hstu-ml`), sampled softmax."""
 
-    model, preset = "hstu", "hstu-ml"
+    preset = "hstu-ml"
 
 
 class SASRecRecommender(_Sequential):
     """SASRec with the same sampled-softmax loss and budget as HSTU (`sasrec-ml`)."""
 
-    model, preset = "sasrec", "sasrec-ml"
+    preset = "sasrec-ml"

@@ -9,12 +9,12 @@ Input `item_emb[ids] * sqrt(d) + pos_emb[0..N)`, dropout, zeroed at padding; eac
 then a final LayerNorm (all LayerNorms eps 1e-8). As in the original code, the residuals add
 the normalised input (`queries` / FFN `inputs`). Scores are dot products with the item table
 (with optional L2 normalisation, as in the HSTU paper's SASRec baseline). Losses: BCE with
-one uniform negative per position, or HSTU's sampled softmax.
+one uniform negative per position, or HSTU's sampled softmax (`hstu.losses`).
 """
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,12 +22,32 @@ from flax import nnx
 
 from hstu.attention import causal_blocks
 from hstu.dropout import Dropout
-from hstu.model import NegativeSharing, l2_normalize, sample_negatives, sampled_softmax_loss
+from hstu.items import ItemScores, l2_normalize
+from hstu.losses import LossName, NegativeSharing
 
 LN_EPS = 1e-8
 # Xavier-normal for every matrix, as the reference implementations initialise SASRec; the
 # default fan-in scaling of the embeddings leaves BCE training stuck near popularity.
 XAVIER = nnx.initializers.xavier_normal()
+
+# Published settings: the architecture (`SASRecConfig` fields) and the optimisation
+# (`hstu.trainer.TrainConfig` fields).
+PRESETS: dict[str, dict[str, Any]] = {
+    # SASRec paper (Kang & McAuley 2018), Amazon setting: BCE with one negative.
+    "sasrec-paper": dict(
+        model="sasrec",
+        arch=dict(max_seq_len=50, embedding_dim=50, num_blocks=2, num_heads=1, dropout_rate=0.5,
+                  loss="bce", l2_norm_output=False),
+        train=dict(learning_rate=1e-3, b2=0.98, weight_decay=0.0, batch_size=128, num_epochs=200),
+    ),
+    # SASRec as the HSTU paper's baseline: L2-normalised, sampled softmax (128 negatives).
+    "sasrec-ml": dict(
+        model="sasrec",
+        arch=dict(max_seq_len=200, embedding_dim=50, num_blocks=2, num_heads=1, dropout_rate=0.2,
+                  loss="sampled_softmax", l2_norm_output=True),
+        train=dict(learning_rate=1e-3, b2=0.98, weight_decay=0.0, batch_size=128, num_epochs=100),
+    ),
+}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +60,7 @@ class SASRecConfig:
     num_blocks: int = 2
     num_heads: int = 1
     dropout_rate: float = 0.2
-    loss: Literal["bce", "sampled_softmax"] = "bce"
+    loss: LossName = "bce"
     l2_norm_output: bool = False
     num_negatives: int = 128
     negatives_shared: NegativeSharing = "position"
@@ -93,8 +113,13 @@ class SASRecBlock(nnx.Module):
         return x.reshape(b, n, d) * valid
 
 
-class SASRec(nnx.Module):
-    """SASRec encoder: `__call__(ids, timestamps, lengths) -> [B, N, D]` (timestamps unused)."""
+class SASRec(nnx.Module, ItemScores):
+    """SASRec encoder: `__call__(ids, timestamps, lengths) -> [B, N, D]` (timestamps unused);
+    items are scored by dot product (`ItemScores`, L2-normalised with `l2_norm_output`)."""
+
+    @property
+    def normalize_items(self) -> bool:
+        return self.cfg.l2_norm_output
 
     def __init__(self, cfg: SASRecConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -126,69 +151,3 @@ class SASRec(nnx.Module):
             x = block(x, valid, deterministic=deterministic, rngs=rngs)
         x = self.last_norm(x)
         return l2_normalize(x) if self.cfg.l2_norm_output else x
-
-    def item_embeddings(self, item_ids: jax.Array) -> jax.Array:
-        """Item embeddings [..., D] (L2-normalised when `l2_norm_output`)."""
-        emb = self.item_emb(item_ids)
-        return l2_normalize(emb) if self.cfg.l2_norm_output else emb
-
-    def item_scores(self, query: jax.Array, item_ids: jax.Array | None = None) -> jax.Array:
-        """Dot-product scores against `item_ids` [..., C], or all items (item 0 = -inf)."""
-        if item_ids is None:
-            table = self.item_emb.embedding[...]
-            table = l2_normalize(table) if self.cfg.l2_norm_output else table
-            return (query @ table.T).at[..., 0].set(-jnp.inf)
-        return jnp.einsum("...d,...cd->...c", query, self.item_embeddings(item_ids))
-
-    def loss(self, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
-        """Next-item loss (`cfg.loss`) on a training batch (dropout on)."""
-        drop_rng, neg_rng = jax.random.split(rng)
-        out = self(batch["ids"], deterministic=False, rngs=nnx.Rngs(dropout=drop_rng))[:, :-1]
-        targets = batch["ids"][:, 1:]
-        weights = (targets != 0).astype(out.dtype)
-        if self.cfg.loss == "bce":
-            negatives = sample_negatives(neg_rng, targets.shape, self.cfg.num_items, 1)[..., 0]
-            loss = bce_loss(
-                out,
-                self.item_embeddings(targets),
-                self.item_embeddings(negatives),
-                weights,
-                weights * (negatives != targets),
-            )
-        elif self.cfg.loss == "sampled_softmax":
-            negatives = sample_negatives(
-                neg_rng,
-                targets.shape,
-                self.cfg.num_items,
-                self.cfg.num_negatives,
-                self.cfg.negatives_shared,
-            )
-            loss = sampled_softmax_loss(
-                out,
-                self.item_embeddings(targets),
-                self.item_embeddings(negatives),
-                targets,
-                negatives,
-                weights,
-                self.cfg.temperature,
-            )
-        else:
-            raise ValueError(
-                f"SASRecConfig.loss must be 'bce' or 'sampled_softmax', got {self.cfg.loss!r}"
-            )
-        return loss, {"loss": loss}
-
-
-def bce_loss(
-    query: jax.Array,
-    positive_emb: jax.Array,
-    negative_emb: jax.Array,
-    pos_weights: jax.Array,
-    neg_weights: jax.Array,
-) -> jax.Array:
-    """SASRec loss: mean BCE(pos logit, 1) + mean BCE(neg logit, 0) over weighted positions."""
-    pos = jnp.sum(query * positive_emb, axis=-1)
-    neg = jnp.sum(query * negative_emb, axis=-1)
-    pos_loss = jnp.sum(jax.nn.softplus(-pos) * pos_weights) / jnp.maximum(jnp.sum(pos_weights), 1.0)
-    neg_loss = jnp.sum(jax.nn.softplus(neg) * neg_weights) / jnp.maximum(jnp.sum(neg_weights), 1.0)
-    return pos_loss + neg_loss

@@ -1,53 +1,41 @@
-"""Training and evaluation of HSTU / SASRec on `eval` data (used by `hstu.train`).
+"""HSTU / SASRec training data, scoring and the trainer on the shared loop (`eval.training`).
 
-One jitted train step over the whole model+optimizer state (donated); losses stay on device
-between evaluations. Orbax checkpoints: `latest` every evaluation (exact resume: the
-data order, dropout and negatives depend only on the seed and the step) and `best` by
-validation NDCG@10. Metrics go to `metrics.jsonl` and TensorBoard under `--out`.
+The package supplies the model (`hstu.models`), the loss (`hstu.losses.next_item_loss`)
+and the data: one right-padded row per user (`training_source`), batches indexed by step
+(seeded order; HSTU's stochastic length seeded by (seed, step)), validation by the data
+set's protocol. `eval.training.fit` runs the jitted donated step, selection on validation
+NDCG@10, `latest` / `best` checkpoints and exact resume.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import pathlib
+import functools
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from tqdm import tqdm
 
 from eval import data, protocols
 from eval.data import examples as ex_lib
 from eval.data.dataset import EvalExamples
 from eval.metrics import DEFAULT_KS
-from eval.training import Checkpoints, EarlyStopping, RunLogger
-from hstu.model import HSTU, config_from_preset, scatter_target_timestamps
-from hstu.sasrec import SASRec
-
-# Optimisation settings per preset (the architecture lives in `hstu.model.PRESETS`).
-TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    "sasrec-paper": dict(
-        learning_rate=1e-3, b2=0.98, weight_decay=0.0, batch_size=128, num_epochs=200
-    ),
-    "sasrec-ml": dict(
-        learning_rate=1e-3, b2=0.98, weight_decay=0.0, batch_size=128, num_epochs=100
-    ),
-    "hstu-ml": dict(learning_rate=1e-3, b2=0.98, weight_decay=0.0, batch_size=128, num_epochs=100),
-    "hstu-large-ml": dict(
-        learning_rate=1e-3, b2=0.98, weight_decay=0.0, batch_size=128, num_epochs=100
-    ),
-}
+from eval.training import FitResult, LoopConfig, RunDir, Task, TrainState, fit
+from eval.training.flags import eval_every_steps, total_steps
+from eval.training.optim import OptimizerConfig, make_optimizer
+from hstu.losses import next_item_loss
+from hstu.model import scatter_target_timestamps
+from hstu.models import build_model, config_fields, config_from_preset, model_kind, preset
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and schedule of one run."""
+    """Optimisation and schedule of one run (presets set these beside the architecture)."""
 
     learning_rate: float = 1e-3
     b1: float = 0.9
@@ -55,17 +43,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     batch_size: int = 128
     num_epochs: int = 100
-    max_steps: int | None = None
+    max_steps: int | None = None  # when set, overrides num_epochs
     eval_every: int | None = None  # steps; default once per epoch
     patience: int | None = 10  # evaluations without validation improvement
     eval_batch_size: int = 256
     seed: int = 0
     # HSTU's stochastic length (SL): alpha in (0, 2]; None = off (see `stochastic_length`).
     stochastic_length_alpha: float | None = None
-
-
-def build_model(kind: str, cfg, seed: int) -> nnx.Module:
-    return (HSTU if kind == "hstu" else SASRec)(cfg, rngs=nnx.Rngs(seed))
 
 
 def training_source(split: data.Split, max_len: int) -> ex_lib.ArraySource:
@@ -133,85 +117,61 @@ def stochastic_length(
     return out
 
 
-class Trainer:
-    """Holds a model, its optimizer and the jitted train/score functions."""
+def item_table_shardings(mesh: Mesh, shard_items: bool):
+    """Sharding rule: the item table (and its optimizer moments) split over 'model' rows
+    when `shard_items` and the rows divide evenly; everything else replicated."""
 
-    def __init__(
-        self,
-        kind: str,
-        model_cfg,
-        train_cfg: TrainConfig,
-        mesh: Mesh | None = None,
-        shard_items: bool = False,
-    ):
+    def spec(path, leaf):
+        is_table = shard_items and any(getattr(p, "key", None) == "item_emb" for p in path)
+        rows_split = is_table and leaf.ndim == 2 and leaf.shape[0] % mesh.shape["model"] == 0
+        return NamedSharding(mesh, P("model", None) if rows_split else P())
+
+    return lambda tree: jax.tree.map_with_path(spec, tree)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _query_scores(graphdef, params, frozen, rest, inputs):
+    model = nnx.merge(graphdef, params, frozen, rest)
+    ts = scatter_target_timestamps(inputs["timestamps"], inputs["lengths"], inputs["target_ts"])
+    out = model(inputs["ids"], ts, inputs["lengths"], True)
+    query = out[jnp.arange(out.shape[0]), jnp.maximum(inputs["lengths"] - 1, 0)]
+    return model.item_scores(query)
+
+
+class Trainer:
+    """One HSTU / SASRec model, its optimizer state, scoring and `fit` (the shared loop)."""
+
+    def __init__(self, model_cfg, train_cfg: TrainConfig, mesh: Mesh | None = None,
+                 shard_items: bool = False):  # fmt: skip
         """`mesh` (axes 'data', 'model'): batches are split over 'data'; parameters are
         replicated, except the item table, split over 'model' rows when `shard_items`."""
-        self.kind, self.model_cfg, self.cfg = kind, model_cfg, train_cfg
-        model = build_model(kind, model_cfg, train_cfg.seed)
-        tx = optax.adamw(
-            train_cfg.learning_rate,
-            b1=train_cfg.b1,
-            b2=train_cfg.b2,
+        self.kind, self.model_cfg, self.cfg = model_kind(model_cfg), model_cfg, train_cfg
+        opt = OptimizerConfig(
+            learning_rate=train_cfg.learning_rate, b1=train_cfg.b1, b2=train_cfg.b2,
             weight_decay=train_cfg.weight_decay,
-        )
-        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-        self.graphdef, self.state = nnx.split((model, optimizer))
-        self.mesh = mesh
-        if mesh is not None:
-            self.state = jax.device_put(self.state, self._state_shardings(mesh, shard_items))
+        )  # fmt: skip
+        self.state = TrainState(
+            build_model(model_cfg, train_cfg.seed), make_optimizer(opt, 1), mesh=mesh,
+            shardings=item_table_shardings(mesh, shard_items) if mesh is not None else None,
+        )  # fmt: skip
         self.key = jax.random.key(train_cfg.seed)
-        self._step = jax.jit(self._train_step, donate_argnums=0)
-        self._scores = jax.jit(self._query_scores)
-
-    def _state_shardings(self, mesh: Mesh, shard_items: bool):
-        def spec(path, leaf):
-            is_table = shard_items and any(getattr(p, "key", None) == "item_emb" for p in path)
-            rows_split = is_table and leaf.ndim == 2 and leaf.shape[0] % mesh.shape["model"] == 0
-            return NamedSharding(mesh, P("model", None) if rows_split else P())
-
-        return jax.tree.map_with_path(spec, self.state)
-
-    def _put_batch(self, batch: dict[str, np.ndarray]):
-        if self.mesh is None:
-            return batch
-        return jax.device_put(batch, NamedSharding(self.mesh, P("data")))
-
-    def _train_step(self, state, batch, key):
-        model, optimizer = nnx.merge(self.graphdef, state)
-        (loss, _), grads = nnx.value_and_grad(lambda m: m.loss(batch, key), has_aux=True)(model)
-        optimizer.update(model, grads)
-        return nnx.state((model, optimizer)), loss
 
     def train_step(self, batch: dict[str, np.ndarray], step: int) -> jax.Array:
-        """One optimizer step; the dropout/negative key depends only on (seed, step)."""
-        self.state, loss = self._step(
-            self.state, self._put_batch(batch), jax.random.fold_in(self.key, step)
-        )
-        return loss
+        """One optimizer step (as `fit` takes it: rng `fold_in(key(seed), step)`); the loss."""
+        key = jax.random.fold_in(self.key, step)
+        return self.state.train_step(next_item_loss, batch, key)["loss"]
 
-    def _query_scores(self, state, inputs):
-        model, _ = nnx.merge(self.graphdef, state)
-        ts = inputs["timestamps"]
-        if self.kind == "hstu":
-            ts = scatter_target_timestamps(ts, inputs["lengths"], inputs["target_ts"])
-        out = model(inputs["ids"], ts, inputs["lengths"], True)
-        last = jnp.maximum(inputs["lengths"] - 1, 0)
-        query = out[jnp.arange(out.shape[0]), last]
-        return model.item_scores(query)
+    def query_scores(self, inputs: dict[str, np.ndarray]) -> jax.Array:
+        """Scores [B, N+1] over all items of `query_inputs` rows (eval mode)."""
+        s = self.state
+        return _query_scores(s.eval_def, s.params, s.frozen, s.rest, inputs)
 
-    def scores(self, examples: EvalExamples, index: np.ndarray) -> np.ndarray:
+    def scores(self, examples: EvalExamples, index: np.ndarray) -> jax.Array:
         """Scores [len(index), N+1] over all items for examples `index` (eval mode)."""
-        return self._scores(self.state, query_inputs(examples, index, self.model_cfg.max_seq_len))
+        return self.query_scores(query_inputs(examples, index, self.model_cfg.max_seq_len))
 
-    def evaluate(
-        self,
-        ds: data.Dataset,
-        examples: EvalExamples,
-        protocol: str = "full",
-        filter_history: bool = True,
-        ks=DEFAULT_KS,
-        seed: int = 0,
-    ) -> dict[str, float]:
+    def evaluate(self, ds: data.Dataset, examples: EvalExamples, protocol: str = "full",
+                 filter_history: bool = True, ks=DEFAULT_KS, seed: int = 0) -> dict[str, float]:  # fmt: skip
         """Metrics on `examples`: full ranking (history filtered or not) or 100 sampled negatives."""
         bs = self.cfg.eval_batch_size
         if protocol == "full":
@@ -231,97 +191,57 @@ class Trainer:
             sampled, examples, ds.num_items, seed=seed, ks=ks, batch_size=bs
         )
 
-    def fit(
-        self,
-        ds: data.Dataset,
-        split: data.Split,
-        out: pathlib.Path | None = None,
-        protocol: str = "full",
-        progress: bool = True,
-    ) -> dict:
-        """Train with validation-based selection; returns the best validation metrics."""
-        source = training_source(split, self.model_cfg.max_seq_len)
-        per_epoch = max(1, len(source) // self.cfg.batch_size)
-        total = min(self.cfg.max_steps or 1 << 62, per_epoch * self.cfg.num_epochs)
-        eval_every = self.cfg.eval_every or per_epoch
-        ckpt = Checkpoints(out / "checkpoints") if out else None
-        logger = RunLogger(out) if out else None
-        stopper = EarlyStopping(self.cfg.patience)
-        step = 0
-        if ckpt and (restored := ckpt.restore(self.state, "latest")):
-            self.state, meta, step = restored
-            stopper.load(meta["early_stopping"])
-            logging.info("resumed from step %d", step)
+    def batches(self, source: ex_lib.ArraySource, start: int) -> Iterator[dict[str, np.ndarray]]:
+        """Training batches from step `start` on: seeded order, stochastic length by (seed, step)."""
+        cfg = self.cfg
         loader = ex_lib.batches(
-            source, min(self.cfg.batch_size, len(source)), seed=self.cfg.seed,
-            num_epochs=None, start_batch=step,
+            source,
+            min(cfg.batch_size, len(source)),
+            seed=cfg.seed,
+            num_epochs=None,
+            start_batch=start,
+        )
+        for step, batch in enumerate(loader, start):
+            if cfg.stochastic_length_alpha is not None:
+                rng = np.random.default_rng([cfg.seed, step])
+                batch = stochastic_length(batch, cfg.stochastic_length_alpha, rng)
+            yield batch
+
+    def fit(self, ds: data.Dataset, split: data.Split, run: RunDir | None = None,
+            protocol: str = "full", progress: bool = True) -> FitResult:  # fmt: skip
+        """Trains with selection on validation NDCG@10 (`eval.training.fit`); the best state
+        is loaded at the end. `run`: the run folder (checkpoints, metrics, resume)."""
+        cfg = self.cfg
+        source = training_source(split, self.model_cfg.max_seq_len)
+        per_epoch = max(1, len(source) // min(cfg.batch_size, len(source)))
+        task = Task(
+            loss=next_item_loss,
+            batches=functools.partial(self.batches, source),
+            validate=(lambda _: self.evaluate(ds, split.valid, protocol)) if len(split.valid) else None,
         )  # fmt: skip
-        bar = tqdm(total=total, initial=step, disable=not progress, desc=f"train {self.kind}")
-        loss_sum, loss_n, best = jnp.zeros(()), 0, None
-        while step < total:
-            batch = next(loader)
-            if self.cfg.stochastic_length_alpha is not None:
-                rng = np.random.default_rng(
-                    [self.cfg.seed, step]
-                )  # depends on (seed, step): exact resume
-                batch = stochastic_length(batch, self.cfg.stochastic_length_alpha, rng)
-            loss_sum += self.train_step(batch, step)
-            loss_n += 1
-            step += 1
-            bar.update(1)
-            if step % eval_every == 0 or step == total:
-                train_loss = float(loss_sum) / loss_n
-                valid = (
-                    self.evaluate(ds, split.valid, protocol)
-                    if len(split.valid)
-                    else {"NDCG@10": -train_loss}
-                )
-                bar.set_postfix(loss=f"{train_loss:.4f}", valid_ndcg10=f"{valid['NDCG@10']:.4f}")
-                if logger:
-                    logger.log(step, "train", {"loss": train_loss})
-                    logger.log(step, "valid", valid)
-                stop = stopper.update(valid["NDCG@10"])
-                if valid["NDCG@10"] >= stopper.best:
-                    best = (valid, jax.tree.map(jnp.copy, self.state))
-                if ckpt:
-                    meta = {"step": step, "early_stopping": stopper.state()}
-                    ckpt.save(step, self.state, meta, valid)
-                loss_sum, loss_n = jnp.zeros(()), 0
-                if stop:
-                    logging.info("early stop at step %d", step)
-                    break
-        bar.close()
-        if best is not None:
-            self.state = best[1]
-        if logger:
-            logger.close()
-        if ckpt:
-            ckpt.close()
-        return {"steps": step, "valid": best[0] if best else {}}
+        loop = LoopConfig(
+            total_steps=total_steps(per_epoch, cfg.num_epochs, cfg.max_steps),
+            eval_every=eval_every_steps(cfg.eval_every, per_epoch),
+            patience=cfg.patience, select="NDCG@10", seed=cfg.seed, progress=progress,
+            desc=f"train {self.kind}",
+        )  # fmt: skip
+        return fit(self.state, task, loop, run)
 
 
-def make_trainer(
-    model: str,
-    preset: str,
-    num_items: int,
-    overrides: dict[str, Any],
-    mesh: Mesh | None = None,
-    shard_items: bool = False,
-) -> Trainer:
-    """A Trainer for `preset` with architecture/optimisation `overrides` (None = keep)."""
-    kind, model_cfg = config_from_preset(preset, num_items=num_items, **{
-        k: v for k, v in overrides.items() if k in _model_fields(preset)
-    })  # fmt: skip
-    if kind != model:
-        raise ValueError(f"--preset={preset} is a {kind} preset, but --model={model}")
+def make_trainer(preset_name: str, num_items: int, overrides: dict[str, Any],
+                 mesh: Mesh | None = None, shard_items: bool = False) -> Trainer:  # fmt: skip
+    """A Trainer for `preset_name` with architecture/optimisation `overrides` (None = keep)."""
+    kind = preset(preset_name)["model"]
+    arch = {k: v for k, v in overrides.items() if k in config_fields(kind)}
+    _, model_cfg = config_from_preset(preset_name, num_items=num_items, **arch)
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = (
+        {k for k, v in overrides.items() if v is not None} - train_fields - config_fields(kind)
+    )
+    if unknown:
+        raise ValueError(f"--preset={preset_name} ({kind}) has no setting {sorted(unknown)}")
     train = {
-        **TRAIN_PRESETS.get(preset, {}),
+        **preset(preset_name)["train"],
         **{k: v for k, v in overrides.items() if k in train_fields and v is not None},
     }
-    return Trainer(kind, model_cfg, TrainConfig(**train), mesh, shard_items)
-
-
-def _model_fields(preset: str) -> set[str]:
-    kind, cfg = config_from_preset(preset, num_items=1)
-    return {f.name for f in dataclasses.fields(cfg)}
+    return Trainer(model_cfg, TrainConfig(**train), mesh, shard_items)

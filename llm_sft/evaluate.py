@@ -45,15 +45,16 @@ from flax import nnx
 from eval import data, protocols
 from eval.allocator import reexec_with_tcmalloc
 from eval.data.dataset import EvalExamples
+from eval.decoding import Trie
 from eval.metrics import DEFAULT_KS
 from eval.results import ResultTable
+from eval.training import read_run
 from llm_sft import data as sft_data
 from llm_sft.generate import GenerateOutput, generate, last_hidden
 from llm_sft.lora import load_peft, merge_lora
 from llm_sft.model import Qwen
 from llm_sft.params import load_hf
 from llm_sft.train import DTYPES
-from llm_sft.trie import Trie
 
 SPLITS = ("test", "valid")
 
@@ -190,10 +191,8 @@ def load_run(
     adapter is merged into a copy of the base.
     """
     run = Path(run)
-    info_path = run / "run.json"
-    if not info_path.exists():
-        raise FileNotFoundError(f"{info_path} not found: is {run} an llm_sft.train --out folder?")
-    info = json.loads(info_path.read_text())
+    recorded = read_run(run)
+    info = {**recorded["config"], **recorded["info"]}
     if not info.get("export"):
         raise ValueError(f"{run}: training has not finished (run.json has no export)")
     export = Path(info["export"])
@@ -326,7 +325,7 @@ def evaluate_run(
     if split not in SPLITS:
         raise ValueError(f"--split={split!r}: choose one of {SPLITS}")
     info, model, base, tokenizer = load_run(run, hf_checkpoint)
-    ds = data.load(info["dataset"], data_dir or info["data_dir"])
+    ds = data.load(info["dataset"], data_dir or info["data_dir"], fmt=info.get("format"))
     sp = data.split(ds)
     examples = _subset(getattr(sp, split), max_examples, seed)
     popularity = np.bincount(sp.train.values, minlength=ds.num_items + 1)

@@ -42,7 +42,7 @@ class BigRecConfig:
 
     model: dict  # ModelConfig fields of the random-init model (vocab_size is set below)
     vocab_size: int = 4096  # BPE vocabulary = model vocabulary
-    train: TrainConfig = TrainConfig()  # max_steps > 0: that many steps on a fresh sample
+    train: TrainConfig = TrainConfig()  # max_steps set: that many steps on a fresh sample
     max_history: int = 10  # history items in a prompt (BIGRec)
     max_length: int = 256  # prompt + response tokens (oldest history items dropped first)
     tokenizer_prompts: int = 2000  # training prompts the BPE learns from (plus all titles)
@@ -92,9 +92,11 @@ class BigRecRecommender(Recommender):
             raise ValueError(f"tokenizer has {len(tok)} tokens > vocab_size={cfg.vocab_size}")
         train = dataclasses.replace(cfg.train, seed=seed)
         wanted = (
-            train.max_steps * train.per_device_train_batch_size * train.gradient_accumulation_steps
+            (train.max_steps or 0)
+            * train.per_device_train_batch_size
+            * train.gradient_accumulation_steps
         )
-        if train.max_steps > 0 and wanted < len(targets):
+        if 0 < wanted < len(targets):
             rows = np.sort(rng.choice(len(targets), wanted, replace=False))
             histories, targets = histories.take(rows), targets[rows]
         ex = sft_data.tokenize_examples(
@@ -119,14 +121,14 @@ class BigRecRecommender(Recommender):
         mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
         trainer = Trainer(init_model(config, seed, mesh), mesh, train, len(ex), lora=False)
         prepared = time.perf_counter()
-        history = trainer.fit(ArraySource(arrays), None, buckets=(width,), progress=False)
+        info = trainer.fit(ArraySource(arrays), None, buckets=(width,), progress=False)
         self.model = trainer.model()
         self.trie = title_trie(titles, tok)
         self.groups = title_items(self.trie)
         self.titles, self.noun = titles, noun
-        losses = history["losses"]
+        losses = info.losses
         return {
-            "steps": history["steps"],
+            "steps": info.steps,
             "train_examples": len(ex),
             "dropped_too_long": ex.dropped,
             "final_loss": float(np.mean(losses[-10:])) if losses else None,

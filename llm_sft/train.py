@@ -5,30 +5,38 @@ r"""Supervised fine-tuning of Qwen on BIGRec-style recommendation prompts (full 
   python -m llm_sft.train --dataset=ml-100k --data_dir=DIR --init=random \
       --model_config=tiny.json --out=runs/tiny        # trains a BPE tokenizer too
 
-Writes ``<out>/checkpoints`` (orbax, resumed automatically), ``metrics.jsonl`` +
-TensorBoard, then ``<out>/adapter`` (PEFT adapter, LoRA) or ``<out>/hf`` (HF checkpoint,
-full fine-tuning), each with the tokenizer, and ``<out>/result.json``. ``<out>/run.json``
-(written before training, completed with ``export`` at the end) records what
-``python -m llm_sft.evaluate --run=<out>`` needs: data set, model config, tokenizer,
-prompt settings, LoRA config and base checkpoint.
+``--out`` is an ``eval.training`` run folder: ``checkpoints/{latest,best}`` (orbax; a rerun
+of the command resumes, a finished run is left alone), ``metrics.jsonl`` + TensorBoard,
+then ``<out>/adapter`` (PEFT adapter, LoRA) or ``<out>/hf`` (HF checkpoint, full
+fine-tuning) of the state with the lowest validation loss, each with the tokenizer, and
+``<out>/result.json``. ``<out>/run.json`` records what ``python -m llm_sft.evaluate
+--run=<out>`` needs: the flags (data set, base checkpoint, prompt settings, LoRA config)
+and, in ``info``, the model config, tokenizer and export folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 
 from eval import data
 from eval.allocator import reexec_with_tcmalloc
 from eval.data.examples import ArraySource
+from eval.training import RunDir
+from eval.training.flags import (
+    config_defaults,
+    config_flag_values,
+    define_training_flags,
+    training_flag_values,
+)
+from eval.training.optim import SCHEDULES
 from llm_sft import data as sft_data
 from llm_sft.lora import LoRAConfig, apply_lora, export_peft
 from llm_sft.model import ModelConfig
@@ -36,6 +44,7 @@ from llm_sft.params import load_hf, save_hf
 from llm_sft.sharding import MESH_AXES, make_mesh
 from llm_sft.trainer import TrainConfig, Trainer, init_model
 
+RUN_OUTPUTS = ("tokenizer", "adapter", "hf")  # besides eval.training's, removed by --overwrite
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MAX_HISTORY = 10  # history items per prompt (BIGRec), see llm_sft.data.tokenize_examples
 
@@ -87,7 +96,8 @@ def build_examples(
 
 
 def _tokenizer(tokenizer_dir, hf_checkpoint, ds: data.Dataset, vocab_size: int, out: Path):
-    for folder in (tokenizer_dir, hf_checkpoint):
+    trained = out / "tokenizer"
+    for folder in (tokenizer_dir, hf_checkpoint, trained):  # a resumed run reuses its BPE
         if folder and (Path(folder) / "tokenizer_config.json").exists():
             return sft_data.load_tokenizer(folder)
     if tokenizer_dir:
@@ -95,7 +105,11 @@ def _tokenizer(tokenizer_dir, hf_checkpoint, ds: data.Dataset, vocab_size: int, 
     noun = sft_data.item_noun(ds.name)
     titles = ds.items.titles[1:]
     corpus = [sft_data.ALPACA_TEMPLATE, *sft_data.instruction_and_input(titles[:20], noun)]
-    return sft_data.train_bpe_tokenizer(corpus * 10 + list(titles), vocab_size, out / "tokenizer")
+    return sft_data.train_bpe_tokenizer(corpus * 10 + list(titles), vocab_size, trained)
+
+
+def _path(p: str | None) -> str | None:
+    return str(Path(p).resolve()) if p else None
 
 
 def run(
@@ -117,109 +131,135 @@ def run(
     pack: bool = False,
     max_train_examples: int = -1,
     max_eval_examples: int = 512,
+    fmt: str | None = None,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Loads data and model, fine-tunes, exports; returns the summary written to result.json."""
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device_mesh = make_mesh(**parse_mesh(mesh))
-    compute = DTYPES[dtype]
-    # LoRA keeps the frozen base in the compute dtype; full fine-tuning stores fp32 masters.
-    param_dtype = compute if lora else jnp.float32
-    if hf_checkpoint:
-        model, config = load_hf(hf_checkpoint, dtype=compute, param_dtype=param_dtype, mesh=device_mesh)  # fmt: skip
-    elif model_config:
-        config = ModelConfig.from_hf_config(model_config, dtype=compute, param_dtype=param_dtype)
-        model = init_model(config, train.seed, device_mesh)
-    else:
-        raise ValueError("pass --hf_checkpoint=DIR or --init=random --model_config=FILE.json")
+    """Loads data and model, fine-tunes, exports; returns the summary written to result.json.
 
-    ds = data.load(dataset, data_dir)
-    split = data.split(ds)
-    tokenizer = _tokenizer(tokenizer_dir, hf_checkpoint, ds, config.vocab_size, out_dir)
-    if len(tokenizer) > config.vocab_size:
-        raise ValueError(
-            f"tokenizer has {len(tokenizer)} tokens > vocab_size={config.vocab_size} of "
-            f"{hf_checkpoint or model_config}"
+    `out` is an `eval.training` run folder: a rerun resumes, a finished run returns its result.
+    """
+    if not hf_checkpoint and not model_config:
+        raise ValueError("pass --hf_checkpoint=DIR or --init=random --model_config=FILE.json")
+    config = {
+        "dataset": dataset, "data_dir": _path(data_dir), "format": fmt, "hf_checkpoint": _path(hf_checkpoint),
+        "model_config": _path(model_config), "tokenizer_dir": _path(tokenizer_dir), "dtype": dtype,
+        "prompt_template": prompt_template, "padding_side": padding_side, "train_on_inputs": train_on_inputs,
+        "max_length": max_length, "max_history": MAX_HISTORY, "pack": pack,
+        "max_train_examples": max_train_examples, "max_eval_examples": max_eval_examples,
+        "train": dataclasses.asdict(train), "lora": dataclasses.asdict(lora) if lora else None,
+    }  # fmt: skip
+    with RunDir(
+        out, "llm_sft", config, info={"mesh": mesh}, overwrite=overwrite, outputs=RUN_OUTPUTS
+    ) as rd:
+        if rd.result is not None:
+            logging.info("--out=%s is a finished run; its result.json is kept", rd.path)
+            return rd.result
+        device_mesh = make_mesh(**parse_mesh(mesh))
+        compute = DTYPES[dtype]
+        # LoRA keeps the frozen base in the compute dtype; full fine-tuning stores fp32 masters.
+        param_dtype = compute if lora else jnp.float32
+        if hf_checkpoint:
+            model, model_cfg = load_hf(
+                hf_checkpoint, dtype=compute, param_dtype=param_dtype, mesh=device_mesh
+            )
+        else:
+            model_cfg = ModelConfig.from_hf_config(
+                model_config, dtype=compute, param_dtype=param_dtype
+            )
+            model = init_model(model_cfg, train.seed, device_mesh)
+        ds = data.load(dataset, data_dir, fmt=fmt)
+        split = data.split(ds)
+        tokenizer = _tokenizer(tokenizer_dir, hf_checkpoint, ds, model_cfg.vocab_size, rd.path)
+        if len(tokenizer) > model_cfg.vocab_size:
+            raise ValueError(
+                f"tokenizer has {len(tokenizer)} tokens > vocab_size={model_cfg.vocab_size} of "
+                f"{hf_checkpoint or model_config}"
+            )
+        rd.info |= {
+            "model_config": model_cfg.to_hf_dict(),
+            "tokenizer": _path(tokenizer.name_or_path),
+            "export": None,
+        }
+        rd.write_run()
+        train_ex, valid_ex = build_examples(
+            ds, split, tokenizer, template=prompt_template, max_length=max_length,
+            max_train_examples=max_train_examples, max_eval_examples=max_eval_examples, seed=train.seed,
+        )  # fmt: skip
+        pad = tokenizer.pad_token_id
+        if pack:
+            train_arrays = sft_data.packed_arrays(
+                train_ex, max_length, pad, train_on_inputs, train.seed
+            )
+            padding_side = "right"
+        else:
+            train_arrays = sft_data.padded_arrays(
+                train_ex, max_length, pad, padding_side, train_on_inputs
+            )
+        valid_arrays = sft_data.padded_arrays(
+            valid_ex, max_length, pad, padding_side, train_on_inputs
         )
-    run_info = {
-        "dataset": dataset,
-        "data_dir": str(Path(data_dir).resolve()),
-        "hf_checkpoint": str(Path(hf_checkpoint).resolve()) if hf_checkpoint else None,
-        "model_config": config.to_hf_dict(),
-        "tokenizer_dir": str(Path(tokenizer.name_or_path).resolve()),
-        "prompt_template": prompt_template,
-        "max_length": max_length,
-        "max_history": MAX_HISTORY,
-        "dtype": dtype,
-        "lora": dataclasses.asdict(lora) if lora else None,
-        "export": None,
-    }
-    (out_dir / "run.json").write_text(json.dumps(run_info, indent=1))
-    train_ex, valid_ex = build_examples(
-        ds, split, tokenizer, template=prompt_template, max_length=max_length,
-        max_train_examples=max_train_examples, max_eval_examples=max_eval_examples,
-        seed=train.seed,
-    )  # fmt: skip
-    pad = tokenizer.pad_token_id
-    if pack:
-        train_arrays = sft_data.packed_arrays(
-            train_ex, max_length, pad, train_on_inputs, train.seed
+        if lora:
+            model = apply_lora(
+                model, lora, rngs=nnx.Rngs(params=train.seed, dropout=train.seed + 1)
+            )
+        trainer = Trainer(
+            model, device_mesh, train, len(train_arrays["input_ids"]), lora is not None
         )
-        padding_side = "right"
-    else:
-        train_arrays = sft_data.padded_arrays(train_ex, max_length, pad, padding_side, train_on_inputs)  # fmt: skip
-    valid_arrays = sft_data.padded_arrays(valid_ex, max_length, pad, padding_side, train_on_inputs)
-    if lora:
-        model = apply_lora(model, lora, rngs=nnx.Rngs(params=train.seed, dropout=train.seed + 1))
-    trainer = Trainer(model, device_mesh, train, len(train_arrays["input_ids"]), lora is not None)
-    meta = {"dataset": dataset, "lora": dataclasses.asdict(lora) if lora else None}
-    history = trainer.fit(
-        ArraySource(train_arrays), valid_arrays if len(valid_ex) else None,
-        buckets=sft_data.buckets_for(max_length), padding_side=padding_side, out=out_dir,
-        progress=progress, meta=meta,
-    )  # fmt: skip
-    final = trainer.model()
-    if lora:
-        export_dir = export_peft(final, lora, out_dir / "adapter", hf_checkpoint or "")
-    else:
-        export_dir = save_hf(final, config, out_dir / "hf")
-    tokenizer.save_pretrained(str(export_dir))
-    run_info["export"] = str(export_dir.resolve())
-    (out_dir / "run.json").write_text(json.dumps(run_info, indent=1))
-    summary = {
-        "steps": history["steps"],
-        "train_examples": len(train_ex),
-        "train_rows": len(train_arrays["input_ids"]),
-        "dropped_too_long": train_ex.dropped,
-        "valid_examples": len(valid_ex),
-        "eval_loss": history["eval"][-1][1] if history["eval"] else None,
-        "export": str(export_dir),
-        "devices": jax.device_count(),
-    }
-    (out_dir / "result.json").write_text(json.dumps(summary, indent=1))
-    return summary
+        info = trainer.fit(
+            ArraySource(train_arrays), valid_arrays if len(valid_ex) else None,
+            buckets=sft_data.buckets_for(max_length), padding_side=padding_side, run=rd, progress=progress,
+        )  # fmt: skip
+        final = trainer.model()
+        if lora:
+            export_dir = export_peft(final, lora, rd.path / "adapter", hf_checkpoint or "")
+        else:
+            export_dir = save_hf(final, model_cfg, rd.path / "hf")
+        tokenizer.save_pretrained(str(export_dir))
+        rd.info["export"] = str(export_dir.resolve())
+        rd.write_run()
+        summary = {
+            "steps": info.steps, "best_step": info.best_step, "stopped_early": info.stopped_early,
+            "train_examples": len(train_ex), "train_rows": len(train_arrays["input_ids"]),
+            "dropped_too_long": train_ex.dropped, "valid_examples": len(valid_ex),
+            "eval_loss": info.valid.get("loss"), "export": str(export_dir), "devices": jax.device_count(),
+        }  # fmt: skip
+        rd.write_result(summary)
+        return summary
 
 
 def _define_flags() -> None:
     f = flags
-    f.DEFINE_string("dataset", "ml-100k", "Registered data set name.")
-    f.DEFINE_string("data_dir", None, "Folder with the raw files.", required=True)
-    f.DEFINE_string("out", None, "Run folder.", required=True)
+    t = TrainConfig()
+    define_training_flags(
+        {"dataset": "ml-100k", **config_defaults(t)},
+        skip=("batch_size",), required=("data_dir", "out"),
+    )  # fmt: skip
     f.DEFINE_string("hf_checkpoint", None, "HF Qwen2/Qwen3 checkpoint folder to fine-tune.")
     f.DEFINE_enum("init", "hf", ["hf", "random"], "Start from --hf_checkpoint or random init.")
     f.DEFINE_string("model_config", None, "HF config.json for --init=random.")
-    f.DEFINE_string("tokenizer_dir", None, "HF tokenizer folder (default: the checkpoint's, else a trained BPE).")  # fmt: skip
-    f.DEFINE_float("learning_rate", 3e-4, "Peak learning rate.")
-    f.DEFINE_integer("warmup_steps", 0, "Linear warmup steps.")
-    f.DEFINE_float("warmup_ratio", 0.0, "Warmup as a fraction of the steps (if warmup_steps=0).")
-    f.DEFINE_float("weight_decay", 0.0, "AdamW weight decay (matrices only).")
-    f.DEFINE_float("max_grad_norm", 1.0, "Global-norm gradient clipping (0: off).")
-    f.DEFINE_integer("per_device_train_batch_size", 4, "Rows per data-parallel device per micro-batch.")  # fmt: skip
-    f.DEFINE_integer("gradient_accumulation_steps", 1, "Micro-batches per optimizer step.")
-    f.DEFINE_integer("num_epochs", 1, "Epochs (ignored when max_steps > 0).")
-    f.DEFINE_integer("max_steps", -1, "Optimizer steps (> 0 overrides num_epochs).")
-    f.DEFINE_enum("schedule", "cosine", ["cosine", "linear", "constant"], "LR decay after warmup.")
+    f.DEFINE_string(
+        "tokenizer_dir",
+        None,
+        "HF tokenizer folder (default: the checkpoint's, else a trained BPE).",
+    )
+    f.DEFINE_integer("warmup_steps", t.warmup_steps, "Linear warmup steps.")
+    f.DEFINE_float(
+        "warmup_ratio", t.warmup_ratio, "Warmup as a fraction of the steps (if warmup_steps=0)."
+    )
+    f.DEFINE_float("weight_decay", t.weight_decay, "AdamW weight decay (matrices only).")
+    f.DEFINE_float("max_grad_norm", t.max_grad_norm, "Global-norm gradient clipping (0: off).")
+    f.DEFINE_integer(
+        "per_device_train_batch_size",
+        t.per_device_train_batch_size,
+        "Rows per data-parallel device per micro-batch.",
+    )
+    f.DEFINE_integer(
+        "gradient_accumulation_steps",
+        t.gradient_accumulation_steps,
+        "Micro-batches per optimizer step.",
+    )
+    f.DEFINE_enum("schedule", t.schedule, list(SCHEDULES), "LR decay after warmup.")
     f.DEFINE_enum("dtype", "float32", list(DTYPES), "Compute dtype (LoRA: also the frozen base).")
     f.DEFINE_enum("padding_side", "right", ["left", "right"], "Padding side of batches.")
     f.DEFINE_bool("train_on_inputs", False, "Also train on prompt tokens.")
@@ -232,11 +272,13 @@ def _define_flags() -> None:
     f.DEFINE_integer("lora_r", 8, "LoRA rank.")
     f.DEFINE_float("lora_alpha", 16.0, "LoRA alpha (scaling alpha / r).")
     f.DEFINE_float("lora_dropout", 0.05, "Dropout on the LoRA input.")
-    f.DEFINE_string("lora_target_modules", "q_proj,v_proj", "Names (q,k,v,o,gate,up,down or *_proj) or re:<regex>.")  # fmt: skip
+    f.DEFINE_string(
+        "lora_target_modules",
+        "q_proj,v_proj",
+        "Names (q,k,v,o,gate,up,down or *_proj) or re:<regex>.",
+    )
     f.DEFINE_string("mesh", "data:1,fsdp:-1,tensor:1", "Mesh sizes, e.g. data:2,fsdp:2,tensor:2.")
-    f.DEFINE_integer("eval_every", 0, "Evaluate + checkpoint every N steps (0: each epoch).")
-    f.DEFINE_integer("log_every", 10, "Log the train loss every N steps.")
-    f.DEFINE_integer("seed", 0, "Seed (init, LoRA, data order, dropout).")
+    f.DEFINE_integer("log_every", t.log_every, "Log the train loss every N steps.")
 
 
 def main(argv):
@@ -246,12 +288,13 @@ def main(argv):
         raise app.UsageError("--init=random needs --model_config=FILE.json")
     if f.init == "hf" and not f.hf_checkpoint:
         raise app.UsageError("--init=hf needs --hf_checkpoint=DIR")
+    shared = training_flag_values(skip=("batch_size",))
     train = TrainConfig(
+        **config_flag_values(),
         **{k: getattr(f, k) for k in (
-            "learning_rate", "schedule", "warmup_steps", "warmup_ratio", "weight_decay",
-            "max_grad_norm", "per_device_train_batch_size", "gradient_accumulation_steps",
-            "num_epochs", "max_steps", "eval_every", "log_every", "seed",
-        )}
+            "schedule", "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm",
+            "per_device_train_batch_size", "gradient_accumulation_steps", "log_every",
+        )},
     )  # fmt: skip
     lora = (
         LoRAConfig(f.lora_r, f.lora_alpha, f.lora_dropout, parse_targets(f.lora_target_modules))
@@ -259,13 +302,14 @@ def main(argv):
         else None
     )
     summary = run(
-        dataset=f.dataset, data_dir=f.data_dir, out=f.out, train=train, lora=lora,
+        dataset=shared["dataset"], data_dir=shared["data_dir"], out=shared["out"], train=train, lora=lora,
         hf_checkpoint=f.hf_checkpoint if f.init == "hf" else None,
         model_config=f.model_config if f.init == "random" else None,
         tokenizer_dir=f.tokenizer_dir, mesh=f.mesh, dtype=f.dtype,
         prompt_template=f.prompt_template, padding_side=f.padding_side,
         train_on_inputs=f.train_on_inputs, max_length=f.max_length, pack=f.pack,
         max_train_examples=f.max_train_examples, max_eval_examples=f.max_eval_examples,
+        fmt=shared["format"], overwrite=shared["overwrite"],
     )  # fmt: skip
     print(" ".join(f"{k}={v}" for k, v in summary.items()))
 

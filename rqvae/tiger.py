@@ -11,10 +11,11 @@ bucket u. Encoder input: `[user token, codes of the last M items, flattened]`, t
 history left-padded with PAD. The output head is per level: decoder position l
 predicts a distribution over the K codes of level l only.
 
-Decoding is a beam search constrained by a prefix trie of the valid IDs (`Trie`),
-jitted: level l's trie is a dense `[num_prefixes_l, K]` table of child node ids
-(-1 = not a valid continuation). Items that share an ID (collisions) are expanded
-in ascending dense-id order at the ID's position in the ranking (`SemanticIndex`).
+Decoding is the shared beam search (`eval.decoding.beam_search`) constrained by a trie
+of the valid IDs (`eval.decoding.Trie`, L codes per ID), driven by `Tiger.decode_step`:
+one decoder position per step over a self-attention KV cache, the encoder memory's
+cross-attention keys computed once per example. Items that share an ID (collisions) are
+expanded in ascending dense-id order at the ID's position in the ranking (`SemanticIndex`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eval.decoding import Trie, TrieArrays
+from eval.decoding import beam_search as shared_beam_search
+
 PAD, BOS, NUM_SPECIAL = 0, 1, 2
+KV = tuple[jax.Array, jax.Array]  # keys, values [B, T, H, head_dim]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,12 +104,24 @@ class Attention(nnx.Module):
         )
         self.o = nnx.Linear(inner, cfg.d_model, use_bias=False, rngs=rngs)
 
+    def _heads(self, t: jax.Array) -> jax.Array:
+        return t.reshape(*t.shape[:2], self.num_heads, self.head_dim)
+
+    def keys_values(self, kv: jax.Array) -> KV:
+        """Projected keys and values [B, K, H, head_dim] of kv [B, K, D]."""
+        return self._heads(self.k(kv)), self._heads(self.v(kv))
+
     def __call__(
         self, x: jax.Array, kv: jax.Array, mask: jax.Array, bias: jax.Array | None = None
     ) -> jax.Array:
         """x [B, Q, D], kv [B, K, D], mask [B, Q, K] (True = attend) -> [B, Q, D]."""
-        split = lambda t: t.reshape(*t.shape[:2], self.num_heads, self.head_dim)  # noqa: E731
-        q, k, v = split(self.q(x)), split(self.k(kv)), split(self.v(kv))
+        return self.attend(x, self.keys_values(kv), mask, bias)
+
+    def attend(
+        self, x: jax.Array, kv: KV, mask: jax.Array, bias: jax.Array | None = None
+    ) -> jax.Array:
+        """Attention of queries from x [B, Q, D] over projected (keys, values) [B, K, H, hd]."""
+        q, (k, v) = self._heads(self.q(x)), kv
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(self.head_dim)
         if bias is not None:
             logits = logits + bias
@@ -149,13 +166,42 @@ class Block(nnx.Module):
         h = self.norm_self(x)
         x = x + _dropout(self.drop, self.self_attn(h, h, mask, bias), k[0])
         if self.cross_attn is not None:
-            # The C candidate sequences of an example share its memory: fold them into the
-            # query axis ([B * C, T] -> [B, C * T]) instead of repeating the memory C times.
-            b = memory.shape[0]
-            h = self.norm_cross(x).reshape(b, -1, x.shape[-1])
-            mask_c = jnp.broadcast_to(memory_mask, (b, h.shape[1], memory_mask.shape[-1]))
-            x = x + _dropout(self.drop, self.cross_attn(h, memory, mask_c).reshape(x.shape), k[1])
+            memory_kv = self.cross_attn.keys_values(memory)
+            x = x + _dropout(self.drop, self._cross(x, memory_kv, memory_mask), k[1])
         return x + _dropout(self.drop, self.mlp(self.norm_mlp(x), k[2]), k[3])
+
+    def _cross(self, x: jax.Array, memory_kv: KV, memory_mask: jax.Array) -> jax.Array:
+        """Cross-attention of x [B * C, T, D] over an example's memory [B, S, ...]. The C
+        candidate sequences of an example share its memory: they are folded into the query
+        axis ([B * C, T] -> [B, C * T]) instead of repeating the memory C times."""
+        b = memory_kv[0].shape[0]
+        h = self.norm_cross(x).reshape(b, -1, x.shape[-1])
+        mask = jnp.broadcast_to(memory_mask, (b, h.shape[1], memory_mask.shape[-1]))
+        return self.cross_attn.attend(h, memory_kv, mask).reshape(x.shape)
+
+    def step(
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        cache: KV,
+        bias: jax.Array,
+        memory_kv: KV,
+        memory_mask: jax.Array,
+    ) -> tuple[jax.Array, KV]:
+        """Decoder position t (eval mode): x [R, 1, D], cache (keys, values) [R, L, H, hd]
+        of positions < t, bias [H, 1, L] -> (x [R, 1, D], cache with position t)."""
+        h = self.norm_self(x)
+        k_t, v_t = self.self_attn.keys_values(h)
+        cache = tuple(
+            jax.lax.dynamic_update_slice_in_dim(c, new, t, 1)
+            for c, new in ((cache[0], k_t), (cache[1], v_t))
+        )
+        mask = jnp.broadcast_to(
+            jnp.arange(cache[0].shape[1]) <= t, (x.shape[0], 1, cache[0].shape[1])
+        )
+        x = x + self.self_attn.attend(h, cache, mask, bias)
+        x = x + self._cross(x, memory_kv, memory_mask)
+        return x + self.mlp(self.norm_mlp(x), None), cache
 
 
 class Stack(nnx.Module):
@@ -168,18 +214,30 @@ class Stack(nnx.Module):
         self.norm = nnx.RMSNorm(cfg.d_model, epsilon=1e-6, rngs=rngs)
         self.drop = nnx.Dropout(cfg.dropout)
 
-    def __call__(self, x, mask, key, memory=None, memory_mask=None):
-        """x [B, T, D] embedded, mask [B, T, T] -> [B, T, D]."""
-        t = x.shape[1]
+    def position_bias(self, t: int) -> jax.Array:
+        """Relative position bias [H, T, T] of a length-T sequence."""
         buckets = relative_buckets(
             t, t, not self.causal, self.cfg.rel_buckets, self.cfg.rel_max_distance
         )
-        bias = jnp.transpose(self.rel_bias(jnp.asarray(buckets)), (2, 0, 1))  # [H, T, T]
+        return jnp.transpose(self.rel_bias(jnp.asarray(buckets)), (2, 0, 1))
+
+    def __call__(self, x, mask, key, memory=None, memory_mask=None):
+        """x [B, T, D] embedded, mask [B, T, T] -> [B, T, D]."""
+        bias = self.position_bias(x.shape[1])
         keys = _keys(key, len(self.layers) + 2)
         x = _dropout(self.drop, x, keys[-2])
         for layer, k in zip(self.layers, keys, strict=False):
             x = layer(x, mask, bias, k, memory, memory_mask)
         return _dropout(self.drop, self.norm(x), keys[-1])
+
+    def step(self, x, t, caches: list[KV], memory_kvs: list[KV], memory_mask):
+        """Decoder position t of x [R, 1, D] over per-layer caches (see `Block.step`)."""
+        bias = jax.lax.dynamic_slice_in_dim(self.position_bias(caches[0][0].shape[1]), t, 1, axis=1)
+        new = []
+        for layer, cache, memory_kv in zip(self.layers, caches, memory_kvs, strict=True):
+            x, cache = layer.step(x, t, cache, bias, memory_kv, memory_mask)
+            new.append(cache)
+        return self.norm(x), new
 
 
 class Tiger(nnx.Module):
@@ -224,6 +282,26 @@ class Tiger(nnx.Module):
         memory, valid = self.encode(enc_tokens, k_enc)
         return self.decode(memory, valid, codes[:, :-1], k_dec)
 
+    def start_decoding(self, memory: jax.Array, rows_per_example: int) -> tuple[list[KV], list[KV]]:
+        """(empty self-attention caches [B * C, L, H, hd] per decoder layer, the memory's
+        cross-attention keys / values [B, S, H, hd] per layer) for C rows per example."""
+        cfg = self.cfg
+        shape = (memory.shape[0] * rows_per_example, cfg.num_levels, cfg.num_heads, cfg.head_dim)
+        caches = [
+            (jnp.zeros(shape, memory.dtype), jnp.zeros(shape, memory.dtype))
+            for _ in self.decoder.layers
+        ]
+        return caches, [layer.cross_attn.keys_values(memory) for layer in self.decoder.layers]
+
+    def decode_step(self, tokens, t, caches: list[KV], memory_kvs: list[KV], valid: jax.Array):
+        """Logits [R, K] of level t given the decoder input token [R] at position t (BOS at
+        0, then the code tokens of levels < t) and caches of positions < t; eval mode."""
+        h, caches = self.decoder.step(
+            self.embed(tokens)[:, None], t, caches, memory_kvs, valid[:, None, :]
+        )
+        head = jax.lax.dynamic_index_in_dim(self.head[...], t, axis=0, keepdims=False)  # [D, K]
+        return h[:, 0] @ head, caches
+
 
 def encoder_tokens(
     item_tokens: jax.Array, users: jax.Array, history: jax.Array, cfg: TigerConfig
@@ -250,39 +328,14 @@ def sequence_log_probs(model: Tiger, enc_tokens: jax.Array, codes: jax.Array) ->
 
 
 @dataclasses.dataclass(frozen=True)
-class Trie:
-    """Prefix trie of the valid IDs: `tables[l][node, code]` = child node id at level l + 1, or -1.
-
-    Level 0 has the single root node 0; the children of the last level are indices into `ids`.
-    """
-
-    ids: np.ndarray  # [M, L] unique valid IDs, lexicographically sorted
-    tables: tuple[np.ndarray, ...]  # L tables, [num_prefixes_l, K] int32
-
-    @classmethod
-    def build(cls, codes: np.ndarray, codebook_size: int) -> Trie:
-        ids = np.unique(np.asarray(codes), axis=0)
-        if ids.min() < 0 or ids.max() >= codebook_size:
-            raise ValueError(
-                f"codes must lie in 0..{codebook_size - 1}, got {ids.min()}..{ids.max()}"
-            )
-        tables, parent = [], np.zeros(len(ids), np.int64)
-        for level in range(ids.shape[1]):
-            _, child = np.unique(ids[:, : level + 1], axis=0, return_inverse=True)
-            table = np.full((parent.max() + 1, codebook_size), -1, np.int32)
-            table[parent, ids[:, level]] = child.reshape(-1)
-            tables.append(table)
-            parent = child.reshape(-1)
-        return cls(ids, tuple(tables))
-
-
-@dataclasses.dataclass(frozen=True)
 class SemanticIndex:
-    """Semantic IDs of the catalogue: items 1..N -> codes, the trie and the items behind each ID."""
+    """Semantic IDs of the catalogue: items 1..N -> codes, the trie of the distinct IDs and
+    the items behind each ID (a trie leaf index m is `ids[m]`, held by `id_items[m]`)."""
 
     item_codes: np.ndarray  # [N + 1, L]; row 0 (padding) is unused
     codebook_size: int
-    trie: Trie
+    ids: np.ndarray  # [M, L] distinct IDs, lexicographically sorted
+    trie: Trie  # over `ids`, no terminator (every ID has L codes)
     id_items: np.ndarray  # [M, G]: items sharing ID m, ascending, 0-padded
 
     @classmethod
@@ -309,16 +362,19 @@ class SemanticIndex:
                     f"index array must be [{num_items + 1}, L], got {item_codes.shape}"
                 )
         k = int(item_codes[1:].max()) + 1 if codebook_size is None else codebook_size
-        trie = Trie.build(item_codes[1:], k)
-        # Which ID each item has, then the items of each ID in ascending item order.
-        _, which = np.unique(item_codes[1:], axis=0, return_inverse=True)
+        if item_codes[1:].min() < 0 or item_codes[1:].max() >= k:
+            raise ValueError(
+                f"codes must lie in 0..{k - 1}, got {item_codes[1:].min()}..{item_codes[1:].max()}"
+            )
+        # The distinct IDs, which one each item has, then each ID's items in ascending order.
+        ids, which = np.unique(item_codes[1:], axis=0, return_inverse=True)
         which = which.reshape(-1)
         order = np.argsort(which, kind="stable")
-        counts = np.bincount(which, minlength=len(trie.ids))
+        counts = np.bincount(which, minlength=len(ids))
         slot = np.arange(num_items) - np.repeat(np.cumsum(counts) - counts, counts)
-        id_items = np.zeros((len(trie.ids), counts.max()), np.int32)
+        id_items = np.zeros((len(ids), counts.max()), np.int32)
         id_items[which[order], slot] = order + 1
-        return cls(item_codes, k, trie, id_items)
+        return cls(item_codes, k, ids, Trie.build(ids, None), id_items)
 
     @property
     def num_levels(self) -> int:
@@ -330,35 +386,33 @@ class SemanticIndex:
         return int((self.id_items > 0).sum() - len(self.id_items))
 
 
-@functools.partial(jax.jit, static_argnames=("beam_size",))
+@functools.partial(jax.jit, static_argnames=("beam_size", "max_fanout"))
 def beam_search(
-    model: Tiger, enc_tokens: jax.Array, tables: tuple[jax.Array, ...], beam_size: int
+    model: Tiger, enc_tokens: jax.Array, trie: TrieArrays, beam_size: int, max_fanout: int
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Trie-constrained beam search over L = len(tables) levels.
+    """Trie-constrained beam search over the L levels (`eval.decoding.beam_search` with
+    `Tiger.decode_step`; beam scores are summed log-probs, no length penalty).
 
-    Returns (codes [B, beam, L]; leaf [B, beam], indices into `Trie.ids`, -1 where fewer
-    valid IDs exist; scores [B, beam], the summed log-probs, descending, -inf if empty).
+    Returns (codes [B, beam, L]; leaves [B, beam], indices into `SemanticIndex.ids`, -1
+    where fewer valid IDs exist; scores [B, beam], descending, -inf if empty).
     """
-    b = enc_tokens.shape[0]
+    cfg = model.cfg
     memory, valid = model.encode(enc_tokens)
-    scores = jnp.full((b, beam_size), -jnp.inf).at[:, 0].set(0.0)  # one live beam at the root
-    nodes = jnp.zeros((b, beam_size), jnp.int32)
-    codes = jnp.zeros((b, beam_size, 0), jnp.int32)
-    for level, table in enumerate(tables):
-        k = table.shape[1]
-        logits = model.decode(memory, valid, codes.reshape(b * beam_size, level))[:, -1]
-        logp = jax.nn.log_softmax(logits, -1).reshape(b, beam_size, k)
-        children = table[jnp.maximum(nodes, 0)]  # [B, beam, K]
-        ok = (children >= 0) & jnp.isfinite(scores)[..., None]
-        cand = jnp.where(ok, scores[..., None] + logp, -jnp.inf).reshape(b, -1)
-        scores, flat = jax.lax.top_k(cand, beam_size)
-        parent, code = flat // k, flat % k
-        alive = jnp.isfinite(scores)
-        nodes = jnp.where(alive, jnp.take_along_axis(children.reshape(b, -1), flat, 1), -1)
-        codes = jnp.concatenate(
-            [jnp.take_along_axis(codes, parent[..., None], 1), code[..., None]], -1
-        )
-    return codes, nodes, scores
+    caches, memory_kvs = model.start_decoding(memory, beam_size)
+    rows = memory.shape[0] * beam_size
+
+    def step(codes: jax.Array, caches, t: jax.Array):  # the code of level t -> logits of t + 1
+        tokens = NUM_SPECIAL + t * cfg.codebook_size + codes
+        return model.decode_step(tokens, t + 1, caches, memory_kvs, valid)
+
+    logits, caches = model.decode_step(
+        jnp.full((rows,), BOS, jnp.int32), 0, caches, memory_kvs, valid
+    )
+    codes, scores, leaves = shared_beam_search(
+        step, logits, caches, num_beams=beam_size, max_len=cfg.num_levels, eos=jnp.array([-1], jnp.int32),
+        trie=trie, max_fanout=max_fanout, length_penalty=0.0,
+    )  # fmt: skip
+    return codes, leaves, scores
 
 
 @functools.partial(jax.jit, static_argnames=("k",))

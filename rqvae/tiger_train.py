@@ -1,104 +1,131 @@
-"""Trains and evaluates TIGER on a data set with a semantic-ID index file.
+r"""Trains and evaluates TIGER on a data set with a semantic-ID index file.
 
   python -m rqvae.tiger_train --dataset=amazon-scientific-2018 \
       --data_dir=../shared/data/amazon-scientific-2018 \
       --semantic_ids=../shared/data/amazon-scientific-2018/indexes/rqvae_zcr.index.json --out=runs/tiger
 
-Selects the epoch with the best validation Recall@10 and reports test Recall/NDCG
-@1,5,10,20 (item level, full item set, trie-constrained beam search). Writes to --out:
-`metrics.jsonl` (validation per evaluation), `model/` (orbax, nnx.state of the selected
-model) and `result.json`; prints one result line.
+Selects the state with the best validation Recall@10 and reports test Recall/NDCG
+@1,5,10,20 (item level, full item set, trie-constrained beam search). `--out` is an
+`eval.training` run folder (`run.json`, `metrics.jsonl`, `checkpoints/{latest,best}`,
+`result.json`); rerunning the command resumes, a finished run is left alone, and
+`python -m rqvae.evaluate --run=<out>` reloads the best checkpoint and re-evaluates.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import hashlib
+import pathlib
 import time
-from pathlib import Path
+from typing import Any
 
-import orbax.checkpoint as ocp
-from absl import app, flags
-from flax import nnx
+from absl import app, flags, logging
 
 from eval import data
 from eval.allocator import reexec_with_tcmalloc
-from eval.training import RunLogger
-from rqvae.tiger import TigerConfig
+from eval.training import RunDir, load_run_checkpoint, read_run
+from eval.training.flags import (
+    config_defaults,
+    config_flag_values,
+    define_training_flags,
+    training_flag_values,
+)
+from rqvae.tiger import SemanticIndex, Tiger, TigerConfig
 from rqvae.tiger_trainer import (
     TigerTrainConfig,
     as_semantic_index,
     evaluate_tiger,
     fit_tiger,
+    init_state,
     load_index,
 )
 
 KS = (1, 5, 10, 20)
 
 
-def run(dataset: str, data_dir: str, semantic_ids: str, out: str, config: TigerTrainConfig) -> dict:
-    """Trains, selects on validation, evaluates on test; returns (and writes) the result."""
-    ds = data.load(dataset, data_dir)
-    split = data.split(ds)
-    si = as_semantic_index(load_index(semantic_ids, ds))
-    out_dir = Path(out).absolute()
-    logger = RunLogger(out_dir, tensorboard=False)
-    start = time.time()
-    model = fit_tiger(ds, split, si, config, logger)
-    train_s = time.time() - start
+def run_config(
+    dataset: str, data_dir: str, fmt: str | None, semantic_ids: str, config: TigerTrainConfig
+) -> dict:
+    """run.json `config` of a TIGER run (the index file is named by its hash too)."""
+    digest = hashlib.sha256(pathlib.Path(semantic_ids).read_bytes()).hexdigest()[:16]
+    return {"dataset": dataset, "data_dir": str(pathlib.Path(data_dir).absolute()), "format": fmt,
+            "semantic_ids": str(pathlib.Path(semantic_ids).absolute()), "semantic_ids_sha256": digest,
+            "train": dataclasses.asdict(config)}  # fmt: skip
+
+
+def config_of_run(config: dict[str, Any]) -> TigerTrainConfig:
+    train = dict(config["train"])
+    return TigerTrainConfig(**{**train, "model": TigerConfig(**train["model"])})
+
+
+def load_run(run_dir: str | pathlib.Path, which: str = "best", data_dir: str | None = None):
+    """(model, data set, split, semantic index, config, step) of a `tiger_train` run folder."""
+    config = read_run(run_dir)["config"]
+    ds = data.load(config["dataset"], data_dir or config["data_dir"], fmt=config["format"])
+    si = as_semantic_index(load_index(config["semantic_ids"], ds))
+    train = config_of_run(config)
+    state = init_state(train, si)
+    step = load_run_checkpoint(run_dir, state, which)
+    return state.model(), ds, data.split(ds), si, train, step
+
+
+def evaluate_splits(
+    model: Tiger, split: data.Split, si: SemanticIndex, config: TigerTrainConfig
+) -> dict:
     kw = dict(beam_size=config.beam_size, batch_size=config.eval_batch_size)
-    valid = evaluate_tiger(model, split.valid, si, KS, **kw)
-    test = evaluate_tiger(model, split.test, si, KS, **kw)
-    logger.log(0, "test", test)
-    logger.close()
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(out_dir / "model", nnx.state(model), force=True)
-    result = {
-        "model": "TIGER",
-        "dataset": dataset,
-        "semantic_ids": str(semantic_ids),
-        "num_ids": len(si.trie.ids),
-        "colliding_items": si.num_collisions,
-        "config": dataclasses.asdict(dataclasses.replace(config, model=model.cfg)),
-        "valid": valid,
-        "test": test,
-        "train_seconds": train_s,
+    return {
+        name: evaluate_tiger(model, getattr(split, name), si, KS, **kw)
+        for name in ("valid", "test")
     }
-    (out_dir / "result.json").write_text(json.dumps(result, indent=2))
-    print(
-        f"TIGER {dataset} {Path(semantic_ids).name}: "
-        + " ".join(
-            f"{m}@{k}={test[f'{n}@{k}']:.4f}"
-            for m, n in (("Recall", "HR"), ("NDCG", "NDCG"))
-            for k in KS
-        )
+
+
+def result_line(dataset: str, semantic_ids: str, test: dict) -> str:
+    metrics = " ".join(
+        f"{m}@{k}={test[f'{n}@{k}']:.4f}"
+        for m, n in (("Recall", "HR"), ("NDCG", "NDCG"))
+        for k in KS
     )
-    return result
+    return f"TIGER {dataset} {pathlib.Path(semantic_ids).name}: {metrics}"
+
+
+def run(dataset: str, data_dir: str, semantic_ids: str, out: str, config: TigerTrainConfig,
+        fmt: str | None = None, overwrite: bool = False, progress: bool = True) -> dict:  # fmt: skip
+    """Trains, selects on validation, evaluates on test; returns (and writes) the result."""
+    with RunDir(
+        out, "tiger", run_config(dataset, data_dir, fmt, semantic_ids, config), overwrite=overwrite
+    ) as rd:
+        if rd.result is not None:
+            logging.info("--out=%s is a finished run; its result.json is kept", rd.path)
+            return rd.result
+        ds = data.load(dataset, data_dir, fmt=fmt)
+        split = data.split(ds)
+        si = as_semantic_index(load_index(semantic_ids, ds))
+        start = time.time()
+        model = fit_tiger(ds, split, si, config, rd, progress)
+        result = {
+            "model": "TIGER", "dataset": dataset, "semantic_ids": str(semantic_ids), "num_ids": len(si.ids),
+            "colliding_items": si.num_collisions, "train_seconds": time.time() - start,
+            **evaluate_splits(model, split, si, config),
+        }  # fmt: skip
+        rd.write_result(result)
+        return result
 
 
 def _define_flags() -> None:
     d, t = TigerConfig(), TigerTrainConfig()
-    flags.DEFINE_string("dataset", None, "Data set name (eval.data.DATASETS).", required=True)
-    flags.DEFINE_string("data_dir", None, "Folder with the data set's raw files.", required=True)
+    define_training_flags(config_defaults(t), required=("dataset", "data_dir", "out"))
     flags.DEFINE_string(
         "semantic_ids", None, "Index json {0-based item: ['<a_1>', ...]}.", required=True
     )
-    flags.DEFINE_string("out", None, "Output folder.", required=True)
-    flags.DEFINE_integer("epochs", t.epochs, "Training epochs (upper bound with early stopping).")
-    flags.DEFINE_integer("batch_size", t.batch_size, "Training batch size.")
-    flags.DEFINE_float("lr", t.lr, "Peak AdamW learning rate.")
     flags.DEFINE_float("weight_decay", t.weight_decay, "AdamW weight decay.")
     flags.DEFINE_integer("warmup_steps", t.warmup_steps, "Linear warm-up steps.")
     flags.DEFINE_integer("beam_size", t.beam_size, "Beam size of the constrained beam search.")
-    flags.DEFINE_integer("eval_every", t.eval_every, "Epochs between validations.")
-    flags.DEFINE_integer("patience", t.patience, "Validations without improvement before stopping.")
     flags.DEFINE_integer(
         "max_valid", t.max_valid, "Validation examples used for selection (default all)."
     )
     flags.DEFINE_integer(
         "max_targets", t.max_targets, "Train on each user's last N positions only (default all)."
     )
-    flags.DEFINE_integer("seed", t.seed, "Random seed.")
     flags.DEFINE_integer("d_model", d.d_model, "Model width.")
     flags.DEFINE_integer("num_layers", d.encoder_layers, "Encoder and decoder layers (each).")
     flags.DEFINE_integer("num_heads", d.num_heads, "Attention heads.")
@@ -112,16 +139,18 @@ def _define_flags() -> None:
 def main(argv: list[str]) -> None:
     del argv
     f = flags.FLAGS
+    shared = training_flag_values()
     model = TigerConfig(
         d_model=f.d_model, num_heads=f.num_heads, head_dim=f.head_dim, d_ff=f.d_ff, encoder_layers=f.num_layers,
         decoder_layers=f.num_layers, dropout=f.dropout, num_user_buckets=f.num_user_buckets, max_items=f.max_items,
     )  # fmt: skip
     config = TigerTrainConfig(
-        model=model, epochs=f.epochs, batch_size=f.batch_size, lr=f.lr, weight_decay=f.weight_decay,
-        warmup_steps=f.warmup_steps, beam_size=f.beam_size, eval_every=f.eval_every, patience=f.patience,
-        max_valid=f.max_valid, max_targets=f.max_targets, seed=f.seed,
+        model=model, weight_decay=f.weight_decay, warmup_steps=f.warmup_steps, beam_size=f.beam_size,
+        max_valid=f.max_valid, max_targets=f.max_targets, **config_flag_values(),
     )  # fmt: skip
-    run(f.dataset, f.data_dir, f.semantic_ids, f.out, config)
+    result = run(shared["dataset"], shared["data_dir"], f.semantic_ids, shared["out"], config,
+                 shared["format"], shared["overwrite"])  # fmt: skip
+    print(result_line(shared["dataset"], f.semantic_ids, result["test"]))
 
 
 if __name__ == "__main__":

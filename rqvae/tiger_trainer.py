@@ -4,19 +4,19 @@
   lists = rank_items(model, split.test, index, k=20)      # [E, 20] item ids, 0 = empty
 
 Training examples are every prefix of every training sequence, or of its last
-`max_targets` positions (history = the last `max_items` items before the target, left-padded), teacher-forced cross-entropy on the
-target's L codes, AdamW with linear warm-up. The model with the best validation
-Recall@10 (trie-constrained beam search, item level) is returned.
+`max_targets` positions (history = the last `max_items` items before the target,
+left-padded), teacher-forced cross-entropy on the target's L codes, AdamW with linear
+warm-up, on the shared loop (`eval.training.fit`: checkpoints, resume, early stopping).
+The state with the best validation Recall@10 (trie-constrained beam search, item level)
+is returned.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,9 @@ from eval.data.dataset import Dataset, EvalExamples
 from eval.data.examples import batches, pad, prefix_source
 from eval.data.splits import Split
 from eval.metrics import DEFAULT_KS, metrics_from_ranks, ranks_from_lists
-from eval.training import EarlyStopping, RunLogger
+from eval.training import LoopConfig, RunDir, Task, TrainState, fit
+from eval.training.flags import eval_every_steps, total_steps
+from eval.training.optim import OptimizerConfig, make_optimizer
 from rqvae import ids
 from rqvae.tiger import (
     PAD,
@@ -51,14 +53,15 @@ class TigerTrainConfig:
     """Training options; `model.num_levels` / `codebook_size` are taken from the index."""
 
     model: TigerConfig = TigerConfig()
-    epochs: int = 200
+    num_epochs: int = 200
+    max_steps: int | None = None  # when set, overrides num_epochs
     batch_size: int = 256
-    lr: float = 1e-3
+    learning_rate: float = 1e-3
     weight_decay: float = 0.035
     warmup_steps: int = 1000
     beam_size: int = 20
-    eval_every: int = 5  # epochs
-    patience: int | None = 5  # evaluations without a better validation Recall@10
+    eval_every: int | None = None  # steps; default once per epoch
+    patience: int | None = 10  # evaluations without a better validation Recall@10
     max_valid: int | None = None  # validation examples used for selection (fixed seeded subset)
     max_targets: int | None = None  # train on each user's last max_targets positions only
     eval_batch_size: int = 256
@@ -88,33 +91,21 @@ def _item_tokens(si: SemanticIndex) -> jax.Array:
     return jnp.asarray(tokens, jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
-def train_step(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    item_tokens: jax.Array,
-    item_codes: jax.Array,
-    batch: dict,
-    key: jax.Array,
-) -> tuple[nnx.State, jax.Array]:
-    """One AdamW step of teacher-forced cross-entropy on a batch of (user, history, target)."""
-    model, optimizer = nnx.merge(graphdef, state)
-    enc = encoder_tokens(item_tokens, batch["user"], batch["history"], model.cfg)
-    target = item_codes[batch["target"]]
-
-    def loss_fn(model: Tiger):
-        logits = model(enc, target, key)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, target).mean()
-
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)
-    return nnx.state((model, optimizer)), loss
+def tiger_loss(model: Tiger, batch: dict[str, jax.Array], rng: jax.Array):
+    """Teacher-forced cross-entropy of a batch of (user, history, target) on the target's
+    codes; `batch` also holds the index tables `item_tokens` and `item_codes`."""
+    enc = encoder_tokens(batch["item_tokens"], batch["user"], batch["history"], model.cfg)
+    target = batch["item_codes"][batch["target"]]
+    logits = model(enc, target, rng)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, target).mean(), {}
 
 
-@functools.partial(jax.jit, static_argnames=("beam_size", "k"))
-def _rank_batch(model, item_tokens, users, history, tables, id_items, beam_size: int, k: int):
+@functools.partial(jax.jit, static_argnames=("max_fanout", "beam_size", "k"))
+def _rank_batch(
+    model, item_tokens, users, history, trie, max_fanout, id_items, beam_size: int, k: int
+):
     enc = encoder_tokens(item_tokens, users, history, model.cfg)
-    _, leaves, _ = beam_search(model, enc, tables, beam_size)
+    _, leaves, _ = beam_search(model, enc, trie, beam_size, max_fanout)
     return leaves_to_items(leaves, id_items, k)
 
 
@@ -133,7 +124,7 @@ def rank_items(
     if si.num_levels != cfg.num_levels:
         raise ValueError(f"index has {si.num_levels} levels, the model {cfg.num_levels}")
     item_tokens, id_items = _item_tokens(si), jnp.asarray(si.id_items)
-    tables = tuple(jnp.asarray(t) for t in si.trie.tables)
+    trie = si.trie.arrays()
     history = pad(examples.history, cfg.max_items, "left")
     users = user_buckets(examples.users, cfg.num_user_buckets)
     batch_size = min(batch_size, max(len(rows), 1))
@@ -146,7 +137,8 @@ def rank_items(
             item_tokens,
             jnp.asarray(users[padded]),
             jnp.asarray(history[padded]),
-            tables,
+            trie,
+            si.trie.max_fanout,
             id_items,
             beam_size,
             k,
@@ -170,9 +162,29 @@ def evaluate_tiger(
     }
 
 
+def model_config(config: TigerTrainConfig, index: SemanticIndex) -> TigerConfig:
+    """The architecture with the index's number of levels and codebook size."""
+    return dataclasses.replace(
+        config.model, num_levels=index.num_levels, codebook_size=index.codebook_size
+    )
+
+
+def init_state(config: TigerTrainConfig, index: SemanticIndex, total: int = 1) -> TrainState:
+    """A fresh TIGER model (seeded) and AdamW with linear warm-up, split for the loop."""
+    model = Tiger(
+        model_config(config, index), rngs=nnx.Rngs(jax.random.split(jax.random.key(config.seed))[0])
+    )
+    opt = OptimizerConfig(
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+    )
+    return TrainState(model, make_optimizer(opt, total))
+
+
 def fit_tiger(
     ds: Dataset, split: Split, index: Index, config: TigerTrainConfig = TigerTrainConfig(),
-    logger: RunLogger | None = None,
+    run: RunDir | None = None, progress: bool = False,
 ) -> Tiger:  # fmt: skip
     """Trains TIGER on `split.train`; returns the model with the best validation Recall@10."""
     si = as_semantic_index(index)
@@ -180,23 +192,15 @@ def fit_tiger(
         raise ValueError(
             f"fit_tiger: the index covers {si.item_codes.shape[0] - 1} items, {ds.name} has {ds.num_items}"
         )
-    cfg = dataclasses.replace(
-        config.model, num_levels=si.num_levels, codebook_size=si.codebook_size
-    )
+    cfg = model_config(config, si)
     source = prefix_source(split.train, cfg.max_items, "left", max_targets=config.max_targets)
     source.arrays["user"] = user_buckets(source.arrays["user"], cfg.num_user_buckets)
     if len(source) == 0:
         raise ValueError("fit_tiger: the training split has no (history, next item) example")
     batch_size = min(config.batch_size, len(source))
     steps_per_epoch = len(source) // batch_size
-    key = jax.random.key(config.seed)
-    init_key, train_key = jax.random.split(key)
-    model = Tiger(cfg, rngs=nnx.Rngs(init_key))
-    schedule = optax.linear_schedule(0.0, config.lr, max(config.warmup_steps, 1))
-    optimizer = nnx.Optimizer(
-        model, optax.adamw(schedule, weight_decay=config.weight_decay), wrt=nnx.Param
-    )
-    item_tokens, item_codes = _item_tokens(si), jnp.asarray(si.item_codes, jnp.int32)
+    total = total_steps(steps_per_epoch, config.num_epochs, config.max_steps)
+    state = init_state(config, si, total)
     valid_rows = np.arange(len(split.valid))
     if config.max_valid is not None and config.max_valid < len(valid_rows):
         valid_rows = np.sort(
@@ -206,49 +210,21 @@ def fit_tiger(
         "TIGER: %d training examples, %d steps/epoch, %s", len(source), steps_per_epoch, cfg
     )
 
-    stopper, best_state, start = EarlyStopping(config.patience), None, time.time()
-    graphdef, state = nnx.split((model, optimizer))
-    loader = batches(source, batch_size, seed=config.seed, num_epochs=config.epochs)
-    losses = []
-    for step, batch in enumerate(loader, 1):
-        state, loss = train_step(
-            graphdef, state, item_tokens, item_codes, batch, jax.random.fold_in(train_key, step)
-        )
-        losses.append(loss)
-        epoch, rest = divmod(step, steps_per_epoch)
-        if rest or (epoch % config.eval_every and epoch != config.epochs):
-            continue
-        model, _ = nnx.merge(graphdef, state)
-        metrics = evaluate_tiger(
-            model,
-            split.valid,
-            si,
-            (1, 5, 10, 20),
-            beam_size=config.beam_size,
-            batch_size=config.eval_batch_size,
-            rows=valid_rows,
-        )
-        record: dict[str, Any] = {
-            "epoch": epoch,
-            "loss": float(np.mean(jax.device_get(losses))),
-            **metrics,
-            "elapsed_s": time.time() - start,
-        }
-        losses = []
-        logging.info(
-            "epoch %d %s",
-            epoch,
-            " ".join(
-                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-            ),
-        )
-        if logger is not None:
-            logger.log(step, "valid", record)
-        if metrics["HR@10"] > stopper.best:
-            best_state = jax.device_get(nnx.state(model))
-        if stopper.update(metrics["HR@10"]):
-            break
-    model, _ = nnx.merge(graphdef, state)
-    if best_state is not None:
-        nnx.update(model, best_state)
-    return model
+    def validate(model: Tiger) -> dict:
+        return evaluate_tiger(
+            model, split.valid, si, (1, 5, 10, 20), beam_size=config.beam_size,
+            batch_size=config.eval_batch_size, rows=valid_rows,
+        )  # fmt: skip
+
+    task = Task(
+        loss=tiger_loss,
+        batches=lambda start: batches(source, batch_size, seed=config.seed, num_epochs=None, start_batch=start),
+        validate=validate if len(valid_rows) else None,
+        constants={"item_tokens": _item_tokens(si), "item_codes": jnp.asarray(si.item_codes, jnp.int32)},
+    )  # fmt: skip
+    loop = LoopConfig(
+        total, eval_every_steps(config.eval_every, steps_per_epoch), config.patience, "HR@10",
+        seed=config.seed, progress=progress, desc="tiger",
+    )  # fmt: skip
+    fit(state, task, loop, run)
+    return state.model()

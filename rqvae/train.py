@@ -1,31 +1,42 @@
-"""Trains an RQ-VAE on an item-embedding matrix and exports semantic IDs.
+r"""Trains an RQ-VAE on an item-embedding matrix and exports semantic IDs.
 
-  python -m rqvae.train --embeddings=items.npy --out=runs/rqvae
+  python -m rqvae.train --embeddings=items.npy --out=runs/rqvae [--dedup=reassign]
 
-Writes to --out: `model/` (orbax checkpoint of nnx.state), `model_config.json`,
-`history.json`, `semantic_ids.json` (raw L-level codes, collisions kept) and, with
---dedup=extra|reassign, `semantic_ids_<dedup>.json` (collision-free, see rqvae.ids).
+Runs on the shared loop (`eval.training.fit`): every `eval_every` steps the whole
+catalogue is encoded (reconstruction loss, codebook usage, perplexity, collisions are
+logged), the state with the lowest reconstruction loss is kept as `best`, and codes unused
+since the previous evaluation are re-seeded (dead-code restarts; their state is what
+`latest` holds). `--out` is a run folder (`run.json`, `metrics.jsonl`,
+`checkpoints/{latest,best}`, `result.json`) plus `semantic_ids.json` (the best model's raw
+L-level codes, collisions kept) and, with --dedup=extra|reassign,
+`semantic_ids_<dedup>.json` (collision-free, see rqvae.ids). A rerun resumes; a finished
+run is left alone. `python -m rqvae.evaluate --run=<out>` reloads and re-encodes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
-import time
-from pathlib import Path
+import hashlib
+import pathlib
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from flax import nnx
 
 from eval.allocator import reexec_with_tcmalloc
+from eval.data.examples import ArraySource, batches
+from eval.training import LoopConfig, RunDir, Task, TrainState, fit, load_run_checkpoint, read_run
+from eval.training.flags import (
+    config_defaults,
+    config_flag_values,
+    define_training_flags,
+    total_steps,
+    training_flag_values,
+)
+from eval.training.optim import OptimizerConfig, make_optimizer
 from rqvae import ids
 from rqvae.model import RQVAE, RQVAEConfig, config_from_dict
 from rqvae.stats import code_stats
@@ -36,12 +47,14 @@ class TrainConfig:
     """Training options; `model` holds the architecture."""
 
     model: RQVAEConfig = RQVAEConfig()
-    epochs: int = 1000
+    num_epochs: int = 1000
+    max_steps: int | None = None  # when set, overrides num_epochs
     batch_size: int = 1024
-    lr: float = 1e-3
+    learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     seed: int = 0
     eval_every: int = 1000  # steps; also the window for dead-code restarts
+    patience: int | None = None  # evaluations without a lower reconstruction loss
     kmeans_init: bool = True
     kmeans_init_method: str = "kmeans++"  # kmeans++ | random
     kmeans_iters: int = 25
@@ -51,6 +64,12 @@ class TrainConfig:
     gumbel_tau_end: float = 0.1
     eval_chunk: int = 8192  # items per forward pass at evaluation
 
+    def __post_init__(self):
+        if self.num_epochs < 1 or self.batch_size < 1 or self.eval_every < 1:
+            raise ValueError(
+                f"TrainConfig: num_epochs, batch_size, eval_every must be >= 1, got {self}"
+            )
+
 
 def gumbel_tau(step: int, total_steps: int, cfg: TrainConfig) -> float:
     """Exponential temperature schedule tau_start -> tau_end over total_steps."""
@@ -58,63 +77,16 @@ def gumbel_tau(step: int, total_steps: int, cfg: TrainConfig) -> float:
     return cfg.gumbel_tau_start * (cfg.gumbel_tau_end / cfg.gumbel_tau_start) ** frac
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
-def train_step(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    x_all: jax.Array,
-    idx: jax.Array,
-    step: jax.Array,
-    key: jax.Array,
-    tau: jax.Array,
-) -> tuple[nnx.State, dict[str, jax.Array]]:
-    """One AdamW step on the batch x_all[idx] (plus EMA / usage updates).
+def rqvae_loss(model: RQVAE, batch: dict[str, jax.Array], rng: jax.Array):
+    """`(loss, aux)` of a batch `x` [B, D] at Gumbel temperature `tau` (the step's rng)."""
+    loss, aux = model.loss(batch["x"], tau=batch["tau"], key=rng)
+    keep = ("recon_loss", "vq_loss", "codes", "residuals")
+    return loss, {k: aux[k] for k in keep}
 
-    step seeds the Gumbel noise (fold_in(key, step)); tau is its temperature.
 
-    Works on the split (model, optimizer) state, donated: plain jax.jit over
-    nnx.split/merge avoids nnx.jit's per-call graph traversal (~25 ms per step here).
-    """
-    model, optimizer = nnx.merge(graphdef, state)
-    x = x_all[idx]
-    step_key = jax.random.fold_in(key, step)
-
-    def loss_fn(model: RQVAE):
-        return model.loss(x, tau=tau, key=step_key)
-
-    (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    optimizer.update(model, grads)
+def update_usage_and_ema(model: RQVAE, aux: dict[str, jax.Array]) -> None:
+    """After the optimizer update: code usage counts and EMA codebooks."""
     model.update_usage_and_ema(aux["codes"], aux["residuals"])
-    return nnx.state((model, optimizer)), dict(
-        loss=loss, recon_loss=aux["recon_loss"], vq_loss=aux["vq_loss"]
-    )
-
-
-def batch_indices(n: int, batch_size: int, epochs: int, seed: int) -> grain.MapDataset:
-    """Deterministic batches of item indices: a fresh seeded permutation per epoch, the
-    last n % batch_size items of each permutation dropped (static batch shape).
-
-    One grain record per batch: per-item records (MapDataset.shuffle().batch()) cost
-    ~0.1 ms each in Python, which dominated the step time.
-    """
-    steps_per_epoch = n // batch_size
-
-    @functools.lru_cache(maxsize=2)
-    def permutation(epoch: int) -> np.ndarray:
-        return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
-
-    def batch(step: int) -> np.ndarray:
-        epoch, i = divmod(int(step), steps_per_epoch)
-        return permutation(epoch)[i * batch_size : (i + 1) * batch_size]
-
-    return grain.MapDataset.range(epochs * steps_per_epoch).map(batch)
-
-
-@functools.cache
-def _adamw(lr: float, weight_decay: float) -> optax.GradientTransformation:
-    """One transform object per setting: it is static in the optimizer's graphdef, so
-    reusing it lets repeated train_rqvae calls hit the jit cache."""
-    return optax.adamw(lr, weight_decay=weight_decay)
 
 
 _restart = nnx.jit(RQVAE.restart_dead_codes)
@@ -145,109 +117,95 @@ def encode_items(
     return codes, res, float(recon.mean())
 
 
-def _log_eval(step: int, recon: float, s: dict[str, Any], restarted: list[int]) -> None:
-    usage = " ".join(f"{u:.3f}" for u in s["usage"])
-    ppl = " ".join(f"{p:.1f}" for p in s["perplexity"])
-    logging.info(
-        "step %d recon=%.5f usage=[%s] perplexity=[%s] unique_items=%.4f "
-        "collision_groups=%d max_group=%d restarted=%s",
-        step,
-        recon,
-        usage,
-        ppl,
-        s["unique_item_share"],
-        s["collision_groups"],
-        s["max_group"],
-        restarted,
-    )
+def evaluate_codes(
+    model: RQVAE, x: np.ndarray, chunk: int = 8192
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """(codes [N, L], {"recon_loss", usage, perplexity, collisions, ...}) of every item."""
+    codes, _, recon = encode_items(model, x, chunk)
+    return codes, {"recon_loss": recon, **code_stats(codes, model.config.codebook_size)}
 
 
-def train_rqvae(
-    embeddings: np.ndarray, config: TrainConfig = TrainConfig()
-) -> tuple[RQVAE, np.ndarray, list[dict[str, Any]]]:
-    """Trains an RQ-VAE on embeddings [N, D]; returns (model, codes [N, L], history).
-
-    history holds one dict per evaluation (every `eval_every` steps and at the end):
-    step, loss, recon_loss, usage, perplexity, unique_item_share, collision_groups,
-    max_group, unique_ids, restarted (dead codes re-seeded per level), elapsed_s.
-    """
+def _checked(embeddings: np.ndarray) -> np.ndarray:
     x = np.asarray(embeddings, np.float32)
     if x.ndim != 2 or not np.all(np.isfinite(x)):
         raise ValueError(f"embeddings must be a finite [N, D] matrix, got shape {x.shape}")
-    n = x.shape[0]
-    if config.epochs < 1 or config.batch_size < 1 or config.eval_every < 1:
-        raise ValueError(f"TrainConfig: epochs, batch_size, eval_every must be >= 1, got {config}")
-    mcfg = config.model
-    batch_size = min(config.batch_size, n)
-    total_steps = config.epochs * (n // batch_size)
-    key = jax.random.key(config.seed)
-    init_key, kmeans_key, train_key, restart_key, sample_key = jax.random.split(key, 5)
+    return x
 
-    model = RQVAE(x.shape[1], mcfg, rngs=nnx.Rngs(params=init_key))
+
+def _keys(seed: int) -> dict[str, jax.Array]:
+    names = ("init", "kmeans", "unused", "restart", "sample")
+    return dict(zip(names, jax.random.split(jax.random.key(seed), len(names)), strict=True))
+
+
+def init_model(x: np.ndarray, config: TrainConfig) -> RQVAE:
+    """A fresh RQ-VAE for inputs x: standardisation moments and k-means codebooks (seeded)."""
+    keys = _keys(config.seed)
+    init_key, kmeans_key, sample_key = keys["init"], keys["kmeans"], keys["sample"]
+    model = RQVAE(x.shape[1], config.model, rngs=nnx.Rngs(params=init_key))
     x_dev = jnp.asarray(x)
-    if mcfg.standardize:
+    if config.model.standardize:
         model.set_standardization(x_dev)
     if config.kmeans_init:
-        sub = jax.random.permutation(sample_key, n)[: config.kmeans_max_items]
+        sub = jax.random.permutation(sample_key, len(x))[: config.kmeans_max_items]
         model.init_codebooks_kmeans(
             x_dev[sub], kmeans_key, iters=config.kmeans_iters, init=config.kmeans_init_method
         )
-    optimizer = nnx.Optimizer(model, _adamw(config.lr, config.weight_decay), wrt=nnx.Param)
+    return model
 
-    batches = batch_indices(n, batch_size, config.epochs, config.seed)
+
+def _state(model: RQVAE, config: TrainConfig, steps: int) -> TrainState:
+    opt = OptimizerConfig(learning_rate=config.learning_rate, weight_decay=config.weight_decay)
+    return TrainState(model, make_optimizer(opt, steps))
+
+
+def train_rqvae(
+    embeddings: np.ndarray, config: TrainConfig = TrainConfig(), run: RunDir | None = None,
+    progress: bool = False,
+) -> tuple[RQVAE, np.ndarray, list[dict[str, Any]]]:  # fmt: skip
+    """Trains an RQ-VAE on embeddings [N, D]; returns (best model, its codes [N, L], history).
+
+    history: the evaluations of this call (step, recon_loss, usage, perplexity,
+    unique_item_share, collision_groups, max_group, unique_ids, restarted per level).
+    """
+    x = _checked(embeddings)
+    batch_size = min(config.batch_size, len(x))
+    total = total_steps(len(x) // batch_size, config.num_epochs, config.max_steps)
+    state = _state(init_model(x, config), config, total)
+    x_dev = jnp.asarray(x)
+    restart_key = _keys(config.seed)["restart"]
     history: list[dict[str, Any]] = []
-    start = time.time()
-    graphdef, state = nnx.split((model, optimizer))
-    for step in range(1, total_steps + 1):
-        tau = np.float32(gumbel_tau(step - 1, total_steps, config))
-        state, metrics = train_step(
-            graphdef, state, x_dev, batches[step - 1], np.int32(step - 1), train_key, tau
+
+    def source(start: int):
+        loader = batches(
+            ArraySource({"x": x}), batch_size, seed=config.seed, num_epochs=None, start_batch=start
         )
-        if step % config.eval_every == 0 or step == total_steps:
-            nnx.update((model, optimizer), state)
-            codes, _, recon = encode_items(model, x, config.eval_chunk)
-            s = code_stats(codes, mcfg.codebook_size)
-            restarted = [0] * mcfg.num_levels
-            if config.restart_dead_codes and step < total_steps:
-                restarted = np.asarray(
-                    _restart(model, x_dev, jax.random.fold_in(restart_key, step))
-                ).tolist()
-                state = nnx.state((model, optimizer))
-            history.append(
-                dict(
-                    step=step,
-                    loss=float(metrics["loss"]),
-                    recon_loss=recon,
-                    restarted=restarted,
-                    elapsed_s=time.time() - start,
-                    **s,
-                )
-            )
-            _log_eval(step, recon, s, restarted)
+        for step, batch in enumerate(loader, start):
+            yield {**batch, "tau": np.float32(gumbel_tau(step, total, config))}
+
+    def validate(model: RQVAE) -> dict[str, Any]:
+        history.append(evaluate_codes(model, x, config.eval_chunk)[1])
+        return history[-1]
+
+    def restart(model: RQVAE, step: int) -> dict[str, Any]:
+        restarted = [0] * config.model.num_levels
+        if config.restart_dead_codes and step < total:
+            restarted = np.asarray(
+                _restart(model, x_dev, jax.random.fold_in(restart_key, step))
+            ).tolist()
+        history[-1] |= {"step": step, "restarted": restarted}
+        logging.info("step %d recon=%.5f usage=%s unique_items=%.4f collision_groups=%d restarted=%s",
+                     step, history[-1]["recon_loss"], [round(u, 3) for u in history[-1]["usage"]],
+                     history[-1]["unique_item_share"], history[-1]["collision_groups"], restarted)  # fmt: skip
+        return {"restarted": restarted}
+
+    task = Task(loss=rqvae_loss, batches=source, validate=validate, after_update=update_usage_and_ema,
+                after_eval=restart)  # fmt: skip
+    loop = LoopConfig(total, config.eval_every, config.patience, "recon_loss", "min", seed=config.seed,
+                      progress=progress, desc="rqvae")  # fmt: skip
+    fit(state, task, loop, run)
+    model = state.model()
+    codes, _ = evaluate_codes(model, x, config.eval_chunk)
     return model, codes, history
-
-
-def save_model(model: RQVAE, out_dir: str | Path, input_dim: int) -> None:
-    """Orbax checkpoint of nnx.state(model) in out_dir/model plus out_dir/model_config.json."""
-    out_dir = Path(out_dir).absolute()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "model_config.json").write_text(
-        json.dumps(dict(input_dim=input_dim, **dataclasses.asdict(model.config)), indent=1)
-    )
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(out_dir / "model", nnx.state(model), force=True)
-    checkpointer.wait_until_finished()
-
-
-def load_model(out_dir: str | Path) -> RQVAE:
-    """Restores a model written by save_model."""
-    out_dir = Path(out_dir).absolute()
-    cfg = json.loads((out_dir / "model_config.json").read_text())
-    input_dim = cfg.pop("input_dim")
-    abstract = nnx.eval_shape(lambda: RQVAE(input_dim, config_from_dict(cfg), rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
-    state = ocp.StandardCheckpointer().restore(out_dir / "model", abstract_state)
-    return nnx.merge(graphdef, state)
 
 
 def collision_free_codes(
@@ -264,87 +222,105 @@ def collision_free_codes(
     raise ValueError(f"collision-free method {method!r}: expected 'extra' or 'reassign'")
 
 
+def run_config(embeddings: str, config: TrainConfig, dedup: str) -> dict[str, Any]:
+    """run.json `config` of an `rqvae.train` run (the embeddings file is named by its hash too)."""
+    digest = hashlib.sha256(pathlib.Path(embeddings).read_bytes()).hexdigest()[:16]
+    return {"embeddings": str(pathlib.Path(embeddings).absolute()), "embeddings_sha256": digest,
+            "train": dataclasses.asdict(config), "dedup": dedup}  # fmt: skip
+
+
+def config_of_run(config: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig recorded in a run's run.json `config`."""
+    train = dict(config["train"])
+    return TrainConfig(**{**train, "model": config_from_dict(train["model"])})
+
+
+def load_run(run_dir: str | pathlib.Path, which: str = "best") -> tuple[RQVAE, np.ndarray, int]:
+    """(model, embeddings, step) of an `rqvae.train` run folder's checkpoint `which`."""
+    config = read_run(run_dir)["config"]
+    x = _checked(np.load(config["embeddings"]))
+    cfg = config_of_run(config)
+    state = _state(RQVAE(x.shape[1], cfg.model, rngs=nnx.Rngs(0)), cfg, 1)
+    step = load_run_checkpoint(run_dir, state, which)
+    return state.model(), x, step
+
+
+def train_run(embeddings: str, out: str, config: TrainConfig, dedup: str = "none",
+              overwrite: bool = False, progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """`python -m rqvae.train`: trains into the run folder `out`, writes the index files."""
+    emb = np.load(embeddings)
+    if emb.ndim != 2:
+        raise ValueError(f"--embeddings={embeddings}: expected a 2-D array, got {emb.shape}")
+    outputs = ("semantic_ids.json", f"semantic_ids_{dedup}.json")
+    with RunDir(
+        out, "rqvae", run_config(embeddings, config, dedup), overwrite=overwrite, outputs=outputs
+    ) as run:
+        if run.result is not None:
+            logging.info("--out=%s is a finished run; its result.json is kept", run.path)
+            return run.result
+        model, codes, _ = train_rqvae(emb, config, run, progress)
+        ids.write_index(run.path / "semantic_ids.json", codes)
+        if dedup != "none":
+            unique = collision_free_codes(model, emb, codes, dedup)
+            ids.write_index(run.path / f"semantic_ids_{dedup}.json", unique)
+        result = {"items": len(codes), **evaluate_codes(model, emb)[1]}
+        run.write_result(result)
+        return result
+
+
 def _define_flags() -> None:
-    flags.DEFINE_string("embeddings", None, "Item embeddings, .npy float matrix [num_items, dim].")
-    flags.DEFINE_string("out", None, "Output directory.")
-    flags.DEFINE_integer("num_levels", 3, "Quantisation levels L.")
-    flags.DEFINE_integer("codebook_size", 256, "Codes per level K.")
-    flags.DEFINE_integer("code_dim", 32, "Latent / code dimension.")
+    t, m = TrainConfig(), RQVAEConfig()
+    define_training_flags(config_defaults(t), skip=("dataset", "data_dir"), required=("out",))
+    flags.DEFINE_string(
+        "embeddings", None, "Item embeddings, .npy float matrix [num_items, dim].", required=True
+    )
+    flags.DEFINE_integer("num_levels", m.num_levels, "Quantisation levels L.")
+    flags.DEFINE_integer("codebook_size", m.codebook_size, "Codes per level K.")
+    flags.DEFINE_integer("code_dim", m.code_dim, "Latent / code dimension.")
     flags.DEFINE_list(
-        "hidden_dims", ["512", "256", "128"], "Encoder hidden sizes (decoder mirrors)."
+        "hidden_dims", [str(h) for h in m.hidden_dims], "Encoder hidden sizes (decoder mirrors)."
     )
-    flags.DEFINE_enum("activation", "relu", ["relu", "silu"], "MLP activation.")
-    flags.DEFINE_integer("epochs", 1000, "Training epochs.")
-    flags.DEFINE_integer("batch_size", 1024, "Batch size (capped at the number of items).")
-    flags.DEFINE_float("lr", 1e-3, "AdamW learning rate.")
-    flags.DEFINE_float("weight_decay", 1e-4, "AdamW weight decay.")
-    flags.DEFINE_float("beta", 0.25, "Commitment weight.")
-    flags.DEFINE_integer("seed", 0, "Random seed (init, k-means, shuffling, Gumbel noise).")
-    flags.DEFINE_enum("quantizer", "ste", ["ste", "rotation", "gumbel"], "Gradient estimator.")
-    flags.DEFINE_bool("ema", False, "EMA codebook updates instead of the codebook loss.")
-    flags.DEFINE_bool("standardize", False, "Standardise each input dimension.")
+    flags.DEFINE_enum("activation", m.activation, ["relu", "silu"], "MLP activation.")
+    flags.DEFINE_float("weight_decay", t.weight_decay, "AdamW weight decay.")
+    flags.DEFINE_float("beta", m.beta, "Commitment weight.")
     flags.DEFINE_enum(
-        "recon", "sum", ["sum", "mean"], "Reconstruction loss: sum or mean over dims."
+        "quantizer", m.quantizer, ["ste", "rotation", "gumbel"], "Gradient estimator."
     )
-    flags.DEFINE_integer("eval_every", 1000, "Steps between evaluations / dead-code restarts.")
-    flags.DEFINE_bool("kmeans_init", True, "Initialise codebooks by k-means on residuals.")
-    flags.DEFINE_enum("kmeans_init_method", "kmeans++", ["kmeans++", "random"], "k-means seeding.")
-    flags.DEFINE_bool("restart_dead_codes", True, "Re-seed codes unused over an eval window.")
+    flags.DEFINE_bool("ema", m.ema, "EMA codebook updates instead of the codebook loss.")
+    flags.DEFINE_bool("standardize", m.standardize, "Standardise each input dimension.")
     flags.DEFINE_enum(
-        "dedup",
-        "none",
-        ["none", "extra", "reassign"],
-        "Also write collision-free IDs to semantic_ids_<dedup>.json.",
+        "recon", m.recon, ["sum", "mean"], "Reconstruction loss: sum or mean over dims."
     )
+    flags.DEFINE_bool("kmeans_init", t.kmeans_init, "Initialise codebooks by k-means on residuals.")
+    flags.DEFINE_enum(
+        "kmeans_init_method", t.kmeans_init_method, ["kmeans++", "random"], "k-means seeding."
+    )
+    flags.DEFINE_bool(
+        "restart_dead_codes", t.restart_dead_codes, "Re-seed codes unused over an eval window."
+    )
+    flags.DEFINE_enum("dedup", "none", ["none", "extra", "reassign"],
+                      "Also write collision-free IDs to semantic_ids_<dedup>.json.")  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
-    f = flags.FLAGS
     del argv
-    if not f.embeddings or not f.out:
-        raise app.UsageError("--embeddings=FILE.npy and --out=DIR are required")
-    emb = np.load(f.embeddings)
-    if emb.ndim != 2:
-        raise app.UsageError(f"--embeddings={f.embeddings}: expected a 2-D array, got {emb.shape}")
+    f = flags.FLAGS
+    shared = training_flag_values(skip=("dataset", "data_dir"))
+    model = RQVAEConfig(
+        hidden_dims=tuple(int(h) for h in f.hidden_dims), code_dim=f.code_dim, num_levels=f.num_levels,
+        codebook_size=f.codebook_size, activation=f.activation, quantizer=f.quantizer, ema=f.ema,
+        beta=f.beta, recon=f.recon, standardize=f.standardize,
+    )  # fmt: skip
     config = TrainConfig(
-        model=RQVAEConfig(
-            hidden_dims=tuple(int(h) for h in f.hidden_dims),
-            code_dim=f.code_dim,
-            num_levels=f.num_levels,
-            codebook_size=f.codebook_size,
-            activation=f.activation,
-            quantizer=f.quantizer,
-            ema=f.ema,
-            beta=f.beta,
-            recon=f.recon,
-            standardize=f.standardize,
-        ),
-        epochs=f.epochs,
-        batch_size=f.batch_size,
-        lr=f.lr,
-        weight_decay=f.weight_decay,
-        seed=f.seed,
-        eval_every=f.eval_every,
-        kmeans_init=f.kmeans_init,
-        kmeans_init_method=f.kmeans_init_method,
-        restart_dead_codes=f.restart_dead_codes,
-    )
-    model, codes, history = train_rqvae(emb, config)
-    out = Path(f.out)
-    save_model(model, out, emb.shape[1])
-    (out / "history.json").write_text(json.dumps(history, indent=1))
-    ids.write_index(out / "semantic_ids.json", codes)
-    if f.dedup != "none":
-        ids.write_index(
-            out / f"semantic_ids_{f.dedup}.json",
-            collision_free_codes(model, emb, codes, f.dedup),
+        model=model, weight_decay=f.weight_decay, kmeans_init=f.kmeans_init,
+        kmeans_init_method=f.kmeans_init_method, restart_dead_codes=f.restart_dead_codes,
+        **config_flag_values(),
+    )  # fmt: skip
+    result = train_run(f.embeddings, shared["out"], config, f.dedup, shared["overwrite"])
+    print(
+        " ".join(
+            f"{k}={result[k]}" for k in ("items", "recon_loss", "unique_ids", "max_group", "usage")
         )
-    last = history[-1]
-    logging.info(
-        "wrote %s: %d items, %.1f steps/s",
-        out,
-        len(codes),
-        last["step"] / max(last["elapsed_s"], 1e-9),
     )
 
 

@@ -1,10 +1,15 @@
-"""Test setup: 8 fake CPU devices for mesh tests (set before JAX is imported)."""
+"""Test setup (before JAX is imported): 8 fake CPU devices for mesh tests, and one JAX
+compilation cache for the session, shared with the subprocesses the crash tests start
+(the same tiny programs are compiled by many tests: the cache makes the repeats cheap)."""
 
 import os
 import pathlib
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="llm4rec-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
 
@@ -23,23 +28,4 @@ def shared_data(name: str) -> pathlib.Path:
     folder = SHARED_DATA / name
     if not folder.is_dir():
         pytest.skip(f"{folder} not available")
-    return folder
-
-
-def write_tiny_ml100k(
-    folder: pathlib.Path, num_users: int = 20, num_items: int = 30, per_user: int = 8
-) -> pathlib.Path:
-    """A random ml-100k-format folder (`u.data`, `u.item`) under `folder`."""
-    import numpy as np
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    lines = [
-        f"{u}\t{rng.integers(1, num_items)}\t4\t{t}"
-        for u in range(1, num_users + 1)
-        for t in range(per_user)
-    ]
-    (folder / "u.data").write_text("\n".join(lines) + "\n")
-    items = "".join(f"{i}|Movie {i}|d||u|0\n" for i in range(1, num_items + 1))
-    (folder / "u.item").write_text(items, encoding="latin-1")
     return folder

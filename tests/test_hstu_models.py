@@ -10,14 +10,9 @@ import pytest
 from flax import nnx
 
 from hstu import attention, convert
-from hstu.model import (
-    HSTU,
-    HSTUConfig,
-    RelativeBucketedTimeAndPositionBias,
-    loss_fn,
-    sampled_softmax_loss,
-)
-from hstu.sasrec import SASRec, SASRecConfig, bce_loss
+from hstu.losses import bce_loss, next_item_loss, sampled_softmax_loss
+from hstu.model import HSTU, HSTUConfig, RelativeBucketedTimeAndPositionBias
+from hstu.sasrec import SASRec, SASRecConfig
 
 NUM_ITEMS, N = 30, 12
 HSTU_KW = dict(
@@ -224,7 +219,7 @@ def test_bce_loss_known_answer():
         ),
     ],
 )
-def test_loss_fn_trains_under_nnx_jit(cls, cfg):
+def test_next_item_loss_trains_under_nnx_jit(cls, cfg):
     model = nnx.jit(lambda: cls(cfg, rngs=nnx.Rngs(0)))()  # default init, compiled once
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
     ids, ts, lengths = _batch(lengths=(12, 8, 10, 12))
@@ -236,7 +231,7 @@ def test_loss_fn_trains_under_nnx_jit(cls, cfg):
 
     @nnx.jit
     def step(model, optimizer, batch, rng):
-        (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, rng)
+        (loss, aux), grads = nnx.value_and_grad(next_item_loss, has_aux=True)(model, batch, rng)
         optimizer.update(model, grads)
         return loss
 
@@ -289,7 +284,7 @@ def test_convert_cli_end_to_end(tmp_path):
 
 def test_torch_sasrec_trainer_runs_on_the_jax_batches(tmp_path):
     pytest.importorskip("torch")
-    from conftest import write_tiny_ml100k
+    from tiny import write_tiny_ml100k
 
     from tools.baselines.train_torch_sasrec import train
 

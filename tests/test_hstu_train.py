@@ -1,4 +1,4 @@
-"""hstu.trainer: training, checkpoints + exact resume, data-parallel equivalence, evaluation."""
+"""hstu on the shared loop: training, crash safety (kill -9), NaN guard, data parallelism, CLI."""
 
 import json
 
@@ -6,98 +6,102 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import Mesh
+from tiny import TINY_HSTU, kill_and_resume, ring_split, train_losses, write_tiny_ml100k
 
 from eval import data
-from eval.data.dataset import ItemTable, Ragged
-from eval.training import Checkpoints
+from eval.data.dataset import Ragged
+from eval.training import NonFiniteError, RunMismatchError, read_records
+from hstu import evaluate, train
 from hstu import trainer as T
 
-TINY = dict(
-    max_seq_len=12,
-    embedding_dim=16,
-    num_blocks=1,
-    num_heads=2,
-    dropout_rate=0.1,
-    num_negatives=8,
-    batch_size=8,
-    learning_rate=5e-3,
-)
-
-
-def tiny_split(num_users=32, num_items=40, seed=0):
-    """Users walk a ring of items (next = current + 1), so the next item is learnable."""
-    rng = np.random.default_rng(seed)
-    seqs = [
-        (rng.integers(num_items) + np.arange(rng.integers(5, 14))) % num_items + 1
-        for _ in range(num_users)
-    ]
-    ts = [1_000_000 + 3600 * np.arange(len(s)) for s in seqs]
-    ds = data.Dataset(
-        "tiny",
-        ItemTable([""] * (num_items + 1), [""] * (num_items + 1)),
-        [str(u) for u in range(num_users)],
-        Ragged.from_rows(seqs),
-        timestamps=Ragged.from_rows(ts, dtype=np.int64),
-    )
-    return ds, data.split(ds)
+PRESETS = [("hstu", "hstu-ml"), ("sasrec", "sasrec-ml")]
 
 
 def flat_params(trainer):
-    leaves = jax.tree.leaves(trainer.state)
-    return np.concatenate(
-        [np.asarray(x, np.float64).ravel() for x in leaves if np.issubdtype(x.dtype, np.floating)]
-    )
+    leaves = jax.tree.leaves(trainer.state.params)
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in leaves])
 
 
-@pytest.mark.parametrize("kind,preset", [("hstu", "hstu-ml"), ("sasrec", "sasrec-ml")])
-def test_fit_learns_and_logs(tmp_path, kind, preset):
-    ds, sp = tiny_split()
-    tr = T.make_trainer(kind, preset, ds.num_items, {**TINY, "num_epochs": 25, "patience": 1000})
+@pytest.mark.parametrize("kind,preset", PRESETS)
+def test_fit_learns_and_keeps_the_best_state(kind, preset):
+    ds, sp = ring_split()
+    tr = T.make_trainer(preset, ds.num_items, {**TINY_HSTU, "num_epochs": 25, "patience": 1000})
+    assert tr.kind == kind
     before = tr.evaluate(ds, sp.valid)["NDCG@10"]
-    info = tr.fit(ds, sp, tmp_path, progress=False)
+    info = tr.fit(ds, sp, progress=False)
     after = tr.evaluate(ds, sp.valid)["NDCG@10"]
-    assert info["steps"] == 25 * (32 // 8)
-    assert after == pytest.approx(info["valid"]["NDCG@10"])  # the best state is kept
+    assert info.steps == 25 * (32 // 8)
+    assert after == pytest.approx(info.valid["NDCG@10"])  # the best state is loaded
     assert after > before + 0.2, (before, after)
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert {r["split"] for r in records} == {"train", "valid"}
-    assert list((tmp_path / "tensorboard").iterdir())
-    assert (tmp_path / "checkpoints" / "best").is_dir()
 
 
-@pytest.mark.parametrize("sl_alpha", [None, 1.5])
-def test_resume_reproduces_uninterrupted_run(tmp_path, sl_alpha):
-    ds, sp = tiny_split()
-    over = {
-        **TINY,
-        "eval_every": 3,
-        "max_steps": 6,
-        "patience": 1000,
-        "num_epochs": 10,
-        "stochastic_length_alpha": sl_alpha,
-    }
-    full = T.make_trainer("hstu", "hstu-ml", ds.num_items, over)
-    full.fit(ds, sp, tmp_path / "full", progress=False)
-    part = T.make_trainer("hstu", "hstu-ml", ds.num_items, {**over, "max_steps": 3})
-    part.fit(ds, sp, tmp_path / "resumed", progress=False)
-    resumed = T.make_trainer("hstu", "hstu-ml", ds.num_items, over)
-    info = resumed.fit(ds, sp, tmp_path / "resumed", progress=False)
-    assert info["steps"] == 6
-    # The best-by-validation state is restored at the end; compare the latest checkpoints.
-    s_full = Checkpoints(tmp_path / "full" / "checkpoints").restore(full.state, "latest")
-    s_res = Checkpoints(tmp_path / "resumed" / "checkpoints").restore(resumed.state, "latest")
-    assert s_full[2] == s_res[2] == 6
-    for x, y in zip(jax.tree.leaves(s_full[0]), jax.tree.leaves(s_res[0]), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
-    losses = [
-        [
-            r["loss"]
-            for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())
-            if r["split"] == "train"
-        ]
-        for d in ("full", "resumed")
-    ]
-    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+def _train_cli(folder, out, preset, **extra):
+    over = {**TINY_HSTU, "num_epochs": 3, "max_seq_len": 8, "eval_every": 2, **extra}
+    return train.train("ml-100k", str(folder), preset, over, str(out))
+
+
+def _cli_args(folder, out, preset, **extra):
+    over = {**TINY_HSTU, "num_epochs": 3, "max_seq_len": 8, "eval_every": 2, **extra}
+    args = ["-m", "hstu.train", "--dataset=ml-100k", f"--data_dir={folder}", f"--preset={preset}",
+            f"--out={out}"]  # fmt: skip
+    return args + [f"--{k}={v}" for k, v in over.items() if v is not None]
+
+
+@pytest.mark.parametrize("kind,preset", PRESETS)
+def test_kill_9_after_second_checkpoint_then_rerun_matches(tmp_path, kind, preset):
+    folder = write_tiny_ml100k(tmp_path / "ml-100k")
+    full = _train_cli(folder, tmp_path / "full", preset)
+    args = _cli_args(folder, tmp_path / "killed", preset)
+    resumed = kill_and_resume(
+        args, tmp_path / "killed", lambda: _train_cli(folder, tmp_path / "killed", preset)
+    )
+    for name in evaluate.PROTOCOLS:
+        assert resumed["test"][name] == pytest.approx(full["test"][name], abs=1e-6), name
+    assert resumed["valid"] == pytest.approx(full["valid"], abs=1e-6)
+    assert resumed["best_step"] == full["best_step"] and resumed["steps"] == full["steps"]
+    assert train_losses(tmp_path / "killed") == pytest.approx(
+        train_losses(tmp_path / "full"), abs=1e-6
+    )
+    # The finished run is left alone; other flags on it are refused by name.
+    again = _train_cli(folder, tmp_path / "killed", preset)
+    assert again == resumed == json.loads((tmp_path / "killed" / "result.json").read_text())
+    with pytest.raises(RunMismatchError, match=r"learning_rate: 0.005 -> 0.5.*--overwrite"):
+        _train_cli(folder, tmp_path / "killed", preset, learning_rate=0.5)
+
+
+def test_resume_with_stochastic_length_is_exact(tmp_path, monkeypatch):
+    folder = write_tiny_ml100k(tmp_path / "ml-100k")
+    full = _train_cli(folder, tmp_path / "full", "hstu-ml", stochastic_length_alpha=1.5)
+    calls = {"n": 0}
+    real = T.Trainer.evaluate
+
+    def crash_on_second_validation(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("crash")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(T.Trainer, "evaluate", crash_on_second_validation)
+    with pytest.raises(RuntimeError, match="crash"):
+        _train_cli(folder, tmp_path / "resumed", "hstu-ml", stochastic_length_alpha=1.5)
+    monkeypatch.setattr(T.Trainer, "evaluate", real)
+    resumed = _train_cli(folder, tmp_path / "resumed", "hstu-ml", stochastic_length_alpha=1.5)
+    assert resumed["test"] == full["test"] and resumed["valid"] == full["valid"]
+    assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "full")
+
+
+@pytest.mark.parametrize("kind,preset", PRESETS)
+def test_absurd_learning_rate_stops_with_an_error_and_no_nan_best(tmp_path, kind, preset):
+    folder = write_tiny_ml100k(tmp_path / "ml-100k")
+    with pytest.raises(NonFiniteError, match=r"step \d+: non-finite .*Last good checkpoint"):
+        _train_cli(folder, tmp_path / "run", preset, learning_rate=1e38, eval_every=1)
+    valid = [r for r in read_records(tmp_path / "run") if r["split"] == "valid"]
+    assert all(np.isfinite(r["NDCG@10"]) for r in valid)
+    assert not (tmp_path / "run" / "result.json").exists()
+    best = list((tmp_path / "run" / "checkpoints" / "best").iterdir())
+    if best:  # any best state is a finite one: it reloads and scores
+        trainer, ds, split, _ = evaluate.load_run(tmp_path / "run")
+        assert np.all(np.isfinite(flat_params(trainer)))
 
 
 def test_stochastic_length_keeps_ordered_subsequences():
@@ -130,15 +134,17 @@ def test_stochastic_length_keeps_ordered_subsequences():
 
 
 def test_data_parallel_matches_single_device():
-    ds, sp = tiny_split()
-    over = {**TINY, "dropout_rate": 0.0}
+    ds, sp = ring_split(num_items=41)  # 42 table rows: split over the 2 'model' devices
+    over = {**TINY_HSTU, "dropout_rate": 0.0}
     devices = np.array(jax.devices()[:8])
     if len(devices) < 8:
         pytest.skip("needs 8 (fake) devices")
     mesh = Mesh(devices.reshape(4, 2), ("data", "model"))
-    single = T.make_trainer("hstu", "hstu-ml", ds.num_items, over)
-    multi = T.make_trainer("hstu", "hstu-ml", ds.num_items, over, mesh=mesh, shard_items=True)
-    batch = T.training_source(sp, TINY["max_seq_len"]).arrays
+    single = T.make_trainer("hstu-ml", ds.num_items, over)
+    multi = T.make_trainer("hstu-ml", ds.num_items, over, mesh=mesh, shard_items=True)
+    table = multi.state.params["item_emb"]["embedding"][...]
+    assert tuple(table.sharding.spec) == ("model", None)
+    batch = T.training_source(sp, TINY_HSTU["max_seq_len"]).arrays
     batch = {k: v[:8] for k, v in batch.items()}
     for step in range(3):
         a, b = single.train_step(batch, step), multi.train_step(batch, step)
@@ -147,13 +153,8 @@ def test_data_parallel_matches_single_device():
 
 
 def test_query_inputs_right_pad_last_items():
-    ex = data.EvalExamples(
-        np.array([0, 1]),
-        Ragged.from_rows([[1, 2, 3], [4]]),
-        np.array([5, 6]),
-        Ragged.from_rows([[10, 20, 30], [40]], dtype=np.int64),
-        np.array([35, 45]),
-    )
+    ex = data.EvalExamples(np.array([0, 1]), Ragged.from_rows([[1, 2, 3], [4]]), np.array([5, 6]),
+                           Ragged.from_rows([[10, 20, 30], [40]], dtype=np.int64), np.array([35, 45]))  # fmt: skip
     q = T.query_inputs(ex, np.array([0, 1]), max_len=2)
     np.testing.assert_array_equal(q["ids"], [[2, 3], [4, 0]])
     np.testing.assert_array_equal(q["timestamps"], [[20, 30], [40, 0]])
@@ -162,19 +163,20 @@ def test_query_inputs_right_pad_last_items():
 
 
 def test_train_cli_run_is_reevaluated_from_its_checkpoint(tmp_path):
-    from conftest import write_tiny_ml100k
-
-    from hstu import evaluate, train
-
     folder = write_tiny_ml100k(tmp_path / "ml-100k")
-    over = {**TINY, "num_epochs": 3, "max_seq_len": 8}
-    result = train.train("ml-100k", str(folder), "sasrec", "sasrec-ml", over, str(tmp_path / "run"))
+    result = _train_cli(folder, tmp_path / "run", "sasrec-ml")
     assert set(result["test"]) == set(evaluate.PROTOCOLS)
     trainer, ds, split, step = evaluate.load_run(tmp_path / "run")
-    assert 1 <= step <= result["steps"]
+    assert step == result["best_step"]
     again = evaluate.test_metrics(trainer, ds, split.test)
     for name in evaluate.PROTOCOLS:
         assert again[name]["NDCG@10"] == pytest.approx(result["test"][name]["NDCG@10"], abs=1e-6)
         assert again[name]["num_examples"] == 20
     with pytest.raises(FileNotFoundError, match="no run.json"):
         evaluate.load_run(tmp_path)
+
+
+def test_preset_names_the_model_and_unknown_settings_are_refused():
+    assert T.make_trainer("sasrec-paper", 10, {}).kind == "sasrec"
+    with pytest.raises(ValueError, match=r"has no setting \['attention_dim'\]"):
+        T.make_trainer("sasrec-ml", 10, {"attention_dim": 4})

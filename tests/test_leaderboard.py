@@ -3,17 +3,12 @@
 import json
 
 import numpy as np
-from conftest import write_tiny_ml100k
-from test_llm_recommender import TINY_BIGREC
+from tiny import tiny_bigrec_budget, tiny_tiger_budget, write_tiny_ml100k
 
 from eval import data
 from eval.baselines import MostPopular, Transitions
 from eval.data.dataset import ItemTable, Ragged
 from eval.recommender import evaluate
-from rqvae.model import RQVAEConfig
-from rqvae.tiger import TigerConfig
-from rqvae.tiger_trainer import TigerTrainConfig
-from rqvae.train import TrainConfig
 from tools import leaderboard
 
 
@@ -68,30 +63,6 @@ def test_sampled_protocol_ranks_against_negatives():
     assert sampled["HR@10"] >= full["HR@10"]
 
 
-TINY_TIGER = dict(
-    rqvae=TrainConfig(
-        model=RQVAEConfig(hidden_dims=(16,), code_dim=4, num_levels=2, codebook_size=4),
-        epochs=3,
-        batch_size=8,
-    ),
-    tiger=TigerTrainConfig(
-        model=TigerConfig(
-            d_model=8,
-            num_heads=2,
-            head_dim=4,
-            d_ff=16,
-            encoder_layers=1,
-            decoder_layers=1,
-            max_items=4,
-        ),
-        epochs=2,
-        batch_size=16,
-        eval_every=1,
-        beam_size=20,
-    ),
-)
-
-
 def test_leaderboard_writes_tables(tmp_path, monkeypatch):
     from hstu import recommender
     from llm_sft import recommender as llm_recommender
@@ -102,8 +73,8 @@ def test_leaderboard_writes_tables(tmp_path, monkeypatch):
     monkeypatch.setitem(
         recommender.BUDGETS, "demo", dict(max_seq_len=8, num_epochs=2, embedding_dim=8)
     )
-    monkeypatch.setitem(tiger_recommender.BUDGETS, "demo", TINY_TIGER)
-    monkeypatch.setitem(llm_recommender.BUDGETS, "demo", TINY_BIGREC)
+    monkeypatch.setitem(tiger_recommender.BUDGETS, "demo", tiny_tiger_budget())
+    monkeypatch.setitem(llm_recommender.BUDGETS, "demo", tiny_bigrec_budget())
     monkeypatch.setattr(
         tiger_recommender,
         "item_embeddings",

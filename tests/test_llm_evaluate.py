@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
-from conftest import write_tiny_ml100k
 from flax import nnx
+from tiny import write_tiny_ml100k
 
 from eval import data
 from eval.data.dataset import EvalExamples, ItemTable, Ragged
@@ -146,13 +146,15 @@ def test_load_peft_round_trips_export_peft_and_lora_runs_load(tmp_path, tokenize
     # A LoRA run folder: base from run.json (or --hf_checkpoint), adapter merged into a copy.
     save_hf(base, MODEL, tmp_path / "base")
     tokenizer.save_pretrained(str(tmp_path / "run" / "adapter"))
-    info = {"dataset": "tiny", "lora": {"r": 2}, "hf_checkpoint": str(tmp_path / "base"), "export": "/moved/adapter"}  # fmt: skip
+    config = {"dataset": "tiny", "lora": {"r": 2}, "hf_checkpoint": str(tmp_path / "base")}
+    info = {"package": "llm_sft", "config": config, "info": {"export": "/moved/adapter"}}
     (tmp_path / "run" / "run.json").write_text(json.dumps(info))
     _, model, base_model, tok = ev.load_run(tmp_path / "run")
     np.testing.assert_allclose(model(ids)[0], tuned(ids)[0], atol=1e-4)
     np.testing.assert_allclose(base_model(ids)[0], base(ids)[0], atol=1e-6)
     assert tok.eos_token == tokenizer.eos_token
-    (tmp_path / "run" / "run.json").write_text(json.dumps({**info, "hf_checkpoint": None}))
+    info["config"]["hf_checkpoint"] = None
+    (tmp_path / "run" / "run.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match="hf_checkpoint"):
         ev.load_run(tmp_path / "run")
 
@@ -172,10 +174,10 @@ def test_evaluate_run_reads_the_train_run_folder(tmp_path):
         model_config=str(tmp_path / "config.json"), max_length=256, max_eval_examples=0,
         progress=False,
     )  # fmt: skip
-    info = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert (
-        info["dataset"] == "ml-100k" and info["export"].endswith("hf") and info["max_history"] == 10
-    )
+    recorded = json.loads((tmp_path / "run" / "run.json").read_text())
+    config, info = recorded["config"], recorded["info"]
+    assert config["dataset"] == "ml-100k" and config["max_history"] == 10
+    assert info["export"].endswith("hf")
     summary = ev.evaluate_run(
         tmp_path / "run", split="valid", num_beams=5, max_examples=6, ks=(1, 3, 5),
         gamma_grid=(0.0, 1.0), max_valid_examples=4, out=tmp_path / "eval.json",

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from llm_sft.generate import filter_logits, generate, last_hidden  # noqa: E402
+from eval.decoding import Trie, filter_logits  # noqa: E402
+from llm_sft.generate import generate, last_hidden  # noqa: E402
 from llm_sft.params import load_hf  # noqa: E402
-from llm_sft.trie import Trie  # noqa: E402
 
 VOCAB, EOS, PAD, STEPS = 96, 5, 95, 16
 SAMPLES = 600  # Sampled continuations per prompt.

@@ -5,22 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import write_tiny_ml100k
 from flax import nnx
+from tiny import tiny_bigrec_budget, write_tiny_ml100k
 
 from eval import data
 from eval.recommender import evaluate
 from llm_sft import recommender
 from llm_sft.data import IGNORE
 from llm_sft.model import ModelConfig, Qwen
-from llm_sft.trainer import TrainConfig, _check_label_tokens, _forward_sums
-
-# A budget that runs in seconds on the tiny ml-100k folder of conftest.
-TINY_BIGREC = recommender.BigRecConfig(
-    model=dict(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8),
-    vocab_size=384, tokenizer_prompts=20,
-    train=TrainConfig(learning_rate=1e-2, per_device_train_batch_size=4, max_steps=3),
-)  # fmt: skip
+from llm_sft.trainer import _check_label_tokens, _forward_sums
 
 
 def test_sparse_lm_head_loss_equals_the_full_loss():
@@ -45,7 +38,7 @@ def test_sparse_lm_head_loss_equals_the_full_loss():
 
 
 def test_bigrec_recommender_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.setitem(recommender.BUDGETS, "demo", TINY_BIGREC)
+    monkeypatch.setitem(recommender.BUDGETS, "demo", tiny_bigrec_budget())
     ds = data.load("ml-100k", write_tiny_ml100k(tmp_path / "ml-100k"))
     sp = data.split(ds)
     rec = recommender.BigRecRecommender()

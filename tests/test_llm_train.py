@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -139,35 +140,38 @@ def _trainer(mesh, arrays, lora=LORA):
     return Trainer(model, mesh, config, len(arrays["input_ids"]), lora=True)
 
 
+def _losses(trainer, arrays, steps=3):
+    return [float(trainer.train_step({k: v[: trainer.rows_per_step] for k, v in arrays.items()}, step)["loss"])
+            for step in range(steps)]  # fmt: skip
+
+
 def test_one_device_and_eight_device_mesh_losses_agree(arrays):
     lora = LoRAConfig(r=8, alpha=16.0, target_modules=("q", "v"))  # No dropout: compiles faster.
     one = _trainer(make_mesh(1, 1, 1, devices=jax.devices()[:1]), arrays, lora)
     eight = _trainer(make_mesh(data=2, fsdp=2, tensor=2), arrays, lora)
-    kernel = eight.params["layers"][0]["self_attn"]["q_proj"]["lora_a"][...]
+    kernel = eight.state.params["layers"][0]["self_attn"]["q_proj"]["lora_a"][...]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
-    fit = dict(valid=None, buckets=(MAX_LEN,), stop_at=3, progress=False)
-    ref = one.fit(ArraySource(arrays), **fit)["losses"]
-    got = eight.fit(ArraySource(arrays), **fit)["losses"]
-    assert len(ref) == 3
-    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(_losses(eight, arrays), _losses(one, arrays), atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow  # ~30 s of CPU: one more compiled step + eval and orbax round trips.
-def test_loss_decreases_and_resume_reproduces(arrays, tmp_path):
+def test_loss_decreases_and_best_state_is_kept(arrays, tmp_path):
+    from eval.training import RunDir
+
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    fit = dict(buckets=(MAX_LEN,), progress=False)
     valid = {k: v[:10] for k, v in arrays.items()}
-    first = _trainer(mesh, arrays)
-    head = first.fit(ArraySource(arrays), valid, out=tmp_path, stop_at=10, **fit)
-    assert [s for s, _ in head["eval"]] == [5, 10]
-    tail = first.fit(ArraySource(arrays), valid, **fit)  # no checkpoints: continues in memory
-    resumed = _trainer(mesh, arrays).fit(ArraySource(arrays), valid, out=tmp_path, **fit)
-    assert resumed["steps"] == 20 and len(resumed["losses"]) == 10
-    np.testing.assert_allclose(resumed["losses"], tail["losses"], atol=1e-6, rtol=0)
-    losses = head["losses"] + tail["losses"]
-    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3]), losses
+    trainer = _trainer(mesh, arrays)
+    with RunDir(tmp_path, "llm_sft", {"test": 1}) as run:
+        info = trainer.fit(ArraySource(arrays), valid, buckets=(MAX_LEN,), run=run, progress=False)
+    assert info.steps == 20 and len(info.losses) == 20
+    assert np.mean(info.losses[-5:]) < 0.7 * np.mean(info.losses[:3]), info.losses
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["split"] == "valid"] == [5, 10, 15, 20]
+    valid_records = [r for r in records if r["split"] == "valid"]
+    assert [r["step"] for r in valid_records] == [5, 10, 15, 20]
+    assert info.valid["loss"] == min(r["loss"] for r in valid_records)
+    assert trainer.evaluate(valid, (MAX_LEN,), "right") == pytest.approx(
+        info.valid["loss"], rel=1e-5
+    )
 
 
 @pytest.mark.slow
@@ -181,8 +185,7 @@ def test_parity_one_vs_eight_devices_full_finetuning(arrays):
         per_device = TRAIN.per_device_train_batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
         config = TrainConfig(**{**TRAIN.__dict__, "per_device_train_batch_size": per_device})
         trainer = Trainer(init_model(MODEL, 0, mesh), mesh, config, len(arrays["input_ids"]), lora=False)  # fmt: skip
-        fit = dict(valid=None, buckets=(MAX_LEN,), stop_at=3, progress=False)
-        losses.append(trainer.fit(ArraySource(arrays), **fit)["losses"])
+        losses.append(_losses(trainer, arrays))
     np.testing.assert_allclose(losses[1], losses[0], atol=1e-5, rtol=0)
 
 
@@ -213,3 +216,54 @@ def test_run_end_to_end_on_tiny_movielens(tmp_path):
     assert (adapter / "adapter_model.safetensors").exists()
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
     assert sft.load_tokenizer(adapter).eos_token == "<|im_end|>"
+
+
+def _sft_args(tmp_path, out, **extra):
+    from tiny import write_tiny_ml100k
+
+    folder = write_tiny_ml100k(tmp_path / "ml-100k")
+    config = tmp_path / "config.json"
+    hf_config = dict(model_type="qwen2", vocab_size=384, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)  # fmt: skip
+    config.write_text(json.dumps(hf_config))
+    flags = dict(max_steps=6, eval_every=2, log_every=1, per_device_train_batch_size=1, learning_rate=1e-2,
+                 max_length=256, max_eval_examples=4, mesh="data:2,fsdp:2,tensor:2", **extra)  # fmt: skip
+    args = ["-m", "llm_sft.train", "--dataset=ml-100k", f"--data_dir={folder}", f"--out={out}", "--init=random",
+            f"--model_config={config}", "--nolora", *(f"--{k}={v}" for k, v in flags.items())]  # fmt: skip
+    kwargs = dict(dataset="ml-100k", data_dir=str(folder), lora=None, model_config=str(config),
+                  max_length=256, max_eval_examples=4, mesh=flags["mesh"], progress=False)  # fmt: skip
+    train = TrainConfig(
+        max_steps=6, eval_every=2, log_every=1, per_device_train_batch_size=1, learning_rate=1e-2
+    )
+    return args, kwargs, train
+
+
+def test_kill_9_after_second_checkpoint_then_rerun_matches(tmp_path):
+    from tiny import kill_and_resume, train_losses
+
+    from llm_sft.train import run
+
+    args, kwargs, train = _sft_args(tmp_path, tmp_path / "killed")
+    full = run(out=str(tmp_path / "full"), train=train, **kwargs)
+    resumed = kill_and_resume(
+        args, tmp_path / "killed", lambda: run(out=str(tmp_path / "killed"), train=train, **kwargs)
+    )
+    assert {k: v for k, v in resumed.items() if k != "export"} == {
+        k: v for k, v in full.items() if k != "export"
+    }
+    assert train_losses(tmp_path / "killed") == train_losses(tmp_path / "full")
+    exported = [sft.load_tokenizer(tmp_path / d / "hf") for d in ("full", "killed")]
+    assert exported[0].get_vocab() == exported[1].get_vocab()
+
+
+def test_absurd_learning_rate_stops_with_an_error_and_exports_nothing(tmp_path):
+    from eval.training import NonFiniteError
+    from llm_sft.train import run
+
+    _, kwargs, train = _sft_args(tmp_path, tmp_path / "run")
+    bad = dataclasses.replace(train, learning_rate=1e38, max_grad_norm=0.0)
+    with pytest.raises(NonFiniteError, match=r"step \d+: non-finite .*Last good checkpoint"):
+        run(out=str(tmp_path / "run"), train=bad, **kwargs)
+    assert (
+        not (tmp_path / "run" / "hf").exists() and not (tmp_path / "run" / "result.json").exists()
+    )

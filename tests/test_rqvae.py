@@ -15,13 +15,15 @@ from flax import nnx
 from rqvae import ids, train
 from rqvae.model import RQVAE, RQVAEConfig, kmeans, rotation_trick
 from rqvae.stats import code_stats, summary_line
-from rqvae.train import TrainConfig, collision_free_codes, load_model, save_model, train_rqvae
+from rqvae.train import TrainConfig, collision_free_codes, train_rqvae
 
 SHARED_INDEXES = Path(__file__).resolve().parents[2] / "shared/data/amazon-scientific-2018/indexes"
 # One set of shapes for every model in this file: eager init ops compile once.
 TINY = RQVAEConfig(hidden_dims=(32,), code_dim=8, num_levels=3, codebook_size=16)
 DIM = 32
-TRAIN = TrainConfig(model=TINY, epochs=50, batch_size=128, lr=1e-2, eval_every=100, seed=3)
+TRAIN = TrainConfig(
+    model=TINY, num_epochs=50, batch_size=128, learning_rate=1e-2, eval_every=100, seed=3
+)
 
 
 def clustered(n=512, dim=DIM, clusters=64, noise=0.1, seed=0):
@@ -56,15 +58,26 @@ def test_training_is_deterministic(trained):
     assert history[-1]["recon_loss"] == history2[-1]["recon_loss"]
 
 
-def test_checkpoint_round_trip(trained, tmp_path):
+def test_run_folder_round_trip_and_evaluate_cli(trained, tmp_path):
+    from rqvae import evaluate
+
     x, model, codes, _ = trained
-    save_model(model, tmp_path, x.shape[1])
-    restored = load_model(tmp_path)
+    np.save(tmp_path / "x.npy", x)
+    result = train.train_run(str(tmp_path / "x.npy"), str(tmp_path / "run"), TRAIN, dedup="extra")
+    assert ids.read_index(tmp_path / "run" / "semantic_ids.json").tolist() == codes.tolist()
+    assert len(
+        np.unique(ids.read_index(tmp_path / "run" / "semantic_ids_extra.json"), axis=0)
+    ) == len(x)
+    restored, x2, step = train.load_run(tmp_path / "run")
+    np.testing.assert_array_equal(x2, x)
     np.testing.assert_array_equal(
         np.asarray(restored.codebooks[...]), np.asarray(model.codebooks[...])
     )
     _, q = restored(jnp.asarray(x))
     np.testing.assert_array_equal(np.asarray(q["codes"]), codes)
+    metrics, lines = evaluate.evaluate_run(str(tmp_path / "run"))
+    assert metrics["step"] == step and metrics["recon_loss"] == pytest.approx(result["recon_loss"])
+    assert lines[-1].splitlines()[-1].startswith("items=512 unique_ids=")
 
 
 @pytest.mark.parametrize(
@@ -271,3 +284,44 @@ def test_torch_baseline_matches_loss_codes_and_gradients():
     np.testing.assert_allclose(
         np.asarray(grads["codebooks"][...]), net.codebooks.grad.numpy(), atol=1e-5
     )
+
+
+def _cli(embeddings, out, **extra):
+    flags = dict(num_levels=3, codebook_size=16, hidden_dims=32, code_dim=8, num_epochs=10, batch_size=128,
+                 learning_rate=1e-2, eval_every=10, seed=3, **extra)  # fmt: skip
+    return [
+        "-m",
+        "rqvae.train",
+        f"--embeddings={embeddings}",
+        f"--out={out}",
+        *(f"--{k}={v}" for k, v in flags.items()),
+    ]
+
+
+def test_kill_9_after_second_checkpoint_then_rerun_matches(tmp_path):
+    from tiny import kill_and_resume, train_losses
+
+    np.save(tmp_path / "x.npy", clustered())
+    config = dataclasses.replace(TRAIN, num_epochs=10, eval_every=10)
+    full = train.train_run(str(tmp_path / "x.npy"), str(tmp_path / "full"), config)
+    resumed = kill_and_resume(
+        _cli(tmp_path / "x.npy", tmp_path / "killed"), tmp_path / "killed",
+        lambda: train.train_run(str(tmp_path / "x.npy"), str(tmp_path / "killed"), config),
+    )  # fmt: skip
+    assert resumed == full
+    assert train_losses(tmp_path / "killed") == train_losses(tmp_path / "full")
+    assert (
+        ids.read_index(tmp_path / "killed" / "semantic_ids.json").tolist()
+        == ids.read_index(tmp_path / "full" / "semantic_ids.json").tolist()
+    )
+
+
+def test_absurd_learning_rate_stops_with_an_error_and_writes_no_ids(tmp_path):
+    from eval.training import NonFiniteError
+
+    np.save(tmp_path / "x.npy", clustered())
+    config = dataclasses.replace(TRAIN, learning_rate=1e38, num_epochs=10, eval_every=1)
+    with pytest.raises(NonFiniteError, match=r"step \d+: non-finite .*Last good checkpoint"):
+        train.train_run(str(tmp_path / "x.npy"), str(tmp_path / "run"), config)
+    assert not (tmp_path / "run" / "semantic_ids.json").exists()
+    assert not (tmp_path / "run" / "result.json").exists()

@@ -37,11 +37,14 @@ def random_inputs(cfg: tiger.TigerConfig, batch: int, seed: int) -> jax.Array:
     return jnp.asarray(np.concatenate([user[:, None], item_tokens], 1), jnp.int32)
 
 
-def padded_tables(trie: tiger.Trie) -> tuple[jax.Array, ...]:
-    """Tables padded with invalid (-1) rows to K**l rows: one shape, one compile for all tries."""
-    return tuple(
-        jnp.pad(t, ((0, K**level - len(t)), (0, 0)), constant_values=-1)
-        for level, t in enumerate(trie.tables)
+def index_of(codes: np.ndarray) -> tiger.SemanticIndex:
+    """A SemanticIndex whose items 1..M carry `codes` (one compiled trie shape: padded)."""
+    return tiger.SemanticIndex.from_mapping(np.concatenate([codes[:1], codes]), len(codes), K)
+
+
+def search(model, enc, si: tiger.SemanticIndex):
+    return map(
+        np.asarray, tiger.beam_search(model, enc, si.trie.arrays(), BEAM, si.trie.max_fanout)
     )
 
 
@@ -68,12 +71,30 @@ def test_relative_buckets_match_t5():
         np.testing.assert_array_equal(ours, ref.numpy())
 
 
-def test_trie_tables_known_answer():
+def test_semantic_id_trie_known_answer():
     codes = np.array([[1, 0], [0, 2], [1, 2], [0, 2]])  # [0, 2] twice (a collision)
-    trie = tiger.Trie.build(codes, codebook_size=3)
-    np.testing.assert_array_equal(trie.ids, [[0, 2], [1, 0], [1, 2]])
-    np.testing.assert_array_equal(trie.tables[0], [[0, 1, -1]])
-    np.testing.assert_array_equal(trie.tables[1], [[-1, -1, 0], [1, -1, 2]])
+    si = tiger.SemanticIndex.from_mapping({i + 1: c for i, c in enumerate(codes)}, 4)
+    np.testing.assert_array_equal(si.ids, [[0, 2], [1, 0], [1, 2]])
+    trie = si.trie  # breadth first: root 0; level-0 codes 0 -> 1, 1 -> 2; then the leaves
+    np.testing.assert_array_equal(trie.child_tokens[: trie.node_offsets[6]], [0, 1, 2, 0, 2])
+    np.testing.assert_array_equal(trie.leaf_index[3:6], [0, 1, 2])
+    assert trie.depth == 2 and trie.eos_token_id is None
+    with pytest.raises(ValueError, match="one length"):
+        tiger.Trie.build([[0, 1], [0]], None)
+
+
+def test_cached_decode_steps_equal_teacher_forcing(model):
+    cfg = model.cfg
+    enc = random_inputs(cfg, BATCH, seed=5)
+    codes = jnp.asarray(np.random.default_rng(5).integers(0, K, (BATCH, LEVELS)))
+    memory, valid = model.encode(enc)
+    forced = model.decode(memory, valid, codes[:, :-1])  # [B, L, K]
+    caches, memory_kvs = model.start_decoding(memory, 1)
+    token = jnp.full((BATCH,), tiger.BOS, jnp.int32)
+    for level in range(LEVELS):
+        logits, caches = model.decode_step(token, level, caches, memory_kvs, valid)
+        np.testing.assert_allclose(logits, forced[:, level], rtol=1e-5, atol=1e-5)
+        token = tiger.NUM_SPECIAL + level * K + codes[:, level]
 
 
 def test_semantic_index_expands_collisions_in_item_order():
@@ -92,31 +113,29 @@ def test_semantic_index_expands_collisions_in_item_order():
 @given(seed=st.integers(0, 10_000), num_ids=st.integers(1, 40))
 def test_beam_search_returns_only_valid_ids(model, seed, num_ids):
     rng = np.random.default_rng(seed)
-    trie = tiger.Trie.build(rng.integers(0, K, (num_ids, LEVELS)), K)
+    si = index_of(rng.integers(0, K, (num_ids, LEVELS)))
     enc = random_inputs(model.cfg, BATCH, seed)
-    codes, leaves, scores = map(
-        np.asarray, tiger.beam_search(model, enc, padded_tables(trie), BEAM)
-    )
-    alive = min(BEAM, len(trie.ids))
+    codes, leaves, scores = search(model, enc, si)
+    alive = min(BEAM, len(si.ids))
     assert (leaves[:, :alive] >= 0).all() and (leaves[:, alive:] == -1).all()
     assert np.isfinite(scores[:, :alive]).all() and np.isneginf(scores[:, alive:]).all()
     assert (np.diff(scores[:, :alive], axis=1) <= 0).all()
-    np.testing.assert_array_equal(codes[:, :alive], trie.ids[leaves[:, :alive]])
+    np.testing.assert_array_equal(codes[:, :alive], si.ids[leaves[:, :alive]])
     for row in leaves:  # distinct IDs
         assert len(set(row[:alive])) == alive
 
 
 def test_beam_search_equals_exhaustive_scoring(model):
-    trie = tiger.Trie.build(np.random.default_rng(0).integers(0, K, (BEAM - 2, LEVELS)), K)
+    si = index_of(np.random.default_rng(0).integers(0, K, (BEAM - 2, LEVELS)))
     enc = random_inputs(model.cfg, BATCH, seed=2)
-    m = len(trie.ids)
-    _, leaves, scores = tiger.beam_search(model, enc, padded_tables(trie), BEAM)
-    candidates = jnp.broadcast_to(jnp.asarray(trie.ids), (BATCH, m, LEVELS))
+    m = len(si.ids)
+    _, leaves, scores = search(model, enc, si)
+    candidates = jnp.broadcast_to(jnp.asarray(si.ids), (BATCH, m, LEVELS))
     exhaustive = np.asarray(tiger.sequence_log_probs(model, enc, candidates))
     order = np.argsort(-exhaustive, axis=1, kind="stable")
-    np.testing.assert_array_equal(np.asarray(leaves)[:, :m], order)
+    np.testing.assert_array_equal(leaves[:, :m], order)
     np.testing.assert_allclose(
-        np.asarray(scores)[:, :m], np.take_along_axis(exhaustive, order, 1), rtol=1e-5, atol=1e-5
+        scores[:, :m], np.take_along_axis(exhaustive, order, 1), rtol=1e-5, atol=1e-5
     )
 
 
@@ -141,8 +160,8 @@ def test_fit_tiger_learns_deterministic_transitions_and_ranks_collisions():
     codes[11] = codes[10]  # items 11 and 12 share an ID
     index = {i + 1: codes[i] for i in range(12)}
     cfg = tiger_trainer.TigerTrainConfig(
-        model=dataclasses.replace(TINY, dropout=0.0), epochs=40, batch_size=32, lr=1e-2, warmup_steps=1,
-        beam_size=4, eval_every=10, patience=None, eval_batch_size=64,
+        model=dataclasses.replace(TINY, dropout=0.0), num_epochs=40, batch_size=32, learning_rate=1e-2,
+        warmup_steps=1, beam_size=4, eval_every=50, patience=None, eval_batch_size=64,
     )  # fmt: skip
     model = tiger_trainer.fit_tiger(ds, sp, index, cfg)
     metrics = tiger_trainer.evaluate_tiger(
@@ -169,3 +188,63 @@ def test_load_index_keys_are_item_rows(tmp_path):
     ids.write_index(tmp_path / "short.json", np.array([[0, 1]]))
     with pytest.raises(ValueError, match="short.json: 1 items, but cyclic has 3"):
         tiger_trainer.load_index(tmp_path / "short.json", ds)
+
+
+def _tiger_run_args(tmp_path, out, **extra):
+    from tiny import write_tiny_ml100k
+
+    from rqvae import ids
+
+    folder = write_tiny_ml100k(tmp_path / "ml-100k")
+    index = tmp_path / "ids.json"
+    if not index.exists():
+        ids.write_index(index, np.random.default_rng(0).integers(0, 4, (30, 3)))
+    flags = dict(d_model=8, num_layers=1, num_heads=2, head_dim=4, d_ff=16, max_items=4, num_user_buckets=3,
+                 num_epochs=4, batch_size=16, beam_size=5, warmup_steps=2, learning_rate=1e-2, **extra)  # fmt: skip
+    args = ["-m", "rqvae.tiger_train", "--dataset=ml-100k", f"--data_dir={folder}", f"--semantic_ids={index}",
+            f"--out={out}", *(f"--{k}={v}" for k, v in flags.items())]  # fmt: skip
+    return folder, index, flags, args
+
+
+def _tiger_config(flags):
+    from rqvae.tiger_trainer import TigerTrainConfig
+
+    model = tiger.TigerConfig(
+        d_model=flags["d_model"], encoder_layers=flags["num_layers"], decoder_layers=flags["num_layers"],
+        num_heads=flags["num_heads"], head_dim=flags["head_dim"], d_ff=flags["d_ff"], max_items=flags["max_items"],
+        num_user_buckets=flags["num_user_buckets"],
+    )  # fmt: skip
+    keys = ("num_epochs", "batch_size", "beam_size", "warmup_steps", "learning_rate")
+    return TigerTrainConfig(model=model, **{k: flags[k] for k in keys})
+
+
+def test_kill_9_after_second_checkpoint_then_rerun_matches(tmp_path):
+    from tiny import kill_and_resume, train_losses
+
+    from rqvae import evaluate, tiger_train
+
+    folder, index, flags, args = _tiger_run_args(tmp_path, tmp_path / "killed")
+    full = tiger_train.run(
+        "ml-100k", str(folder), str(index), str(tmp_path / "full"), _tiger_config(flags)
+    )
+    config = _tiger_config(flags)
+    resumed = kill_and_resume(
+        args, tmp_path / "killed",
+        lambda: tiger_train.run("ml-100k", str(folder), str(index), str(tmp_path / "killed"), config),
+    )  # fmt: skip
+    for split in ("valid", "test"):
+        assert resumed[split] == full[split], split
+    assert train_losses(tmp_path / "killed") == train_losses(tmp_path / "full")
+    metrics, _ = evaluate.evaluate_run(str(tmp_path / "killed"))  # reloads and re-evaluates
+    assert metrics["test"] == pytest.approx(full["test"], abs=1e-9)
+
+
+def test_absurd_learning_rate_stops_with_an_error(tmp_path):
+    from eval.training import NonFiniteError
+    from rqvae import tiger_train
+
+    folder, index, flags, _ = _tiger_run_args(tmp_path, tmp_path / "run")
+    config = dataclasses.replace(_tiger_config(flags), learning_rate=1e38, eval_every=1)
+    with pytest.raises(NonFiniteError, match=r"step \d+: non-finite .*Last good checkpoint"):
+        tiger_train.run("ml-100k", str(folder), str(index), str(tmp_path / "run"), config)
+    assert not (tmp_path / "run" / "result.json").exists()

@@ -39,7 +39,7 @@ def bench_jax(model: str, batch, num_items: int, calls: int, repeats: int) -> tu
     preset = {"hstu": "hstu-ml", "sasrec": "sasrec-ml"}[model]
     n = batch["ids"].shape[1]
     tr = make_trainer(
-        model, preset, num_items, dict(max_seq_len=n, negatives_shared="batch", dropout_rate=0.2)
+        preset, num_items, dict(max_seq_len=n, negatives_shared="batch", dropout_rate=0.2)
     )
     step = [0]
 
@@ -53,7 +53,7 @@ def bench_jax(model: str, batch, num_items: int, calls: int, repeats: int) -> tu
 
     def evaluate(k):
         for _ in range(k):
-            out = tr._scores(tr.state, inputs)
+            out = tr.query_scores(inputs)
         jax.block_until_ready(out)
 
     train(2)

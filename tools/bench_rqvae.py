@@ -1,4 +1,4 @@
-r"""RQ-VAE training steps/s: JAX (`rqvae.train.train_step`) vs the PyTorch baseline.
+r"""RQ-VAE training steps/s: JAX (the `eval.training` step on `rqvae.train.rqvae_loss`) vs PyTorch.
 
   python -m tools.bench_rqvae [--num_items=4344] [--input_dim=384] [--batch_size=1024]
 
@@ -11,14 +11,15 @@ median steps/s over repeats, the ratio, and the devices.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from flax import nnx
 
 from eval.allocator import active_allocator, reexec_with_tcmalloc
+from eval.training import TrainState
+from eval.training.optim import OptimizerConfig, make_optimizer
 from rqvae.model import RQVAE, RQVAEConfig
-from rqvae.train import _adamw, train_step
+from rqvae.train import TrainConfig, rqvae_loss, update_usage_and_ema
 from tools.timing import cpu_threads, median_seconds
 
 
@@ -27,18 +28,23 @@ def _median_rate(fn, calls: int, repeats: int) -> float:
 
 
 def bench_jax(x: np.ndarray, cfg: RQVAEConfig, batch_size: int, calls: int, repeats: int) -> float:
-    model = RQVAE(x.shape[1], cfg, rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split((model, nnx.Optimizer(model, _adamw(1e-3, 1e-4), wrt=nnx.Param)))
-    x_dev, key = jnp.asarray(x), jax.random.key(0)
+    """Steps/s of the `eval.training` step on `rqvae.train.rqvae_loss` (what training runs)."""
+    config = TrainConfig(model=cfg, learning_rate=1e-3, weight_decay=1e-4)
+    state = TrainState(
+        RQVAE(x.shape[1], cfg, rngs=nnx.Rngs(0)),
+        make_optimizer(OptimizerConfig(config.learning_rate, weight_decay=config.weight_decay), 1),
+    )
     rng = np.random.default_rng(0)
-    batches = [jnp.asarray(rng.permutation(len(x))[:batch_size].astype(np.int32)) for _ in range(8)]
-    step = [0]
+    batches = [
+        {"x": x[rng.permutation(len(x))[:batch_size]], "tau": np.float32(1.0)} for _ in range(8)
+    ]
+    key, step = jax.random.key(0), [0]
 
     def run(k):
-        nonlocal state
         for _ in range(k):
-            state, metrics = train_step(graphdef, state, x_dev, batches[step[0] % 8], np.int32(step[0]), key,
-                                        np.float32(1.0))  # fmt: skip
+            batch = batches[step[0] % 8]
+            metrics = state.train_step(rqvae_loss, batch, jax.random.fold_in(key, step[0]),
+                                       after_update=update_usage_and_ema)  # fmt: skip
             step[0] += 1
         jax.block_until_ready(metrics["loss"])
 

@@ -165,12 +165,12 @@ def batches(
     shuffle: bool = True,
     num_epochs: int | None = 1,
     drop_remainder: bool = True,
-    worker_count: int = 0,
     start_batch: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """A seeded, reproducible grain loader of stacked numpy batches, reshuffled every epoch.
 
-    `start_batch` skips that many batches (resume); `num_epochs=None` repeats forever.
+    Batch i depends only on (seed, i): `start_batch` starts at batch `start_batch` without
+    building the ones before it (resume); `num_epochs=None` repeats forever.
     """
     batched = BatchSource(
         source,
@@ -180,11 +180,4 @@ def batches(
         drop_remainder=drop_remainder,
         num_epochs=num_epochs,
     )
-    sampler = grain.samplers.SequentialSampler(
-        num_records=len(batched), shard_options=grain.sharding.NoSharding()
-    )
-    loader = grain.DataLoader(data_source=batched, sampler=sampler, worker_count=worker_count)
-    it = iter(loader)
-    for _ in range(start_batch):
-        next(it)
-    return it
+    return iter(grain.MapDataset.source(batched)[start_batch:])

@@ -1,0 +1,96 @@
+"""The flags every training entrypoint shares, defined once with one meaning.
+
+    define_training_flags({"learning_rate": 1e-3, ...})   # in an entrypoint's _define_flags()
+    values = training_flag_values()                          # in its main()
+
+Defaults policy: an entrypoint passes its model's defaults (the value shown by --help);
+`None` means "the preset's value" where the entrypoint has presets. `--max_steps` (when
+set) overrides `--num_epochs` (the HF Trainer meaning); `--eval_every` counts steps and
+defaults to once per epoch; `--patience` counts evaluations and defaults to never.
+`total_steps` and `eval_every_steps` turn them into the loop's numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from absl import flags
+
+from eval.data.registry import FORMATS
+
+_FLAGS: dict[str, tuple[Callable, str]] = {
+    "dataset": (flags.DEFINE_string, "Registered data set name, or any name with --format."),
+    "data_dir": (flags.DEFINE_string, "Folder with the data set's raw files."),
+    "out": (
+        flags.DEFINE_string,
+        "Run folder (run.json, metrics.jsonl, checkpoints/{latest,best}, result.json); "
+        "rerunning the same command resumes from the last checkpoint.",
+    ),
+    "overwrite": (flags.DEFINE_bool, "Start over in an existing --out (deletes its run)."),
+    "learning_rate": (flags.DEFINE_float, "Peak learning rate."),
+    "num_epochs": (flags.DEFINE_integer, "Epochs (an upper bound under early stopping)."),
+    "max_steps": (flags.DEFINE_integer, "Optimizer steps; when set, overrides --num_epochs."),
+    "eval_every": (
+        flags.DEFINE_integer,
+        "Validate and checkpoint every this many steps (default: once per epoch).",
+    ),
+    "patience": (
+        flags.DEFINE_integer,
+        "Stop after this many validations without improvement (default: never).",
+    ),
+    "batch_size": (flags.DEFINE_integer, "Training examples per optimizer step."),
+    "seed": (flags.DEFINE_integer, "Seed of initialisation, data order, dropout and sampling."),
+}
+NAMES = tuple(_FLAGS)
+# The shared flags that are also fields (same names) of every trainer's config.
+CONFIG_FIELDS = (
+    "learning_rate",
+    "num_epochs",
+    "max_steps",
+    "eval_every",
+    "patience",
+    "batch_size",
+    "seed",
+)
+
+
+def config_defaults(config: Any) -> dict[str, Any]:
+    """{name: value} of the `CONFIG_FIELDS` a config (dataclass) has: its flag defaults."""
+    return {k: getattr(config, k) for k in CONFIG_FIELDS if hasattr(config, k)}
+
+
+def define_training_flags(
+    defaults: Mapping[str, Any], *, skip: Iterable[str] = (), required: Iterable[str] = ()
+) -> None:
+    """Defines every shared flag except `skip`, with `defaults` (missing: None)."""
+    skip, required = set(skip), set(required)
+    for name, (define, help_) in _FLAGS.items():
+        if name in skip:
+            continue
+        default = defaults.get(name, False if define is flags.DEFINE_bool else None)
+        define(name, default, help_, required=name in required and default is None)
+    if "dataset" not in skip:
+        flags.DEFINE_enum("format", None, sorted(FORMATS), "Parser of an unregistered data set.")
+
+
+def training_flag_values(skip: Iterable[str] = ()) -> dict[str, Any]:
+    """{name: value} of the shared flags (after absl parsed them), `format` included."""
+    f = flags.FLAGS
+    names = [n for n in (*NAMES, "format") if n not in set(skip) and n in f]
+    return {n: getattr(f, n) for n in names}
+
+
+def config_flag_values() -> dict[str, Any]:
+    """{name: value} of the defined `CONFIG_FIELDS` flags, to build a trainer's config."""
+    return {n: getattr(flags.FLAGS, n) for n in CONFIG_FIELDS if n in flags.FLAGS}
+
+
+def total_steps(steps_per_epoch: int, num_epochs: int, max_steps: int | None) -> int:
+    """`max_steps` when set (> 0), else `num_epochs` epochs."""
+    return max_steps if max_steps and max_steps > 0 else num_epochs * steps_per_epoch
+
+
+def eval_every_steps(eval_every: int | None, steps_per_epoch: int) -> int:
+    """`eval_every` when set (> 0), else once per epoch."""
+    return eval_every if eval_every and eval_every > 0 else steps_per_epoch

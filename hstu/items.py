@@ -1,0 +1,39 @@
+"""The item table HSTU and SASRec score against: L2 normalisation and item scores."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+L2_EPS = 1e-6
+
+
+def l2_normalize(x: jax.Array, eps: float = L2_EPS) -> jax.Array:
+    """x / max(||x||, eps) along the last axis (reference `L2NormEmbeddingPostprocessor`).
+
+    Written as x * rsqrt(max(|x|^2, eps^2)) so that zero rows (padding) get zero, not NaN,
+    gradients.
+    """
+    sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+
+
+class ItemScores:
+    """Mixin for a model with an `item_emb` table (`nnx.Embed`, row 0 = padding) whose
+    items are L2-normalised when `normalize_items` is True."""
+
+    normalize_items: bool
+
+    def item_embeddings(self, item_ids: jax.Array) -> jax.Array:
+        """Item embeddings [..., D] (L2-normalised when `normalize_items`)."""
+        emb = self.item_emb(item_ids)
+        return l2_normalize(emb) if self.normalize_items else emb
+
+    def item_scores(self, query: jax.Array, item_ids: jax.Array | None = None) -> jax.Array:
+        """Scores of query [..., D] against `item_ids` [..., C], or all items
+        ([..., num_items + 1], padding item 0 set to -inf)."""
+        if item_ids is None:
+            table = self.item_emb.embedding[...]
+            table = l2_normalize(table) if self.normalize_items else table
+            return (query @ table.T).at[..., 0].set(-jnp.inf)
+        return jnp.einsum("...d,...cd->...c", query, self.item_embeddings(item_ids))

@@ -1,0 +1,199 @@
+"""Tiny models, data and configs the tests share (one place; tests never import each other).
+
+Also runnable: `python tiny.py regression OUT [KEY=VALUE ...]` trains the toy regression
+task into OUT (the crash tests kill it with `LLM4REC_KILL_AT`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import numpy as np
+
+TESTS = pathlib.Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+
+# -- data -----------------------------------------------------------------------------------
+def write_tiny_ml100k(
+    folder: pathlib.Path, num_users: int = 20, num_items: int = 30, per_user: int = 8
+) -> pathlib.Path:
+    """A random ml-100k-format folder (`u.data`, `u.item`) under `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    lines = [
+        f"{u}\t{rng.integers(1, num_items)}\t4\t{t}"
+        for u in range(1, num_users + 1)
+        for t in range(per_user)
+    ]
+    (folder / "u.data").write_text("\n".join(lines) + "\n")
+    items = "".join(f"{i}|Movie {i}|d||u|0\n" for i in range(1, num_items + 1))
+    (folder / "u.item").write_text(items, encoding="latin-1")
+    return folder
+
+
+def ring_split(num_users: int = 32, num_items: int = 40, seed: int = 0):
+    """(Dataset, Split) where users walk a ring of items (next = current + 1): learnable."""
+    from eval import data
+    from eval.data.dataset import ItemTable, Ragged
+
+    rng = np.random.default_rng(seed)
+    seqs = [
+        (rng.integers(num_items) + np.arange(rng.integers(5, 14))) % num_items + 1
+        for _ in range(num_users)
+    ]
+    ts = [1_000_000 + 3600 * np.arange(len(s)) for s in seqs]
+    ds = data.Dataset("tiny", ItemTable([""] * (num_items + 1), [""] * (num_items + 1)),
+                      [str(u) for u in range(num_users)], Ragged.from_rows(seqs),
+                      timestamps=Ragged.from_rows(ts, dtype=np.int64))  # fmt: skip
+    return ds, data.split(ds)
+
+
+# -- tiny model configs ---------------------------------------------------------------------
+# hstu.trainer.make_trainer overrides (architecture + optimisation) of any HSTU/SASRec preset.
+TINY_HSTU = dict(max_seq_len=12, embedding_dim=16, num_blocks=1, num_heads=2, dropout_rate=0.1,
+                 num_negatives=8, batch_size=8, learning_rate=5e-3)  # fmt: skip
+
+
+def tiny_tiger_budget() -> dict:
+    """A `rqvae.recommender.BUDGETS` entry that runs in seconds (RQ-VAE + TIGER)."""
+    from rqvae.model import RQVAEConfig
+    from rqvae.tiger import TigerConfig
+    from rqvae.tiger_trainer import TigerTrainConfig
+    from rqvae.train import TrainConfig
+
+    return dict(
+        rqvae=TrainConfig(
+            model=RQVAEConfig(hidden_dims=(16,), code_dim=4, num_levels=2, codebook_size=4),
+            num_epochs=3, batch_size=8,
+        ),
+        tiger=TigerTrainConfig(
+            model=TigerConfig(d_model=8, num_heads=2, head_dim=4, d_ff=16, encoder_layers=1,
+                              decoder_layers=1, max_items=4),
+            num_epochs=2, batch_size=16, beam_size=20,
+        ),
+    )  # fmt: skip
+
+
+def tiny_bigrec_budget():
+    """A `llm_sft.recommender.BUDGETS` entry that runs in seconds on `write_tiny_ml100k`."""
+    from llm_sft.recommender import BigRecConfig
+    from llm_sft.trainer import TrainConfig
+
+    return BigRecConfig(
+        model=dict(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8),
+        vocab_size=384, tokenizer_prompts=20,
+        train=TrainConfig(learning_rate=1e-2, per_device_train_batch_size=4, max_steps=3),
+    )  # fmt: skip
+
+
+# -- a toy regression task for the loop ---------------------------------------------------
+def regression_data(n: int = 64, dim: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    w = np.arange(1, dim + 1, dtype=np.float32)
+    return {"x": x, "y": (x @ w + 0.01 * rng.standard_normal(n)).astype(np.float32)}
+
+
+def regression_fit(out=None, *, learning_rate=0.2, total_steps=40, eval_every=8, patience=None,
+                   batch_size=8, accumulation=1, weighted=False, seed=0, overwrite=False,
+                   crash_at_eval=None):  # fmt: skip
+    """Trains a linear model on `regression_data` with the shared loop; returns (result, state)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from eval.data.examples import ArraySource, batches
+    from eval.training import LoopConfig, OptimizerConfig, RunDir, Task, TrainState, fit
+    from eval.training.optim import make_optimizer
+
+    data = regression_data()
+    valid = {k: v[:16] for k, v in data.items()}
+
+    def loss(model, batch, rng):
+        noise = 0.01 * jax.random.normal(rng, batch["y"].shape)  # uses the step's rng
+        err = (model(batch["x"])[:, 0] - batch["y"] + noise) ** 2
+        if weighted:
+            return err.sum(), {"weight": jnp.asarray(err.shape[0], jnp.float32)}
+        return err.mean(), {"mse": err.mean()}
+
+    evals = []
+
+    def validate(model):
+        evals.append(1)
+        if len(evals) == crash_at_eval:
+            raise RuntimeError("crash_at_eval")
+        return {"mse": float(jnp.mean((model(valid["x"])[:, 0] - valid["y"]) ** 2))}
+
+    config = dict(learning_rate=learning_rate, total_steps=total_steps, eval_every=eval_every,
+                  patience=patience, batch_size=batch_size, accumulation=accumulation,
+                  weighted=weighted, seed=seed)  # fmt: skip
+    run = RunDir(out, "toy", config, overwrite=overwrite) if out else None
+    try:
+        if run is not None and run.result is not None:
+            return run.result, None
+        model = nnx.Linear(4, 1, rngs=nnx.Rngs(seed))
+        tx = make_optimizer(OptimizerConfig(learning_rate=learning_rate), total_steps)
+        state = TrainState(model, tx)
+        task = Task(
+            loss=loss,
+            batches=lambda start: batches(ArraySource(data), batch_size, seed=seed, num_epochs=None, start_batch=start),
+            validate=validate,
+        )  # fmt: skip
+        cfg = LoopConfig(total_steps, eval_every, patience, "mse", "min",
+                         gradient_accumulation_steps=accumulation, seed=seed, progress=False)  # fmt: skip
+        info = fit(state, task, cfg, run)
+        result = {"steps": info.steps, "best_step": info.best_step, "valid": info.valid,
+                  "final": validate(state.model())}  # fmt: skip
+        if run is not None:
+            run.write_result(result)
+        return result, state
+    finally:
+        if run is not None:
+            run.close()
+
+
+# -- subprocess helpers for the crash tests -----------------------------------------------
+def run_module(args: list[str], *, kill_at: str | None = None, timeout: float = 600, cwd=REPO):
+    """Runs `python <args>` with this interpreter (optionally under LLM4REC_KILL_AT)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LLM4REC_ALLOCATOR": "system"}
+    env.pop("LLM4REC_KILL_AT", None)
+    if kill_at:
+        env["LLM4REC_KILL_AT"] = kill_at
+    return subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def assert_killed(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-3000:])
+
+
+def kill_and_resume(args: list[str], out: pathlib.Path, resume, kill_at: str = "after:2") -> dict:
+    """Runs `python <args>` (a training CLI writing the run folder `out`), killed by SIGKILL
+    at `kill_at`; then `resume()`, the same run through the Python API in this process
+    (its compiled programs are warm); returns the run's result.json."""
+    assert_killed(run_module(args, kill_at=kill_at))
+    assert not (out / "result.json").exists()
+    resume()
+    assert not list((out / "checkpoints").rglob("*orbax-checkpoint-tmp*"))
+    return json.loads((out / "result.json").read_text())
+
+
+def train_losses(out: pathlib.Path) -> list[float]:
+    """The train-loss records of a run folder, in order."""
+    from eval.training import read_records
+
+    return [r["loss"] for r in read_records(out) if r["split"] == "train"]
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    kind, out, *pairs = sys.argv[1:]
+    assert kind == "regression", kind
+    kwargs = {k: json.loads(v) for k, v in (p.split("=", 1) for p in pairs)}
+    print(json.dumps(regression_fit(out, **kwargs)[0]))
