@@ -53,7 +53,7 @@ def test_kill_9_after_second_checkpoint_then_rerun_matches(tmp_path, kind, prese
     full = _train_cli(folder, tmp_path / "full", preset)
     args = _cli_args(folder, tmp_path / "killed", preset)
     resumed = kill_and_resume(
-        args, tmp_path / "killed", lambda: _train_cli(folder, tmp_path / "killed", preset)
+        args, tmp_path / "killed", lambda out: _train_cli(folder, out, preset)
     )
     for name in evaluate.PROTOCOLS:
         assert resumed["test"][name] == pytest.approx(full["test"][name], abs=1e-6), name

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from tiny import random_hf_qwen  # noqa: E402
+
 from eval.decoding import Trie, filter_logits  # noqa: E402
 from llm_sft.generate import generate, last_hidden  # noqa: E402
 from llm_sft.params import load_hf  # noqa: E402
@@ -37,25 +39,8 @@ def _torch_one_thread():
 def models(tmp_path_factory):
     """(hf, flax model) of a tiny untied Qwen2 whose EOS logit is lifted so that beams end
     at varied lengths: the EOS row of lm_head is a multiple of the mean final hidden state."""
-    config = transformers.Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_theta=10_000.0,
-        tie_word_embeddings=False,
-    )
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    hf = transformers.Qwen2ForCausalLM(config).eval()
+    hf = random_hf_qwen("Qwen2", vocab_size=VOCAB, tie_word_embeddings=False)
     with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.1 if "bias" in name or "embed" in name else 0.08)
         probe = torch.randint(1, VOCAB, (64, 12))
         hidden = hf(input_ids=probe, output_hidden_states=True).hidden_states[-1]
         mean = hidden.reshape(-1, 32).mean(0)

@@ -15,6 +15,8 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from tiny import TINY_QWEN, random_hf_qwen  # noqa: E402
+
 from llm_sft.lora import (  # noqa: E402
     LoRAConfig,
     LoRALinear,
@@ -26,32 +28,12 @@ from llm_sft.lora import (  # noqa: E402
 )
 from llm_sft.params import load_hf  # noqa: E402
 
-TINY = dict(
-    vocab_size=128,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rope_theta=10_000.0,
-    tie_word_embeddings=True,
-)
-
 
 @pytest.fixture(scope="module")
 def hf_checkpoint(tmp_path_factory):
     """A tiny random Qwen2 saved by HF ``save_pretrained``; returns its folder."""
-    config = transformers.Qwen2Config(**TINY)
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    hf = transformers.Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            p.copy_(
-                1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p)
-            )
     path = tmp_path_factory.mktemp("qwen2")
-    hf.save_pretrained(path, safe_serialization=True)
+    random_hf_qwen("Qwen2", tie_word_embeddings=True).save_pretrained(path, safe_serialization=True)
     return path
 
 
@@ -60,7 +42,7 @@ def _batch():
     rng = np.random.default_rng(0)
     lengths = np.array([9, 5, 2])
     mask = (np.arange(9)[None] >= 9 - lengths[:, None]).astype(np.int64)
-    return np.where(mask > 0, rng.integers(1, TINY["vocab_size"], (3, 9)), 0), mask
+    return np.where(mask > 0, rng.integers(1, TINY_QWEN["vocab_size"], (3, 9)), 0), mask
 
 
 @nnx.jit

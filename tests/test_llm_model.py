@@ -17,6 +17,8 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from tiny import TINY_QWEN, random_hf_qwen  # noqa: E402
+
 from llm_sft.generate import greedy_generate  # noqa: E402
 from llm_sft.model import Cache, ModelConfig  # noqa: E402
 from llm_sft.params import checkpoint_files, load_hf, read_safetensors, save_hf  # noqa: E402
@@ -26,52 +28,19 @@ REPO = Path(__file__).resolve().parents[1]
 QWEN25_CONFIG = (
     Path(__file__).resolve().parents[2] / "shared/assets/qwen2.5-0.5b-instruct/config.json"
 )
-TINY = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rope_theta=10_000.0,
-)
 VARIANTS = {
     # Qwen2: q/k/v bias, tied embeddings.
-    "qwen2_tied": (
-        transformers.Qwen2Config,
-        transformers.Qwen2ForCausalLM,
-        dict(tie_word_embeddings=True),
-    ),
+    "qwen2_tied": ("Qwen2", dict(tie_word_embeddings=True)),
     # Qwen3: q/k norm, head_dim != hidden / heads, separate lm_head, no bias.
-    "qwen3_untied": (
-        transformers.Qwen3Config,
-        transformers.Qwen3ForCausalLM,
-        dict(tie_word_embeddings=False, head_dim=32),
-    ),
+    "qwen3_untied": ("Qwen3", dict(tie_word_embeddings=False, head_dim=32)),
     # Qwen3 with attention_bias (q/k/v and o biases).
-    "qwen3_bias": (
-        transformers.Qwen3Config,
-        transformers.Qwen3ForCausalLM,
-        dict(tie_word_embeddings=True, head_dim=16, attention_bias=True),
-    ),
+    "qwen3_bias": ("Qwen3", dict(tie_word_embeddings=True, head_dim=16, attention_bias=True)),
 }
 
 
-def _hf_model(variant: str, hf_config: dict | None = None, seed: int = 0):
-    """A random fp32 HF model; every weight (biases, norm scales too) is perturbed so that a
-    wrong bias, norm or transpose shows up in the logits."""
-    config_cls, model_cls, extra = VARIANTS[variant]
-    config = config_cls(**(hf_config or {**TINY, **extra}))
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = model_cls(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.1 if "bias" in name or "embed" in name else 0.08)
-    return model
+def _hf_model(variant: str, seed: int = 0):
+    family, config = VARIANTS[variant]
+    return random_hf_qwen(family, seed, **config)
 
 
 def _batch(batch: int = 3, length: int = 11, vocab: int = 256, seed: int = 0):
@@ -261,7 +230,7 @@ def test_bf16_checkpoint_reads_exactly(tmp_path):
     ],
 )
 def test_unsupported_configs_raise(bad, message):
-    hf = {**TINY, "model_type": "qwen2", **bad}
+    hf = {**TINY_QWEN, "model_type": "qwen2", **bad}
     with pytest.raises((ValueError, NotImplementedError), match=message):
         ModelConfig.from_hf_config(hf)
 
@@ -317,7 +286,7 @@ reference, _ = load_hf(sys.argv[1])
 mesh = make_mesh(data=1, fsdp=2, tensor=2)
 model, _ = load_hf(sys.argv[1], mesh=mesh)
 assert len(model.layers[0].self_attn.q_proj.kernel[...].addressable_shards[0].data.shape) == 2
-assert model.layers[0].self_attn.q_proj.kernel[...].addressable_shards[0].data.shape[0] * 2 == 64
+assert model.layers[0].self_attn.q_proj.kernel[...].addressable_shards[0].data.shape[0] * 2 == 32  # hidden 32 over fsdp 2
 ids = jnp.asarray(np.random.default_rng(0).integers(1, 256, (4, 9)))
 mask = jnp.ones_like(ids).at[0, :3].set(0)
 forward = nnx.jit(lambda m, i, a: m(i, attention_mask=a)[0])

@@ -246,7 +246,7 @@ def test_kill_9_after_second_checkpoint_then_rerun_matches(tmp_path):
     args, kwargs, train = _sft_args(tmp_path, tmp_path / "killed")
     full = run(out=str(tmp_path / "full"), train=train, **kwargs)
     resumed = kill_and_resume(
-        args, tmp_path / "killed", lambda: run(out=str(tmp_path / "killed"), train=train, **kwargs)
+        args, tmp_path / "killed", lambda out: run(out=str(out), train=train, **kwargs)
     )
     assert {k: v for k, v in resumed.items() if k != "export"} == {
         k: v for k, v in full.items() if k != "export"

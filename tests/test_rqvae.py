@@ -306,7 +306,7 @@ def test_kill_9_after_second_checkpoint_then_rerun_matches(tmp_path):
     full = train.train_run(str(tmp_path / "x.npy"), str(tmp_path / "full"), config)
     resumed = kill_and_resume(
         _cli(tmp_path / "x.npy", tmp_path / "killed"), tmp_path / "killed",
-        lambda: train.train_run(str(tmp_path / "x.npy"), str(tmp_path / "killed"), config),
+        lambda out: train.train_run(str(tmp_path / "x.npy"), str(out), config),
     )  # fmt: skip
     assert resumed == full
     assert train_losses(tmp_path / "killed") == train_losses(tmp_path / "full")

@@ -230,7 +230,7 @@ def test_kill_9_after_second_checkpoint_then_rerun_matches(tmp_path):
     config = _tiger_config(flags)
     resumed = kill_and_resume(
         args, tmp_path / "killed",
-        lambda: tiger_train.run("ml-100k", str(folder), str(index), str(tmp_path / "killed"), config),
+        lambda out: tiger_train.run("ml-100k", str(folder), str(index), str(out), config),
     )  # fmt: skip
     for split in ("valid", "test"):
         assert resumed[split] == full[split], split

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,6 +56,31 @@ def ring_split(num_users: int = 32, num_items: int = 40, seed: int = 0):
 
 
 # -- tiny model configs ---------------------------------------------------------------------
+# A tiny Qwen (HF config fields); the parity tests vary the family and a few fields.
+TINY_QWEN = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, rope_theta=10_000.0)  # fmt: skip
+
+
+def random_hf_qwen(family: str = "Qwen2", seed: int = 0, **config):
+    """A random fp32 HF `<family>ForCausalLM` (eager attention) of `TINY_QWEN` + `config`,
+    every weight perturbed (norm scales 1 + 0.2 N, biases and embeddings 0.1 N, matrices
+    0.08 N) so that a wrong bias, norm or transpose shows up in the logits."""
+    import torch
+    import transformers
+
+    hf_config = getattr(transformers, f"{family}Config")(**{**TINY_QWEN, **config})
+    hf_config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{family}ForCausalLM")(hf_config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.1 if "bias" in name or "embed" in name else 0.08)
+    return model
+
+
 # hstu.trainer.make_trainer overrides (architecture + optimisation) of any HSTU/SASRec preset.
 TINY_HSTU = dict(max_seq_len=12, embedding_dim=16, num_blocks=1, num_heads=2, dropout_rate=0.1,
                  num_negatives=8, batch_size=8, learning_rate=5e-3)  # fmt: skip
@@ -173,13 +199,34 @@ def assert_killed(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-3000:])
 
 
+def truncate_latest_checkpoint(out: pathlib.Path) -> None:
+    """Cuts every data file of the run folder's latest checkpoint to 10 bytes (disk damage)."""
+    steps = sorted((out / "checkpoints" / "latest").iterdir(), key=lambda p: int(p.name))
+    files = [p for p in (steps[-1] / "state").rglob("*") if p.is_file() and p.stat().st_size > 100]
+    assert files
+    for path in files:
+        path.write_bytes(path.read_bytes()[:10])
+
+
 def kill_and_resume(args: list[str], out: pathlib.Path, resume, kill_at: str = "after:2") -> dict:
     """Runs `python <args>` (a training CLI writing the run folder `out`), killed by SIGKILL
-    at `kill_at`; then `resume()`, the same run through the Python API in this process
-    (its compiled programs are warm); returns the run's result.json."""
+    at `kill_at`; checks that a copy with a truncated checkpoint is refused with a clear
+    error; then `resume(out)`, the same run through the Python API in this process (its
+    compiled programs are warm). Returns the run's result.json."""
+    import pytest
+
+    from eval.training import CheckpointError
+
     assert_killed(run_module(args, kill_at=kill_at))
     assert not (out / "result.json").exists()
-    resume()
+    damaged = out.with_name(out.name + "_damaged")
+    shutil.copytree(out, damaged)
+    truncate_latest_checkpoint(damaged)
+    with pytest.raises(
+        CheckpointError, match=r"checkpoints/latest/\d+: the checkpoint of step \d+ cannot be read"
+    ):
+        resume(damaged)
+    resume(out)
     assert not list((out / "checkpoints").rglob("*orbax-checkpoint-tmp*"))
     return json.loads((out / "result.json").read_text())
 
