@@ -109,9 +109,10 @@ def _train_step(defs, params, frozen, rest, opt_state, constants, batch, key):
             micro, init, (batch, jnp.arange(accumulation))
         )
         scalar_aux = {k: v.mean() for k, v in _scalars(aux).items()}
-    weight = jnp.maximum(weight.astype(jnp.float32), 1e-30)
-    grads = jax.tree.map(lambda g: g / weight.astype(g.dtype), grads)
-    loss = loss / weight
+    if "weight" in aux or accumulation > 1:  # sums over micro-batches / targets -> means
+        weight = jnp.maximum(weight.astype(jnp.float32), 1e-30)
+        grads = jax.tree.map(lambda g: g / weight.astype(g.dtype), grads)
+        loss = loss / weight
     model = nnx.merge(graphdef, params, frozen, rest)
     optimizer = nnx.merge(opt_def, opt_state)
     optimizer.update(model, grads)
