@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -112,23 +113,32 @@ def test_second_run_on_one_folder_is_refused(tmp_path):
         pass
 
 
-def test_concurrent_process_is_refused_and_first_run_intact(tmp_path):
-    code = (
-        "import sys, time; sys.path.insert(0, sys.argv[2]);"
-        "from eval.training import RunDir; r = RunDir(sys.argv[1], 'toy', {'a': 1});"
-        "print('locked', flush=True); time.sleep(60)"
-    )
-    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(TESTS.parent)],
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+def test_concurrent_run_is_refused_and_the_first_run_is_intact(tmp_path):
+    out, steps = tmp_path / "run", dict(total_steps=3000, eval_every=300)
+    script = [
+        str(TESTS / "tiny.py"),
+        "regression",
+        str(out),
+        *(f"{k}={v}" for k, v in steps.items()),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(TESTS.parent)}
+    first = subprocess.Popen([sys.executable, *script], env=env, stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(RunLockedError, match=f"pid {holder.pid}"):
-            RunDir(tmp_path, "toy", {"a": 1})
+        while not (out / "checkpoints" / "latest").is_dir() or not any(
+            p.name.isdigit() for p in (out / "checkpoints" / "latest").iterdir()
+        ):
+            assert first.poll() is None, "the first run ended before the second started"
+            time.sleep(0.05)
+        with pytest.raises(RunLockedError, match=f"another run \\(pid {first.pid}\\) is writing"):
+            regression_fit(out, **steps)
     finally:
-        holder.kill()
-        holder.wait()
-    with RunDir(tmp_path, "toy", {"a": 1}):
-        pass
+        stdout, _ = first.communicate(timeout=600)
+    assert first.returncode == 0
+    result = json.loads(stdout.splitlines()[-1])
+    assert result["steps"] == 3000 and result == json.loads((out / "result.json").read_text())
+    assert [r["step"] for r in read_records(out) if r["split"] == "valid"] == list(
+        range(300, 3001, 300)
+    )
 
 
 def test_other_flags_are_refused_by_name_and_overwrite_starts_over(tmp_path):

@@ -18,6 +18,7 @@ written.
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import signal
@@ -28,6 +29,14 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 KILL_ENV = "LLM4REC_KILL_AT"
+
+
+def _quiet_orbax(record: logging.LogRecord) -> bool:
+    """Orbax logs every save step by step at INFO (absl): keep its warnings only."""
+    return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+logging.getLogger("absl").addFilter(_quiet_orbax)
 
 
 class CheckpointError(RuntimeError):

@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
@@ -131,6 +132,11 @@ def fit(state: TrainState, task: Task, config: LoopConfig, run: RunDir | None = 
             finished, stopped = meta["finished"], meta["stopped_early"]
         ckpt.discard_best_after(selection.best_step)
         logger = RunLogger(run.path, resume_step=step) if run else NullLogger()
+        if run and (step or getattr(logger, "dropped", 0)):
+            logging.warning(
+                "%s: resuming at step %d (%s); %d metric records after it dropped (they are redone)",
+                run.path, step, ckpt.describe_latest(), logger.dropped,
+            )  # fmt: skip
         key = jax.random.key(config.seed)
         show = config.progress and sys.stderr.isatty() and not finished
         bar = tqdm(total=config.total_steps, initial=step, disable=not show, desc=config.desc)

@@ -45,7 +45,9 @@ class RunLogger:
         self.directory = pathlib.Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / METRICS_FILE
-        kept = [r for r in read_records(self.directory) if r["step"] <= resume_step]
+        records = read_records(self.directory)
+        kept = [r for r in records if r["step"] <= resume_step]
+        self.dropped = len(records) - len(kept)  # logged after the checkpoint resumed from
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, path)
