@@ -28,8 +28,11 @@ $(TEST_STAMP): $(CORE_STAMP)
 demo: setup
 	$(BIN)/python -m tools.leaderboard $(DEMO_ARGS)
 
+# One pytest worker per core (pytest-xdist): the suite is compile-bound, XLA:CPU programs
+# are small. `PYTEST_ARGS=-n0` runs it in one process.
+PYTEST_ARGS ?= -n auto
 test: setup-test
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-slow: setup-test
 	$(BIN)/python -m pytest -q -m slow
