@@ -25,7 +25,7 @@ from eval import data, protocols
 from eval.data import examples as ex_lib
 from eval.data.dataset import EvalExamples
 from eval.metrics import DEFAULT_KS
-from eval.training import FitResult, LoopConfig, RunDir, Task, TrainState, fit
+from eval.training import FitResult, LoopConfig, RunDir, Task, TrainState, fit, step_key
 from eval.training.flags import eval_every_steps, total_steps
 from eval.training.optim import OptimizerConfig, make_optimizer
 from hstu.losses import next_item_loss
@@ -154,11 +154,10 @@ class Trainer:
             build_model(model_cfg, train_cfg.seed), make_optimizer(opt, 1), mesh=mesh,
             shardings=item_table_shardings(mesh, shard_items) if mesh is not None else None,
         )  # fmt: skip
-        self.key = jax.random.key(train_cfg.seed)
 
     def train_step(self, batch: dict[str, np.ndarray], step: int) -> jax.Array:
         """One optimizer step (as `fit` takes it: rng `fold_in(key(seed), step)`); the loss."""
-        key = jax.random.fold_in(self.key, step)
+        key = step_key(self.cfg.seed, step)
         return self.state.train_step(next_item_loss, batch, key)["loss"]
 
     def query_scores(self, inputs: dict[str, np.ndarray]) -> jax.Array:

@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from eval.data.examples import ArraySource, batches
-from eval.training import FitResult, LoopConfig, RunDir, Task, TrainState, fit
+from eval.training import FitResult, LoopConfig, RunDir, Task, TrainState, fit, step_key
 from eval.training.flags import eval_every_steps, total_steps
 from eval.training.optim import SCHEDULES, OptimizerConfig, lr_schedule, make_optimizer
 from llm_sft.data import IGNORE, trim_to_bucket
@@ -185,12 +185,11 @@ class Trainer:
             frozen=nnx.Param if lora else nnx.Nothing, mesh=mesh, data_axes=DATA_AXES,
         )  # fmt: skip
         self.loss = SFTLoss(config.max_label_tokens)
-        self.key = jax.random.key(config.seed)
 
     def train_step(self, batch: dict[str, np.ndarray], step: int) -> dict[str, jax.Array]:
         """One optimizer step on ``rows_per_step`` rows (as ``fit`` takes step ``step``)."""
         _check_label_tokens(batch["labels"], self.config.max_label_tokens)
-        key = jax.random.fold_in(self.key, step)
+        key = step_key(self.config.seed, step)
         return self.state.train_step(
             self.loss, batch, key, accumulation=self.config.gradient_accumulation_steps
         )

@@ -133,7 +133,9 @@ def _checked(embeddings: np.ndarray) -> np.ndarray:
 
 
 def _keys(seed: int) -> dict[str, jax.Array]:
-    names = ("init", "kmeans", "unused", "restart", "sample")
+    """The seed's streams (the step stream is the loop's `fold_in(key(seed), step)`; its old
+    slot "steps" is kept so that the other streams, hence init and restarts, are unchanged)."""
+    names = ("init", "kmeans", "steps", "restart", "sample")
     return dict(zip(names, jax.random.split(jax.random.key(seed), len(names)), strict=True))
 
 

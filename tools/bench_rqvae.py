@@ -16,7 +16,7 @@ from absl import app, flags
 from flax import nnx
 
 from eval.allocator import active_allocator, reexec_with_tcmalloc
-from eval.training import TrainState
+from eval.training import TrainState, step_key
 from eval.training.optim import OptimizerConfig, make_optimizer
 from rqvae.model import RQVAE, RQVAEConfig
 from rqvae.train import TrainConfig, rqvae_loss, update_usage_and_ema
@@ -38,12 +38,12 @@ def bench_jax(x: np.ndarray, cfg: RQVAEConfig, batch_size: int, calls: int, repe
     batches = [
         {"x": x[rng.permutation(len(x))[:batch_size]], "tau": np.float32(1.0)} for _ in range(8)
     ]
-    key, step = jax.random.key(0), [0]
+    step = [0]
 
     def run(k):
         for _ in range(k):
             batch = batches[step[0] % 8]
-            metrics = state.train_step(rqvae_loss, batch, jax.random.fold_in(key, step[0]),
+            metrics = state.train_step(rqvae_loss, batch, step_key(0, step[0]),
                                        after_update=update_usage_and_ema)  # fmt: skip
             step[0] += 1
         jax.block_until_ready(metrics["loss"])

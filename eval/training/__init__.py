@@ -18,7 +18,7 @@ from eval.training.checkpoints import (
     MemoryCheckpoints,
     load_run_checkpoint,
 )
-from eval.training.loop import FitResult, LoopConfig, NonFiniteError, Task, fit
+from eval.training.loop import FitResult, LoopConfig, NonFiniteError, Task, fit, step_key
 from eval.training.metrics_log import RunLogger, read_records
 from eval.training.optim import OptimizerConfig, lr_schedule, make_optimizer
 from eval.training.run_dir import RunDir, RunLockedError, RunMismatchError, read_run
@@ -46,4 +46,5 @@ __all__ = [
     "make_optimizer",
     "read_records",
     "read_run",
+    "step_key",
 ]

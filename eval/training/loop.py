@@ -103,6 +103,12 @@ class FitResult:
     losses: list[float]  # per-step train losses of this call (empty when it resumed a finished run)
 
 
+def step_key(seed: int | jax.Array, step: int) -> jax.Array:
+    """The rng of step `step`: `fold_in(key(seed), step)` (`seed` an int or a key)."""
+    base = jax.random.key(seed) if isinstance(seed, int) else seed
+    return jax.random.fold_in(base, step)
+
+
 def _check_finite(records: list[dict[str, float]], first_step: int, last_good: str) -> None:
     for i, record in enumerate(records):
         bad = {k: record[k] for k in ("loss", "grad_norm") if not math.isfinite(record[k])}
@@ -132,7 +138,7 @@ def fit(state: TrainState, task: Task, config: LoopConfig, run: RunDir | None = 
             finished, stopped = meta["finished"], meta["stopped_early"]
         ckpt.discard_best_after(selection.best_step)
         logger = RunLogger(run.path, resume_step=step) if run else NullLogger()
-        if run and (step or getattr(logger, "dropped", 0)):
+        if run and (step or logger.dropped):
             logging.warning(
                 "%s: resuming at step %d (%s); %d metric records after it dropped (they are redone)",
                 run.path, step, ckpt.describe_latest(), logger.dropped,
@@ -146,7 +152,7 @@ def fit(state: TrainState, task: Task, config: LoopConfig, run: RunDir | None = 
         try:
             while not finished and step < config.total_steps:
                 metrics = state.train_step(
-                    task.loss, next(batches), jax.random.fold_in(key, step),
+                    task.loss, next(batches), step_key(key, step),
                     constants=task.constants, accumulation=config.gradient_accumulation_steps,
                     after_update=task.after_update,
                 )  # fmt: skip

@@ -43,7 +43,7 @@ class _Static:
         return self._hash
 
     def __eq__(self, other) -> bool:
-        return (
+        return other is self or (
             isinstance(other, _Static)
             and self.treedef == other.treedef
             and self.leaves == other.leaves
