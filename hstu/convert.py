@@ -57,15 +57,22 @@ def _linear_entries(t: str, f: tuple[Any, ...], kind: str = "linear") -> Iterato
 
 
 def _sasrec_entries(cfg: SASRecConfig) -> Iterator[Entry]:
+    if cfg.layer_type != "sasrec":
+        raise ValueError(f"the reference SASRec has no {cfg.layer_type!r} layers")
     yield "item_emb.weight", ("item_emb", "embedding"), "copy", None
     yield "pos_emb.weight", ("pos_emb", "embedding"), "copy", None
     for i in range(cfg.num_blocks):
         f = ("blocks", i)
         yield from _layer_norm_entries(f"attention_layernorms.{i}", (*f, "attn_norm"))
         for chunk, name in enumerate(("query", "key", "value")):
-            yield f"attention_layers.{i}.in_proj_weight", (*f, name, "kernel"), "linear", chunk
-            yield f"attention_layers.{i}.in_proj_bias", (*f, name, "bias"), "copy", chunk
-        yield from _linear_entries(f"attention_layers.{i}.out_proj", (*f, "out"))
+            yield (
+                f"attention_layers.{i}.in_proj_weight",
+                (*f, "attn", name, "kernel"),
+                "linear",
+                chunk,
+            )
+            yield f"attention_layers.{i}.in_proj_bias", (*f, "attn", name, "bias"), "copy", chunk
+        yield from _linear_entries(f"attention_layers.{i}.out_proj", (*f, "attn", "out"))
         yield from _layer_norm_entries(f"forward_layernorms.{i}", (*f, "ffn_norm"))
         yield from _linear_entries(f"forward_layers.{i}.conv1", (*f, "ffn1"), "conv")
         yield from _linear_entries(f"forward_layers.{i}.conv2", (*f, "ffn2"), "conv")

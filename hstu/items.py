@@ -29,11 +29,14 @@ class ItemScores:
         emb = self.item_emb(item_ids)
         return l2_normalize(emb) if self.normalize_items else emb
 
+    def item_table(self) -> jax.Array:
+        """The whole item table [num_items + 1, D] (L2-normalised when `normalize_items`)."""
+        table = self.item_emb.embedding[...]
+        return l2_normalize(table) if self.normalize_items else table
+
     def item_scores(self, query: jax.Array, item_ids: jax.Array | None = None) -> jax.Array:
         """Scores of query [..., D] against `item_ids` [..., C], or all items
         ([..., num_items + 1], padding item 0 set to -inf)."""
         if item_ids is None:
-            table = self.item_emb.embedding[...]
-            table = l2_normalize(table) if self.normalize_items else table
-            return (query @ table.T).at[..., 0].set(-jnp.inf)
+            return (query @ self.item_table().T).at[..., 0].set(-jnp.inf)
         return jnp.einsum("...d,...cd->...c", query, self.item_embeddings(item_ids))

@@ -28,7 +28,7 @@ from flax import nnx
 from hstu.attention import Impl, NNorm, hstu_attention
 from hstu.dropout import Dropout
 from hstu.items import ItemScores, l2_normalize
-from hstu.losses import LossName, NegativeSharing
+from hstu.losses import LossConfig
 
 LN_EPS = 1e-6
 TIME_BUCKET_DIVISOR = 0.301
@@ -49,12 +49,24 @@ PRESETS: dict[str, dict[str, Any]] = {
                   linear_dim=25, dropout_rate=0.2),
         train=_TRAIN_ML,
     ),
+    # Amazon: the reference amzn-books settings (generative-recommenders configs: D 64,
+    # history 50, dropout 0.5, 512 negatives, temperature 0.05, lr 1e-3) on the `hstu-ml`
+    # block shape (2 blocks, 1 head, attention/linear 64); negatives per row, not per
+    # position (a CPU-sized gather), patience 50 epochs as the eSASRec benchmark's models.
+    "hstu-amazon": dict(
+        model="hstu",
+        arch=dict(max_seq_len=50, embedding_dim=64, num_blocks=2, num_heads=1, attention_dim=64,
+                  linear_dim=64, dropout_rate=0.5, num_negatives=512, negatives_shared="sequence"),
+        train=dict(learning_rate=1e-3, b2=0.98, weight_decay=0.0, batch_size=128, num_epochs=200,
+                   patience=50),
+    ),
 }  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
-class HSTUConfig:
-    """HSTU hyper-parameters (names follow the reference `HSTU.__init__`)."""
+class HSTUConfig(LossConfig):
+    """HSTU hyper-parameters (names follow the reference `HSTU.__init__`); the loss fields
+    (`LossConfig`) default to the reference: sampled softmax, 128 uniform negatives, T 0.05."""
 
     num_items: int
     max_seq_len: int = 200
@@ -67,10 +79,6 @@ class HSTUConfig:
     num_buckets: int = 128
     n_norm: NNorm = "padded"
     attention_impl: Impl = "xla"
-    loss: LossName = "sampled_softmax"
-    num_negatives: int = 128
-    negatives_shared: NegativeSharing = "position"
-    temperature: float = 0.05
 
 
 def _layer_norm(x: jax.Array, eps: float = LN_EPS) -> jax.Array:

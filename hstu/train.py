@@ -23,22 +23,17 @@ from absl import app, flags, logging
 from eval import data
 from eval.allocator import reexec_with_tcmalloc
 from eval.training import RunDir
-from eval.training.flags import config_flag_values, define_training_flags, training_flag_values
+from eval.training.flags import (
+    config_flag_values,
+    define_field_flags,
+    define_training_flags,
+    training_flag_values,
+)
 from hstu.evaluate import print_metrics, test_metrics
-from hstu.models import PRESETS
-from hstu.trainer import make_trainer
+from hstu.models import MODELS, PRESETS
+from hstu.trainer import TrainConfig, make_trainer
 
-# Overrides of the preset beside the shared training flags (None = the preset's value).
-_OVERRIDES = {
-    "max_seq_len": (flags.DEFINE_integer, "Sequence length N."),
-    "embedding_dim": (flags.DEFINE_integer, "D."),
-    "num_blocks": (flags.DEFINE_integer, "Layers."),
-    "num_heads": (flags.DEFINE_integer, "Heads."),
-    "dropout_rate": (flags.DEFINE_float, "Dropout."),
-    "num_negatives": (flags.DEFINE_integer, "Sampled-softmax negatives."),
-    "weight_decay": (flags.DEFINE_float, "AdamW weight decay."),
-    "stochastic_length_alpha": (flags.DEFINE_float, "HSTU's stochastic length: alpha in (0, 2]."),
-}
+_OVERRIDES: list[str] = []  # config fields settable by flag (`define_field_flags`)
 
 
 def _define_flags() -> None:
@@ -47,15 +42,8 @@ def _define_flags() -> None:
     flags.DEFINE_enum(
         "protocol", None, ["full", "sampled"], "Validation protocol (default: the data set's)."
     )
-    flags.DEFINE_enum("loss", None, ["bce", "sampled_softmax"], "Override: loss.")
-    flags.DEFINE_enum(
-        "negatives_shared", None, ["position", "sequence", "batch"], "Override: negative sharing."
-    )
-    flags.DEFINE_enum(
-        "attention_impl", None, ["xla", "pallas"], "Override (HSTU): attention kernel."
-    )
-    for name, (define, help_) in _OVERRIDES.items():
-        define(name, None, f"Override: {help_}")
+    configs = [spec.config for spec in MODELS.values()]
+    _OVERRIDES.extend(define_field_flags(*configs, TrainConfig, skip=("num_items",)))
 
 
 def train(dataset: str, data_dir: str, preset: str, overrides: dict, out: str | None = None,
@@ -99,9 +87,7 @@ def main(argv):
     f = flags.FLAGS
     shared = training_flag_values()
     overrides = config_flag_values()
-    overrides |= {
-        k: getattr(f, k) for k in [*_OVERRIDES, "loss", "negatives_shared", "attention_impl"]
-    }
+    overrides |= {k: getattr(f, k) for k in _OVERRIDES}
     result = train(
         shared["dataset"], shared["data_dir"], f.preset, overrides, shared["out"], f.protocol,
         shared["format"], shared["overwrite"],

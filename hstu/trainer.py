@@ -28,7 +28,7 @@ from eval.metrics import DEFAULT_KS
 from eval.training import FitResult, LoopConfig, RunDir, Task, TrainState, fit, step_key
 from eval.training.flags import eval_every_steps, total_steps
 from eval.training.optim import OptimizerConfig, make_optimizer
-from hstu.losses import next_item_loss
+from hstu.losses import next_item_loss, popularity_constants
 from hstu.model import scatter_target_timestamps
 from hstu.models import build_model, config_fields, config_from_preset, model_kind, preset
 
@@ -50,20 +50,42 @@ class TrainConfig:
     seed: int = 0
     # HSTU's stochastic length (SL): alpha in (0, 2]; None = off (see `stochastic_length`).
     stochastic_length_alpha: float | None = None
+    # Training rows: None = one per user (the last max_seq_len items, as SASRec and HSTU
+    # train); k = windows of max_seq_len items ending every k items back from each user's
+    # last training item (k = max_seq_len - 1 makes every training target count once).
+    window_stride: int | None = None
 
 
-def training_source(split: data.Split, max_len: int) -> ex_lib.ArraySource:
-    """One row per user: the last `max_len` training items, right-padded (t predicts t+1)."""
-    rows = np.flatnonzero(split.train.lengths >= 2)
-    train = split.train.take(rows)
-    ts = split.train_timestamps.take(rows) if split.train_timestamps is not None else None
+def training_source(
+    split: data.Split, max_len: int, window_stride: int | None = None
+) -> ex_lib.ArraySource:
+    """Right-padded training rows (position t predicts t + 1): the last `max_len` training
+    items of each user, or with `window_stride` every window of `max_len` items ending
+    0, k, 2k, ... items before the user's last (windows of >= 2 items)."""
+    train = split.train
+    lengths = train.lengths
+    if window_stride is None:
+        users = np.flatnonzero(lengths >= 2)
+        ends = lengths[users]
+    else:
+        if window_stride < 1:
+            raise ValueError(f"window_stride must be >= 1, got {window_stride}")
+        per_user = np.where(lengths >= 2, (lengths - 2) // window_stride + 1, 0)
+        users = np.repeat(np.arange(len(lengths)), per_user)
+        back = np.arange(len(users)) - np.repeat(np.cumsum(per_user) - per_user, per_user)
+        ends = lengths[users] - back * window_stride
+    starts = np.maximum(ends - max_len, 0)
+    first = train.offsets[users]
+    ts = split.train_timestamps
     return ex_lib.ArraySource(
         {
-            "ids": ex_lib.pad(train, max_len, "right"),
-            "timestamps": ex_lib.pad(ts, max_len, "right").astype(np.int64)
+            "ids": ex_lib.pad_windows(train.values, first + starts, first + ends, max_len, "right"),
+            "timestamps": ex_lib.pad_windows(
+                ts.values, first + starts, first + ends, max_len, "right"
+            ).astype(np.int64)
             if ts is not None
-            else np.zeros((len(rows), max_len), np.int64),
-            "lengths": np.minimum(train.lengths, max_len).astype(np.int32),
+            else np.zeros((len(users), max_len), np.int64),
+            "lengths": (ends - starts).astype(np.int32),
         }
     )
 
@@ -160,6 +182,15 @@ class Trainer:
         key = step_key(self.cfg.seed, step)
         return self.state.train_step(next_item_loss, batch, key)["loss"]
 
+    def loss_constants(self, source: ex_lib.ArraySource) -> dict[str, jax.Array]:
+        """What the loss reads beside the batch: training popularity for popularity-sampled
+        negatives (`hstu.losses.popularity_constants`), else nothing."""
+        cfg = self.model_cfg
+        if cfg.negative_sampling != "popularity" or cfg.loss == "full_softmax":
+            return {}
+        counts = popularity_constants(source.arrays["ids"][:, 1:], cfg.num_items)
+        return {k: jnp.asarray(v) for k, v in counts.items()}
+
     def query_scores(self, inputs: dict[str, np.ndarray]) -> jax.Array:
         """Scores [B, N+1] over all items of `query_inputs` rows (eval mode)."""
         s = self.state
@@ -211,18 +242,19 @@ class Trainer:
         """Trains with selection on validation NDCG@10 (`eval.training.fit`); the best state
         is loaded at the end. `run`: the run folder (checkpoints, metrics, resume)."""
         cfg = self.cfg
-        source = training_source(split, self.model_cfg.max_seq_len)
+        source = training_source(split, self.model_cfg.max_seq_len, cfg.window_stride)
         per_epoch = max(1, len(source) // min(cfg.batch_size, len(source)))
         task = Task(
             loss=next_item_loss,
             batches=functools.partial(self.batches, source),
             validate=(lambda _: self.evaluate(ds, split.valid, protocol)) if len(split.valid) else None,
+            constants=self.loss_constants(source),
         )  # fmt: skip
         loop = LoopConfig(
             total_steps=total_steps(per_epoch, cfg.num_epochs, cfg.max_steps),
             eval_every=eval_every_steps(cfg.eval_every, per_epoch),
             patience=cfg.patience, select="NDCG@10", seed=cfg.seed, progress=progress,
-            desc=f"train {self.kind}",
+            desc=f"train {self.kind}", steps_per_epoch=per_epoch,
         )  # fmt: skip
         return fit(self.state, task, loop, run)
 

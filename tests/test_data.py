@@ -136,7 +136,24 @@ BAD_INPUTS = {
     ),
     "amazon-games-2014": ({"Video.txt": "1 5\n1 3\n2\n"}, "Video.txt", 3),
     "x-recbole": ({"x.inter": "user_id:token\titem_id:token\n7\t1\n8\n"}, "x.inter", 3),
+    "yelp-p5": ({"sequential_data.txt": "1 1 2\r\n2 3 x4\r\n"}, "sequential_data.txt", 2),
+    "amazon-sports-2014": ({"sequential_data.txt": "1 1 2\n2 3\n1 4\n"}, "sequential_data.txt", 3),
 }
+
+
+def test_p5_sequential_format(tmp_path):
+    files = {
+        "sequential_data.txt": "1 1 2 3\r\n2 4 1\r\n3\r\n",  # CRLF; user 3 has no items
+        "datamaps.json": json.dumps({"id2item": {"1": "A1", "2": "B2", "3": "C3", "4": "D4"}}),
+    }
+    ds = data.load("amazon-sports-2014", write(tmp_path / "s", files))
+    assert ds.user_ids == ["1", "2"] and ds.items.original_ids == ["", "1", "2", "3", "4"]
+    np.testing.assert_array_equal(ds.sequences[1], [4, 1])  # file order = time order
+    assert ds.items.fields["asin"][4] == "D4"
+    assert ds.report.counts["users without items (skipped)"] == 1
+    del files["datamaps.json"]  # optional; any folder in this format via --format=p5
+    ds = data.load("my-p5", write(tmp_path / "o", files), fmt="p5")
+    assert ds.num_items == 4 and ds.num_interactions == 5 and "asin" not in ds.items.fields
 
 
 @pytest.mark.parametrize("name", sorted(BAD_INPUTS))
@@ -231,6 +248,8 @@ SHARED_COUNTS = {
     "ml-100k": (943, 1682, 100_000),
     "amazon-games-2014": (31_013, 23_715, 287_107),
     "amazon-scientific-2018": (8_317, 4_344, 58_492),
+    "amazon-sports-2014": (35_598, 18_357, 296_337),
+    "yelp-p5": (30_431, 20_033, 316_354),
 }
 
 

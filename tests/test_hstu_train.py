@@ -152,6 +152,22 @@ def test_data_parallel_matches_single_device():
     np.testing.assert_allclose(flat_params(single), flat_params(multi), atol=1e-5)
 
 
+def test_training_windows_cover_every_target_once():
+    train = Ragged.from_rows([[1, 2, 3, 4, 5, 6, 7], [8, 9], [10]])
+    ts = Ragged.from_rows([[11, 12, 13, 14, 15, 16, 17], [18, 19], [20]], dtype=np.int64)
+    sp = data.Split(train, ts, None, None, "test", None)
+    last = T.training_source(sp, 3).arrays
+    np.testing.assert_array_equal(last["ids"], [[5, 6, 7], [8, 9, 0]])  # one row per user
+    rows = T.training_source(sp, 3, window_stride=2).arrays
+    np.testing.assert_array_equal(rows["ids"], [[5, 6, 7], [3, 4, 5], [1, 2, 3], [8, 9, 0]])
+    np.testing.assert_array_equal(rows["timestamps"][1], [13, 14, 15])
+    np.testing.assert_array_equal(rows["lengths"], [3, 3, 3, 2])
+    targets = np.concatenate([r[1:n] for r, n in zip(rows["ids"], rows["lengths"], strict=True)])
+    assert sorted(targets) == [2, 3, 4, 5, 6, 7, 9]  # stride max_len - 1: each target once
+    with pytest.raises(ValueError, match="window_stride"):
+        T.training_source(sp, 3, window_stride=0)
+
+
 def test_query_inputs_right_pad_last_items():
     ex = data.EvalExamples(np.array([0, 1]), Ragged.from_rows([[1, 2, 3], [4]]), np.array([5, 6]),
                            Ragged.from_rows([[10, 20, 30], [40]], dtype=np.int64), np.array([35, 45]))  # fmt: skip

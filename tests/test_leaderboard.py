@@ -82,11 +82,35 @@ def test_leaderboard_writes_tables(tmp_path, monkeypatch):
     )
     write_tiny_ml100k(tmp_path / "root" / "ml-100k")
     results = leaderboard.run(
-        ["ml-100k"], list(leaderboard.RECOMMENDERS), "demo", 0, str(tmp_path / "root")
+        ["ml-100k"], list(leaderboard.RECOMMENDERS), "demo", 1, str(tmp_path / "root")
     )
     leaderboard.write(results, tmp_path / "out", "demo")
     table = (tmp_path / "out" / "leaderboard.md").read_text()
     assert all(f"| {name} |" in table for name in leaderboard.RECOMMENDERS) and "NDCG@20" in table
+    assert "best learned model:" in table and "![validation curves](curves_ml-100k.png)" in table
+    for png in ("leaderboard.png", "curves_ml-100k.png"):
+        assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((tmp_path / "out" / "leaderboard.json").read_text())
     test = results["ml-100k"]["models"]["transitions"]["test"]
     assert test["num_examples"] == 20 and 0 <= test["NDCG@10"] <= test["HR@10"] <= 1
+    curve = results["ml-100k"]["models"]["sasrec"]["runs"][0]["curve"]
+    assert [step for step, _ in curve] == sorted(step for step, _ in curve) and curve
+
+
+def test_leaderboard_seeds_mean_std_ties_and_notes(tmp_path):
+    write_tiny_ml100k(tmp_path / "root" / "ml-100k")
+    models = ["most-popular", "transitions"]
+    results = leaderboard.run(["ml-100k"], models, "demo", 2, str(tmp_path / "root"))
+    entry = results["ml-100k"]
+    pop = entry["models"]["most-popular"]
+    assert [r["seed"] for r in pop["runs"]] == [0, 1] and pop["test_std"]["NDCG@10"] == 0.0
+    # A learned model below a count baseline is said so under the table, a close one is a tie.
+    fake = lambda v, s: {"test": {"NDCG@10": v}, "test_std": {"NDCG@10": s}, "runs": []}  # noqa: E731
+    entry["models"] = {"transitions": fake(0.05, 0.0), "most-popular": fake(0.02, 0.0),
+                       "a": fake(0.04, 0.001), "b": fake(0.051, 0.002)}  # fmt: skip
+    lines = leaderboard.notes(entry)
+    assert "- a does not beat transitions at this budget (NDCG@10 0.0400 vs 0.0500)." in lines
+    assert any(line.startswith("- b and transitions tie") for line in lines)
+    assert lines[-1] == "- best learned model: b, NDCG@10 +0.0010 vs transitions (+2%)."
+    assert "0.0200 ± 0.0000" in leaderboard.render({"ml-100k": {**entry, "models": {
+        "most-popular": {**fake(0.02, 0.0), "fit_s": 1.25}}}}, seeds=2)  # fmt: skip

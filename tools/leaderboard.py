@@ -1,10 +1,16 @@
 r"""Run every registered recommender on each data set with its protocol; write the tables.
 
   python -m tools.leaderboard --datasets=ml-100k --budget=demo
-  python -m tools.leaderboard --datasets=ml-100k,amazon-games-2014 --data_root=../shared/data
+  python -m tools.leaderboard --datasets=ml-100k,amazon-sports-2014 --data_root=../shared/data
+  python -m tools.leaderboard --datasets=my-data --format=p5 --data_root=DIR --seeds=3
 
 Models are selected on the validation examples (inside `fit`); the test examples are
-evaluated once. Writes `<out>/leaderboard.md` and `<out>/leaderboard.json`.
+evaluated once. Writes `<out>/leaderboard.md` (a table per data set, a note under it for
+every learned model that does not beat the count baselines), `<out>/leaderboard.json`,
+`<out>/leaderboard.png` (test NDCG@10 and HR@10 per model per data set) and
+`<out>/curves_<dataset>.png` (validation NDCG@10 against step, per trained model).
+`--seeds=N` trains every model N times (seeds 0..N-1) and reports mean ± std; differences
+within the spread are called ties.
 """
 
 from __future__ import annotations
@@ -14,12 +20,13 @@ import json
 import pathlib
 import time
 
+import numpy as np
 from absl import app, flags, logging
 
 from eval import data
 from eval.allocator import reexec_with_tcmalloc
+from eval.data.registry import FORMATS, get_spec
 from eval.recommender import BUDGETS, Recommender, evaluate
-from eval.results import leaderboard_markdown
 from tools.fetch_data import ensure_dataset
 
 # name -> "module:Class". Adding a model is one line here (see WORKSPACE.md).
@@ -31,6 +38,8 @@ RECOMMENDERS: dict[str, str] = {
     "tiger": "rqvae.recommender:TigerRecommender",
     "bigrec": "llm_sft.recommender:BigRecRecommender",
 }
+COUNT_BASELINES = ("most-popular", "transitions")
+COLUMNS = ("NDCG@5", "HR@5", "NDCG@10", "HR@10", "NDCG@20", "HR@20")
 
 
 def make(name: str) -> Recommender:
@@ -51,74 +60,182 @@ def data_dir(name: str, root: str | None) -> pathlib.Path:
     return ensure_dataset(name)
 
 
-def run(datasets, models, budget: str, seed: int, root: str | None) -> dict:
-    """{dataset: {"protocol", "split", "models": {name: {"valid", "test", "fit_s", ...}}}}."""
+def _mean_std(runs: list[dict]) -> tuple[dict, dict]:
+    keys = [k for k, v in runs[0]["test"].items() if isinstance(v, int | float)]
+    values = {k: np.asarray([r["test"][k] for r in runs], np.float64) for k in keys}
+    return {k: float(v.mean()) for k, v in values.items()}, {
+        k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()
+    }
+
+
+def run(
+    datasets, models, budget: str, seeds: int, root: str | None, fmt: str | None = None
+) -> dict:
+    """{dataset: {"protocol", "split", "models": {name: {"test" (mean), "test_std", "runs"}}}}."""
     results = {}
     for name in datasets:
-        ds = data.load(name, data_dir(name, root))
+        ds = data.load(name, data_dir(name, root), fmt=fmt)
         sp = data.split(ds)
-        protocol = data.DATASETS[name].protocol
+        protocol = get_spec(name, fmt).protocol
         entry = {"protocol": protocol, "split": sp.rule, **sp.summary(), "models": {}}
         for model in models:
-            rec = make(model)
-            start = time.perf_counter()
-            info = rec.fit(ds, sp, budget=budget, seed=seed)
-            fit_s = time.perf_counter() - start
-            valid = evaluate(rec, ds, sp.valid, protocol, seed=seed) if len(sp.valid) else {}
-            test = evaluate(rec, ds, sp.test, protocol, seed=seed)
-            eval_s = time.perf_counter() - start - fit_s
+            runs = []
+            for seed in range(seeds):
+                logging.info("%s / %s (seed %d): training", name, model, seed)
+                rec = make(model)
+                start = time.perf_counter()
+                info = rec.fit(ds, sp, budget=budget, seed=seed)
+                fit_s = time.perf_counter() - start
+                test = evaluate(rec, ds, sp.test, protocol, seed=seed)
+                eval_s = time.perf_counter() - start - fit_s
+                runs.append({"seed": seed, "test": test, "fit_s": fit_s, "eval_s": eval_s, **info})
+                logging.info("%s / %s (seed %d): test NDCG@10 %.4f (fit %.1f s)",
+                             name, model, seed, test["NDCG@10"], fit_s)  # fmt: skip
+            mean, std = _mean_std(runs)
             entry["models"][model] = {
-                "valid": valid,
-                "test": test,
-                "fit_s": fit_s,
-                "eval_s": eval_s,
-                **info,
-            }
-            logging.info("%s / %s: NDCG@10=%.4f (fit %.1fs)", name, model, test["NDCG@10"], fit_s)
+                "test": mean, "test_std": std, "fit_s": float(np.mean([r["fit_s"] for r in runs])),
+                "runs": runs,
+            }  # fmt: skip
         results[name] = entry
     return results
 
 
-def render(results: dict) -> str:
-    """Markdown: one table of test metrics per data set."""
+def _cell(mean: float, std: float, seeds: int, best: bool) -> str:
+    text = f"{mean:.4f}" + (f" ± {std:.4f}" if seeds > 1 else "")
+    return f"**{text}**" if best else text
+
+
+def notes(entry: dict, metric: str = "NDCG@10") -> list[str]:
+    """One line per learned model at or below a count baseline on `metric` (within the
+    seed spread: a tie), and how the best learned model compares with `transitions`."""
+    models = entry["models"]
+    counts = {b: models[b] for b in COUNT_BASELINES if b in models}
+    learned = {m: r for m, r in models.items() if m not in COUNT_BASELINES}
+    lines = []
+    for model, r in learned.items():
+        for base, b in counts.items():
+            gap = r["test"][metric] - b["test"][metric]
+            spread = r["test_std"].get(metric, 0.0) + b["test_std"].get(metric, 0.0)
+            if gap <= 0:
+                lines.append(f"- {model} does not beat {base} at this budget ({metric} "
+                             f"{r['test'][metric]:.4f} vs {b['test'][metric]:.4f}).")  # fmt: skip
+            elif gap <= spread:
+                lines.append(f"- {model} and {base} tie ({metric} difference {gap:.4f} within "
+                             f"the seed spread {spread:.4f}).")  # fmt: skip
+    if learned and "transitions" in counts:
+        best = max(learned, key=lambda m: learned[m]["test"][metric])
+        base = counts["transitions"]["test"][metric]
+        gain = learned[best]["test"][metric] - base
+        rel = f" ({gain / base:+.0%})" if base > 0 else ""
+        lines.append(f"- best learned model: {best}, {metric} {gain:+.4f} vs transitions{rel}.")
+    return lines
+
+
+def render(results: dict, seeds: int = 1) -> str:
+    """Markdown: one table of test metrics per data set (mean ± std over seeds), the
+    best value of each column in bold, notes on learned models vs count baselines."""
     parts = []
     for name, entry in results.items():
         parts.append(
             f"## {name}\n\nprotocol: {entry['protocol']}; split: {entry['split']}; "
-            f"test examples: {entry['test_examples']}\n"
+            f"test examples: {entry['test_examples']}; seeds: {seeds}\n"
         )
-        rows = {m: {**r["test"], "fit_s": round(r["fit_s"], 1)} for m, r in entry["models"].items()}
-        parts.append(leaderboard_markdown(rows, extra_columns=("fit_s",)))
+        models = entry["models"]
+        best = {c: max(r["test"].get(c, -1.0) for r in models.values()) for c in COLUMNS}
+        header = ["Model", *COLUMNS, "fit (s)"]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for model, r in models.items():
+            cells = [
+                _cell(r["test"][c], r["test_std"].get(c, 0.0), seeds, r["test"][c] == best[c])
+                if c in r["test"] else "-"
+                for c in COLUMNS
+            ]  # fmt: skip
+            lines.append(f"| {model} | " + " | ".join(cells) + f" | {r['fit_s']:.1f} |")
+        parts.append("\n".join(lines) + "\n")
+        if extra := notes(entry):
+            parts.append("\n".join(extra) + "\n")
+        if any(run.get("curve") for r in models.values() for run in r["runs"]):
+            parts.append(f"![validation curves](curves_{name}.png)\n")
+    if results:
+        parts.append("![test NDCG@10 and HR@10](leaderboard.png)\n")
     return "\n".join(parts)
 
 
-def write(results: dict, out: pathlib.Path, budget: str) -> str:
-    """Write `leaderboard.md` and `leaderboard.json` under `out`; return the Markdown."""
+def plot(results: dict, out: pathlib.Path) -> list[pathlib.Path]:
+    """`leaderboard.png` (grouped bars, error bars = seed std) and one validation-curve
+    plot per data set; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, axes = plt.subplots(len(results), 2, figsize=(11, 3.2 * len(results)), squeeze=False)
+    for row, (name, entry) in enumerate(results.items()):
+        models = list(entry["models"])
+        for col, metric in enumerate(("NDCG@10", "HR@10")):
+            ax = axes[row][col]
+            means = [entry["models"][m]["test"][metric] for m in models]
+            stds = [entry["models"][m]["test_std"].get(metric, 0.0) for m in models]
+            ax.bar(models, means, yerr=stds, color=[f"C{i}" for i in range(len(models))])
+            ax.set_title(f"{name}: test {metric}")
+            ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(out / "leaderboard.png", dpi=100)
+    plt.close(fig)
+    written.append(out / "leaderboard.png")
+    for name, entry in results.items():
+        curves = {
+            (m, run["seed"]): run["curve"]
+            for m, r in entry["models"].items()
+            for run in r["runs"]
+            if run.get("curve")
+        }
+        if not curves:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for (model, seed), curve in curves.items():
+            steps, values = zip(*curve, strict=True)
+            ax.plot(steps, values, label=f"{model} (seed {seed})")
+        ax.set(xlabel="step", ylabel="validation NDCG@10", title=f"{name}: validation")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / f"curves_{name}.png", dpi=100)
+        plt.close(fig)
+        written.append(out / f"curves_{name}.png")
+    return written
+
+
+def write(results: dict, out: pathlib.Path, budget: str, seeds: int = 1) -> str:
+    """Write `leaderboard.{md,json,png}` and the curve plots under `out`; return the Markdown."""
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = render(results)
+    table = render(results, seeds)
     (out / "leaderboard.md").write_text(f"# Leaderboard (budget: {budget})\n\n{table}")
     (out / "leaderboard.json").write_text(json.dumps(results, indent=1, default=float))
+    plot(results, out)
     return table
 
 
 def _define_flags() -> None:
-    flags.DEFINE_list("datasets", ["ml-100k"], "Registered data set names.")
+    flags.DEFINE_list("datasets", ["ml-100k"], "Registered data set names (any with --format).")
+    flags.DEFINE_enum("format", None, sorted(FORMATS), "Parser of unregistered data sets.")
     flags.DEFINE_string(
         "data_root", None, "Folder holding one sub-folder per data set (named as the data set). "
         "Without it, ml-100k is fetched into the cache (GroupLens or the recbole wheel on PyPI).",
     )  # fmt: skip
     flags.DEFINE_list("models", None, f"Subset of {sorted(RECOMMENDERS)} (default: all).")
     flags.DEFINE_enum("budget", "demo", BUDGETS, "Training budget passed to every model.")
-    flags.DEFINE_integer("seed", 0, "Seed for training and sampled evaluation.")
+    flags.DEFINE_integer("seeds", 1, "Runs per model (seeds 0..N-1): mean ± std.", lower_bound=1)
     flags.DEFINE_string("out", "results", "Output folder.")
 
 
 def main(argv):
     del argv
     f = flags.FLAGS
-    results = run(f.datasets, f.models or list(RECOMMENDERS), f.budget, f.seed, f.data_root)
-    print(write(results, pathlib.Path(f.out), f.budget))
+    models = f.models or list(RECOMMENDERS)
+    results = run(f.datasets, models, f.budget, f.seeds, f.data_root, f.format)
+    print(write(results, pathlib.Path(f.out), f.budget, f.seeds))
 
 
 if __name__ == "__main__":

@@ -168,6 +168,39 @@ def read_sasrec(data_dir: pathlib.Path, filename: str | None = None) -> RawData:
     return raw
 
 
+def read_p5(data_dir: pathlib.Path) -> RawData:
+    """P5 / S3-Rec sequential format: `sequential_data.txt`, one line per user,
+    `user item item ...` (1-based ids, time order), plus optional `datamaps.json`
+    (`id2item`: the original ids, kept as the item field `asin`). A repeated user line is
+    an error; a user line without items is counted and skipped."""
+    path = data_dir / "sequential_data.txt"
+    raw, seen = RawData([], []), {}
+    for lineno, line in _lines(path):
+        fields = line.split()
+        for value in fields:
+            _int(path, lineno, value, line)
+        user, items = fields[0], fields[1:]
+        if user in seen:
+            raise _fail(path, lineno, f"user {user} already listed on line {seen[user]}", line)
+        seen[user] = lineno
+        if not items:
+            raw.report.add("users without items (skipped)", 1)
+            continue
+        raw.users.extend([user] * len(items))
+        raw.items.extend(items)
+    maps_path = data_dir / "datamaps.json"
+    if maps_path.exists():
+        id2item = _load_json(maps_path).get("id2item", {})
+        if not isinstance(id2item, dict):
+            raise DataFormatError(f"{maps_path}: 'id2item' must map item ids to original ids")
+        unknown = set(raw.items) - set(id2item)
+        raw.report.add(
+            f"items missing from {maps_path.name} id2item (no original id)", len(unknown)
+        )
+        raw.item_meta = {str(k): {"asin": str(v)} for k, v in id2item.items()}
+    return raw
+
+
 def _single(data_dir: pathlib.Path, pattern: str) -> pathlib.Path:
     found = sorted(data_dir.glob(pattern))
     if len(found) != 1:

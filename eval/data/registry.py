@@ -32,6 +32,7 @@ FORMATS: dict[str, Callable[[pathlib.Path], formats.RawData]] = {
     "lcrec": formats.read_lcrec,
     "amazon-csv": formats.read_amazon_csv,
     "recbole": formats.read_recbole,
+    "p5": formats.read_p5,
 }
 
 DATASETS: dict[str, DatasetSpec] = {}
@@ -78,6 +79,27 @@ register(
         "CDs or vinyl",
         "Amazon CDs & Vinyl 2018 (BIGRec/D3 CSV)",
         ("valid.csv", "test.csv", "info.txt"),
+        max_seq_len=50,
+    )
+)
+_P5 = ("sequential_data.txt", "datamaps.json")
+register(
+    DatasetSpec(
+        "amazon-sports-2014",
+        formats.read_p5,
+        "sports and outdoors products",
+        "Amazon Sports & Outdoors 2014, 5-core, P5 / S3-Rec preprocessing (TIGER, RecGPT)",
+        _P5,
+        max_seq_len=50,
+    )
+)
+register(
+    DatasetSpec(
+        "yelp-p5",
+        formats.read_p5,
+        "businesses",
+        "Yelp, 5-core, P5 preprocessing (RecGPT)",
+        _P5,
         max_seq_len=50,
     )
 )

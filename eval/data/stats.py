@@ -15,6 +15,7 @@ from absl import app, flags
 from eval.data.cache import load
 from eval.data.dataset import Dataset
 from eval.data.formats import is_html_debris
+from eval.data.registry import FORMATS
 from eval.data.splits import split
 
 
@@ -57,9 +58,11 @@ def describe(ds: Dataset) -> list[str]:
 
 
 def _define_flags() -> None:
-    flags.DEFINE_string("dataset", None, "Registered data set name.", required=True)
+    flags.DEFINE_string(
+        "dataset", None, "Registered data set name, or any name with --format.", required=True
+    )
     flags.DEFINE_string("data_dir", None, "Folder with the raw files.", required=True)
-    flags.DEFINE_string("format", None, "Parser for an unregistered data set.")
+    flags.DEFINE_enum("format", None, sorted(FORMATS), "Parser of an unregistered data set.")
     flags.DEFINE_float("min_rating", None, "Keep interactions rated at least this.")
     flags.DEFINE_integer("k_core", None, "Iteratively keep users/items with >= k interactions.")
 

@@ -12,6 +12,9 @@ defaults to once per epoch; `--patience` counts evaluations and defaults to neve
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -94,3 +97,39 @@ def total_steps(steps_per_epoch: int, num_epochs: int, max_steps: int | None) ->
 def eval_every_steps(eval_every: int | None, steps_per_epoch: int) -> int:
     """`eval_every` when set (> 0), else once per epoch."""
     return eval_every if eval_every and eval_every > 0 else steps_per_epoch
+
+
+def _field_flag(name: str, hint: Any, help_: str) -> None:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        hint = args[0]  # Optional[X]
+    if typing.get_origin(hint) is typing.Literal:
+        flags.DEFINE_enum(name, None, [str(a) for a in typing.get_args(hint)], help_)
+    elif hint is bool:
+        flags.DEFINE_bool(name, None, help_)
+    elif hint is int:
+        flags.DEFINE_integer(name, None, help_)
+    elif hint is float:
+        flags.DEFINE_float(name, None, help_)
+    elif hint is str:
+        flags.DEFINE_string(name, None, help_)
+    else:
+        raise TypeError(f"--{name}: no flag type for a config field of type {hint}")
+
+
+def define_field_flags(*configs: type, skip: Iterable[str] = ()) -> list[str]:
+    """One override flag per field of the config dataclasses (default None: keep the
+    preset's value), typed from the field's annotation (Literal -> enum); the shared
+    `CONFIG_FIELDS` and `skip` excepted. Returns the names defined."""
+    skip = set(skip) | set(CONFIG_FIELDS)
+    owners: dict[str, list[str]] = {}
+    hints: dict[str, Any] = {}
+    for config in configs:
+        types_ = typing.get_type_hints(config)
+        for field in dataclasses.fields(config):
+            if field.name not in skip:
+                owners.setdefault(field.name, []).append(config.__name__)
+                hints.setdefault(field.name, types_[field.name])
+    for name, classes in owners.items():
+        _field_flag(name, hints[name], f"Override the preset's {name} ({', '.join(classes)}).")
+    return list(owners)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -60,8 +61,9 @@ class LoopConfig:
     gradient_accumulation_steps: int = 1
     log_every: int = 0  # 0: at evaluations only
     seed: int = 0
-    progress: bool = True  # a progress bar (only ever on a terminal)
+    progress: bool = True  # a progress bar on a terminal, else a log line per evaluation
     desc: str = "train"
+    steps_per_epoch: int | None = None  # for the progress lines' epoch count
 
     def __post_init__(self):
         if self.total_steps < 1:
@@ -101,6 +103,7 @@ class FitResult:
     valid: dict[str, Any]  # its validation metrics
     stopped_early: bool
     losses: list[float]  # per-step train losses of this call (empty when it resumed a finished run)
+    curve: list[tuple[int, float]]  # (step, validation `select` metric) of this call's evaluations
 
 
 def step_key(seed: int | jax.Array, step: int) -> jax.Array:
@@ -124,6 +127,27 @@ def _mean_record(records: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in records])) for k in records[0]}
 
 
+def _progress_line(config: LoopConfig, step: int, start: tuple[int, float], loss: float,
+                   valid: Mapping[str, Any], selection: Selection) -> str:  # fmt: skip
+    """`desc: step s/T (epoch e/E), loss, valid metric (best @ step), elapsed, ETA`."""
+    parts = [f"{config.desc}: step {step}/{config.total_steps}"]
+    if config.steps_per_epoch:
+        epochs = -(-config.total_steps // config.steps_per_epoch)
+        parts[0] += f" (epoch {step / config.steps_per_epoch:.1f}/{epochs})"
+    parts.append(f"loss {loss:.4f}")
+    if config.select in valid:
+        best = selection.best_metrics.get(config.select, math.nan)
+        parts.append(f"valid {config.select} {valid[config.select]:.4f} "
+                     f"(best {best:.4f} @ {selection.best_step})")  # fmt: skip
+    first_step, t0 = start
+    elapsed = time.perf_counter() - t0
+    rate = elapsed / max(step - first_step, 1)
+    eta = rate * (config.total_steps - step)
+    bound = " at most" if config.patience is not None else ""
+    parts.append(f"{elapsed:.1f} s, ETA{bound} {eta:.1f} s")
+    return ", ".join(parts)
+
+
 def fit(state: TrainState, task: Task, config: LoopConfig, run: RunDir | None = None) -> FitResult:
     """Trains `state` on `task` (see module doc); resumes from `run`'s checkpoints."""
     ckpt = Checkpoints(run.path / "checkpoints") if run else MemoryCheckpoints()
@@ -145,10 +169,13 @@ def fit(state: TrainState, task: Task, config: LoopConfig, run: RunDir | None = 
             )  # fmt: skip
         key = jax.random.key(config.seed)
         show = config.progress and sys.stderr.isatty() and not finished
+        lines = config.progress and not show
+        start = (step, time.perf_counter())
         bar = tqdm(total=config.total_steps, initial=step, disable=not show, desc=config.desc)
         batches = task.batches(step) if not finished else iter(())
         pending: list[dict[str, jax.Array]] = []
         losses: list[float] = []
+        curve: list[tuple[int, float]] = []
         try:
             while not finished and step < config.total_steps:
                 metrics = state.train_step(
@@ -175,6 +202,7 @@ def fit(state: TrainState, task: Task, config: LoopConfig, run: RunDir | None = 
                 valid = {}
                 if task.validate is not None:
                     valid = task.validate(state.model())
+                    curve.append((step, float(valid[config.select])))
                     if selection.update(valid, step):
                         meta = {"step": step, "valid": valid}
                         ckpt.save_best(step, state.checkpoint(with_optimizer=False), meta)
@@ -188,6 +216,10 @@ def fit(state: TrainState, task: Task, config: LoopConfig, run: RunDir | None = 
                     state.update_from(model)
                 if valid:
                     logger.log(step, "valid", valid)
+                if lines:
+                    logging.info(
+                        _progress_line(config, step, start, record["loss"], valid, selection)
+                    )
                 stopped = selection.should_stop
                 finished = stopped or step == config.total_steps
                 meta = {
@@ -205,4 +237,4 @@ def fit(state: TrainState, task: Task, config: LoopConfig, run: RunDir | None = 
             state.load_checkpoint(ckpt.restore_best(abstract, selection.best_step)[0])
     finally:
         ckpt.close()
-    return FitResult(step, selection.best_step, selection.best_metrics, stopped, losses)
+    return FitResult(step, selection.best_step, selection.best_metrics, stopped, losses, curve)
