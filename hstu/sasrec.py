@@ -26,6 +26,7 @@ from hstu.items import ItemScores, l2_normalize
 from hstu.losses import LossConfig, LossName
 
 LayerType = Literal["sasrec", "ligr"]
+Positions = Literal["start", "end"]
 
 LN_EPS = 1e-8
 # Xavier-normal for every matrix, as the reference implementations initialise SASRec; the
@@ -59,15 +60,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         model="sasrec",
         arch=dict(max_seq_len=50, embedding_dim=64, num_blocks=1, num_heads=1, dropout_rate=0.2,
                   loss="sampled_softmax", num_negatives=256, negatives_shared="sequence",
-                  temperature=1.0, l2_norm_output=False),
+                  temperature=1.0, l2_norm_output=False, positions="end"),
         train=_TRAIN_SS,
     ),
-    # eSASRec (same benchmark): sasrec-ss with LiGR layers (Sports 0.0560 / 0.0323).
+    # eSASRec (same benchmark): sasrec-ss with LiGR layers, SwiGLU width 2d on Sports
+    # (Sports 0.0560 / 0.0323).
     "esasrec": dict(
         model="sasrec",
         arch=dict(max_seq_len=50, embedding_dim=64, num_blocks=1, num_heads=1, dropout_rate=0.2,
                   loss="sampled_softmax", num_negatives=256, negatives_shared="sequence",
-                  temperature=1.0, l2_norm_output=False, layer_type="ligr"),
+                  temperature=1.0, l2_norm_output=False, layer_type="ligr",
+                  positions="end", ffn_multiplier=2),
         train=_TRAIN_SS,
     ),
 }  # fmt: skip
@@ -87,6 +90,11 @@ class SASRecConfig(LossConfig):
     l2_norm_output: bool = False
     # "sasrec": the paper's block; "ligr": pre-norm with sigmoid-gated residuals (eSASRec).
     layer_type: LayerType = "sasrec"
+    # Position embeddings counted from the oldest item ("start", pmixer on right padding)
+    # or aligned on the newest ("end": the last item always at max_seq_len - 1, as kang205's
+    # left-padded inputs; a query's position then says how recent, not how long, it is).
+    positions: Positions = "start"
+    ffn_multiplier: int = 1  # LiGR's SwiGLU hidden width, in multiples of embedding_dim
 
 
 def _linear(d: int, rngs: nnx.Rngs) -> nnx.Linear:
@@ -164,7 +172,10 @@ class LiGRBlock(nnx.Module):
         self.attn = CausalSelfAttention(cfg, rngs=rngs)
         self.attn_gate = _linear(d, rngs)
         self.ffn_norm = nnx.LayerNorm(d, epsilon=LN_EPS, rngs=rngs)
-        self.ffn_gate, self.ffn_up, self.ffn_down = (_linear(d, rngs) for _ in range(3))
+        h = d * cfg.ffn_multiplier
+        self.ffn_gate = nnx.Linear(d, h, use_bias=False, kernel_init=XAVIER, rngs=rngs)
+        self.ffn_up = nnx.Linear(d, h, use_bias=False, kernel_init=XAVIER, rngs=rngs)
+        self.ffn_down = nnx.Linear(h, d, use_bias=False, kernel_init=XAVIER, rngs=rngs)
         self.ffn_res_gate = _linear(d, rngs)
         self.dropout = Dropout(cfg.dropout_rate)
 
@@ -208,6 +219,15 @@ class SASRec(nnx.Module, ItemScores):
         self.blocks = nnx.List([block(cfg, rngs=rngs) for _ in range(cfg.num_blocks)])
         self.last_norm = nnx.LayerNorm(d, epsilon=LN_EPS, rngs=rngs)
 
+    def position_ids(self, ids: jax.Array) -> jax.Array:
+        """[N] from the start, or [B, N] aligned so that each row's last item is at
+        max_seq_len - 1 (padding positions clipped; they are zeroed anyway)."""
+        n = ids.shape[1]
+        if self.cfg.positions == "start":
+            return jnp.arange(n)
+        lengths = jnp.sum(ids != 0, axis=1, keepdims=True)
+        return jnp.clip(self.cfg.max_seq_len - lengths + jnp.arange(n), 0, self.cfg.max_seq_len - 1)
+
     def __call__(
         self,
         ids: jax.Array,
@@ -223,7 +243,9 @@ class SASRec(nnx.Module, ItemScores):
         if n > self.cfg.max_seq_len:
             raise ValueError(f"SASRec: input length {n} exceeds max_seq_len {self.cfg.max_seq_len}")
         valid = (ids != 0)[..., None].astype(jnp.float32)
-        x = self.item_emb(ids) * math.sqrt(self.cfg.embedding_dim) + self.pos_emb(jnp.arange(n))
+        x = self.item_emb(ids) * math.sqrt(self.cfg.embedding_dim) + self.pos_emb(
+            self.position_ids(ids)
+        )
         x = self.emb_dropout(x, deterministic=deterministic, rngs=rngs) * valid
         for block in self.blocks:
             x = block(x, valid, deterministic=deterministic, rngs=rngs)

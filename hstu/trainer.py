@@ -54,6 +54,10 @@ class TrainConfig:
     # train); k = windows of max_seq_len items ending every k items back from each user's
     # last training item (k = max_seq_len - 1 makes every training target count once).
     window_stride: int | None = None
+    # Length-bucketed batches: rows of <= 8, 16, 32, ... items batched together and cut to
+    # that width (`eval.data.examples.BatchSource`); on short-sequence data most compute
+    # otherwise goes to padding.
+    length_buckets: bool = False
 
 
 def training_source(
@@ -230,6 +234,7 @@ class Trainer:
             seed=cfg.seed,
             num_epochs=None,
             start_batch=start,
+            buckets=self.buckets(),
         )
         for step, batch in enumerate(loader, start):
             if cfg.stochastic_length_alpha is not None:
@@ -237,13 +242,24 @@ class Trainer:
                 batch = stochastic_length(batch, cfg.stochastic_length_alpha, rng)
             yield batch
 
+    def buckets(self) -> tuple[list[int], str, tuple[str, ...]] | None:
+        """`length_buckets`' widths 8, 16, 32, ... below max_seq_len, and max_seq_len."""
+        if not self.cfg.length_buckets:
+            return None
+        n = self.model_cfg.max_seq_len
+        widths = [w for w in (2**k for k in range(3, 16)) if w < n] + [n]
+        return widths, "lengths", ("ids", "timestamps")
+
     def fit(self, ds: data.Dataset, split: data.Split, run: RunDir | None = None,
             protocol: str = "full", progress: bool = True) -> FitResult:  # fmt: skip
         """Trains with selection on validation NDCG@10 (`eval.training.fit`); the best state
         is loaded at the end. `run`: the run folder (checkpoints, metrics, resume)."""
         cfg = self.cfg
         source = training_source(split, self.model_cfg.max_seq_len, cfg.window_stride)
-        per_epoch = max(1, len(source) // min(cfg.batch_size, len(source)))
+        per_epoch = ex_lib.BatchSource(
+            source, min(cfg.batch_size, len(source)), seed=cfg.seed, shuffle=True,
+            drop_remainder=True, num_epochs=None, buckets=self.buckets(),
+        ).batches_per_epoch  # fmt: skip
         task = Task(
             loss=next_item_loss,
             batches=functools.partial(self.batches, source),

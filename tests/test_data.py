@@ -243,6 +243,32 @@ def test_batches_are_seeded_reshuffled_and_resumable():
     assert not all(np.array_equal(x, y) for x, y in zip(other, a, strict=False))
 
 
+def test_length_buckets_batch_similar_lengths_cut_to_width_and_resume():
+    rng = np.random.default_rng(0)
+    lengths = rng.choice([2, 5, 9, 20], 200).astype(np.int32)
+    ids = np.where(np.arange(20)[None, :] < lengths[:, None], 1 + np.arange(200)[:, None], 0)
+    src = examples.ArraySource({"ids": ids, "lengths": lengths})
+    buckets = ([8, 16, 20], "lengths", ("ids",))
+    first = list(examples.batches(src, 16, seed=1, num_epochs=2, buckets=buckets))
+    per_epoch = examples.BatchSource(src, 16, seed=1, shuffle=True, drop_remainder=True,
+                                     num_epochs=None, buckets=buckets).batches_per_epoch  # fmt: skip
+    assert len(first) == 2 * per_epoch
+    for b in first:
+        width = b["ids"].shape[1]
+        assert width in (8, 16, 20) and (b["lengths"] <= width).all()
+        assert width == 8 or (b["lengths"] > {16: 8, 20: 16}[width]).all()  # one bucket per batch
+        assert (b["ids"][np.arange(len(b["ids"])), b["lengths"] - 1] != 0).all()  # nothing cut
+    seen = np.concatenate([b["ids"][:, 0] for b in first[:per_epoch]])
+    assert len(seen) == len(set(seen)) > 200 - 3 * 16  # each example at most once an epoch
+    assert {b["ids"].shape[1] for b in first[:per_epoch]} == {8, 16, 20}  # buckets interleaved
+    resumed = list(examples.batches(src, 16, seed=1, num_epochs=2, buckets=buckets, start_batch=5))
+    for a, b in zip(first[5:], resumed, strict=True):
+        np.testing.assert_array_equal(a["ids"], b["ids"])
+    with pytest.raises(ValueError, match="exceeds the widest"):
+        examples.BatchSource(src, 16, seed=1, shuffle=True, drop_remainder=True, num_epochs=1,
+                             buckets=([8, 16], "lengths", ("ids",)))  # fmt: skip
+
+
 # The counts stated in ../shared/data/README.md.
 SHARED_COUNTS = {
     "ml-100k": (943, 1682, 100_000),

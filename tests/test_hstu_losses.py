@@ -198,6 +198,19 @@ def test_ligr_sasrec_is_causal_and_differs_from_the_paper_block():
         build_model(SASRecConfig(layer_type="nope", **kw))
 
 
+def test_end_aligned_positions_put_every_last_item_at_the_same_position():
+    kw = dict(num_items=NUM_ITEMS, max_seq_len=5, embedding_dim=D, num_blocks=1, dropout_rate=0.0)
+    ids = jnp.asarray([[5, 6, 7, 0, 0], [1, 0, 0, 0, 0]])
+    end = build_model(SASRecConfig(positions="end", **kw))
+    np.testing.assert_array_equal(end.position_ids(ids), [[2, 3, 4, 4, 4], [4, 4, 4, 4, 4]])
+    np.testing.assert_array_equal(build_model(SASRecConfig(**kw)).position_ids(ids), range(5))
+    # Before attention, the newest item's input does not depend on how many items precede it.
+    first = build_model(SASRecConfig(positions="end", **{**kw, "num_blocks": 0}))
+    np.testing.assert_allclose(
+        first(jnp.asarray([[7, 0]]))[0, 0], first(jnp.asarray([[3, 7]]))[0, 1], atol=1e-6
+    )
+
+
 def test_every_trainer_setting_has_a_train_flag():
     code = (
         "import json; from absl import flags; from hstu import train; train._define_flags(); "

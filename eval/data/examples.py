@@ -8,7 +8,7 @@ Padding uses item id 0. `side="left"` puts the most recent item in the last colu
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -131,30 +131,65 @@ class BatchSource(grain.sources.RandomAccessDataSource):
     Batching inside the source makes one grain record per batch (a vectorised gather), so a
     loader step costs microseconds instead of one Python call per example. Record indices
     run over all epochs, so a resumed loader at record r reproduces the same batches.
+
+    With `buckets` = (widths, length key, sequence keys), every example goes to the first
+    width >= its length; batches are drawn within a bucket and their sequence arrays cut to
+    the bucket's width (a few static shapes instead of always the longest), the batch order
+    shuffled per epoch. Short-sequence data (Amazon: median 6 of 50) then computes ~5x less.
     """
 
     def __init__(
         self, source: ArraySource, batch_size: int, *, seed: int, shuffle: bool, drop_remainder: bool,
-        num_epochs: int | None,
+        num_epochs: int | None, buckets: tuple[Sequence[int], str, Sequence[str]] | None = None,
     ):  # fmt: skip
         n = len(source)
         self._epochs = num_epochs
         self._source, self._batch, self._seed, self._shuffle = source, batch_size, seed, shuffle
-        self.batches_per_epoch = n // batch_size if drop_remainder else -(-n // batch_size)
+        self._buckets = buckets
+        if buckets is None:
+            self._bucket_of = np.zeros(n, np.int64)
+            self._widths: list[int | None] = [None]
+        else:
+            widths, key, _ = buckets
+            self._widths = sorted(widths)
+            lengths = source.arrays[key]
+            if lengths.max(initial=0) > self._widths[-1]:
+                raise ValueError(f"buckets: a length {lengths.max()} exceeds the widest {widths}")
+            self._bucket_of = np.searchsorted(self._widths, lengths, side="left")
+        counts = np.bincount(self._bucket_of, minlength=len(self._widths))
+        per_bucket = counts // batch_size if drop_remainder else -(-counts // batch_size)
+        self.batches_per_epoch = int(per_bucket.sum())
         if self.batches_per_epoch == 0:
             raise ValueError(f"batch_size={batch_size} exceeds the {n} examples (drop_remainder)")
-        self._perm_epoch, self._perm = -1, np.arange(n)
+        self._per_bucket = per_bucket
+        self._plan_epoch, self._plan = -1, self._epoch_plan(0)
+
+    def _epoch_plan(self, epoch: int) -> list[tuple[np.ndarray, int | None]]:
+        """(rows, width) of every batch of `epoch`, in order."""
+        n = len(self._source)
+        rng = np.random.default_rng((self._seed, epoch))
+        perm = rng.permutation(n) if self._shuffle else np.arange(n)
+        plan = []
+        for b, width in enumerate(self._widths):
+            rows = perm[self._bucket_of[perm] == b]
+            plan += [(rows[i * self._batch : (i + 1) * self._batch], width)
+                     for i in range(self._per_bucket[b])]  # fmt: skip
+        if self._shuffle and len(self._widths) > 1:
+            plan = [plan[i] for i in rng.permutation(len(plan))]
+        return plan
 
     def __len__(self) -> int:
         return self.batches_per_epoch * (self._epochs or 1 << 40)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         epoch, b = divmod(int(index), self.batches_per_epoch)
-        if self._shuffle and epoch != self._perm_epoch:
-            self._perm = np.random.default_rng((self._seed, epoch)).permutation(len(self._source))
-            self._perm_epoch = epoch
-        rows = self._perm[b * self._batch : (b + 1) * self._batch]
-        return {k: a[rows] for k, a in self._source.arrays.items()}
+        if epoch != self._plan_epoch:
+            self._plan, self._plan_epoch = self._epoch_plan(epoch), epoch
+        rows, width = self._plan[b]
+        out = {k: a[rows] for k, a in self._source.arrays.items()}
+        if width is not None:
+            out |= {k: out[k][:, :width] for k in self._buckets[2]}
+        return out
 
 
 def batches(
@@ -166,11 +201,13 @@ def batches(
     num_epochs: int | None = 1,
     drop_remainder: bool = True,
     start_batch: int = 0,
+    buckets: tuple[Sequence[int], str, Sequence[str]] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """A seeded, reproducible grain loader of stacked numpy batches, reshuffled every epoch.
 
     Batch i depends only on (seed, i): `start_batch` starts at batch `start_batch` without
-    building the ones before it (resume); `num_epochs=None` repeats forever.
+    building the ones before it (resume); `num_epochs=None` repeats forever. `buckets`:
+    length-bucketed batches (see `BatchSource`).
     """
     batched = BatchSource(
         source,
@@ -179,5 +216,6 @@ def batches(
         shuffle=shuffle,
         drop_remainder=drop_remainder,
         num_epochs=num_epochs,
+        buckets=buckets,
     )
     return iter(grain.MapDataset.source(batched)[start_batch:])

@@ -67,7 +67,9 @@ class RunLogger:
         if self._tb is not None:
             for key, value in record.items():
                 if key not in ("step", "split") and isinstance(value, int | float):
-                    self._tb.add_scalar(f"{split}/{key}", value, int(step))
+                    # TensorBoard tags allow [A-Za-z0-9_./-]: NDCG@10 -> NDCG_10 (said once
+                    # here rather than warned by tensorboardX at every record).
+                    self._tb.add_scalar(f"{split}/{key.replace('@', '_')}", value, int(step))
 
     def close(self) -> None:
         self._jsonl.close()
