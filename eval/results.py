@@ -79,12 +79,32 @@ def leaderboard_markdown(
     results: Mapping[str, Mapping[str, float]],
     ks: Sequence[int] = DEFAULT_KS,
     extra_columns: Sequence[str] = (),
+    std: Mapping[str, Mapping[str, float]] | None = None,
+    bold_best: bool = False,
 ) -> str:
     """Several models in one Markdown table.
 
     One row per model (in the given order); for each k the columns `NDCG@k` and `HR@k`,
     then the `extra_columns` (e.g. `train_s`, `invalid_rate`). Missing values show `-`.
+    `std`: per model, a spread shown as `mean ± std` beside each metric it has;
+    `bold_best`: the best value of each metric column in bold.
     """
-    columns = [f"{name}@{k}" for k in ks for name in ("NDCG", "HR")] + list(extra_columns)
-    body = [[model, *(_fmt(metrics.get(c)) for c in columns)] for model, metrics in results.items()]
+    metric_columns = [f"{name}@{k}" for k in ks for name in ("NDCG", "HR")]
+    best = {
+        c: max((m[c] for m in results.values() if isinstance(m.get(c), numbers.Real)), default=None)
+        for c in metric_columns
+    }
+
+    def cell(model: str, column: str) -> str:
+        value = results[model].get(column)
+        text = _fmt(value)
+        spread = (std or {}).get(model, {}).get(column)
+        if value is not None and spread is not None and column in best:
+            text += f" ± {spread:.4f}"
+        if bold_best and value is not None and best.get(column) == value:
+            text = f"**{text}**"
+        return text
+
+    columns = metric_columns + list(extra_columns)
+    body = [[model, *(cell(model, c) for c in columns)] for model in results]
     return _markdown(["Model", *columns], body)

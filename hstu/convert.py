@@ -57,8 +57,11 @@ def _linear_entries(t: str, f: tuple[Any, ...], kind: str = "linear") -> Iterato
 
 
 def _sasrec_entries(cfg: SASRecConfig) -> Iterator[Entry]:
-    if cfg.layer_type != "sasrec":
-        raise ValueError(f"the reference SASRec has no {cfg.layer_type!r} layers")
+    if cfg.layer_type != "sasrec" or cfg.positions != "start":
+        raise ValueError(
+            f"the reference SASRec has paper blocks and positions from the start, not "
+            f"layer_type={cfg.layer_type!r}, positions={cfg.positions!r}"
+        )
     yield "item_emb.weight", ("item_emb", "embedding"), "copy", None
     yield "pos_emb.weight", ("pos_emb", "embedding"), "copy", None
     for i in range(cfg.num_blocks):

@@ -91,6 +91,11 @@ def _negative_logits(query: jax.Array, negative_emb: jax.Array) -> jax.Array:
     return jnp.einsum("...d,...rd->...r", query, negative_emb)
 
 
+def _logits(query, positive_emb, negative_emb) -> tuple[jax.Array, jax.Array]:
+    """(positive [...], negative [..., R]) dot-product logits."""
+    return jnp.sum(query * positive_emb, axis=-1), _negative_logits(query, negative_emb)
+
+
 def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
     return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
@@ -115,8 +120,8 @@ def sampled_softmax_loss(
       log_q: [num_items + 1] log sampling probabilities: when given (popularity sampling),
         every logit is corrected by - log q(item).
     """
-    pos = jnp.sum(query * positive_emb, axis=-1, keepdims=True) / temperature
-    neg = _negative_logits(query, negative_emb) / temperature
+    pos, neg = _logits(query, positive_emb, negative_emb)
+    pos, neg = pos[..., None] / temperature, neg / temperature
     if log_q is not None:
         pos, neg = pos - log_q[positive_ids][..., None], neg - log_q[negative_ids]
     neg = jnp.where(negative_ids == positive_ids[..., None], MASKED, neg)
@@ -157,8 +162,7 @@ def gbce_loss(
     """gBCE: mean over weighted positions of [beta * BCE(pos, 1) + sum_r BCE(neg_r, 0)] /
     (1 + R), i.e. gSASRec's BCE-with-logits mean with the positive probability ** beta;
     negatives equal to the positive are left out."""
-    pos = jnp.sum(query * positive_emb, axis=-1)
-    neg = _negative_logits(query, negative_emb)
+    pos, neg = _logits(query, positive_emb, negative_emb)
     hit = negative_ids == positive_ids[..., None]
     neg_terms = jnp.sum(jnp.where(hit, 0.0, jax.nn.softplus(neg)), axis=-1)
     per_position = (beta * jax.nn.softplus(-pos) + neg_terms) / (1 + neg.shape[-1])

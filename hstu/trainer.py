@@ -256,10 +256,9 @@ class Trainer:
         is loaded at the end. `run`: the run folder (checkpoints, metrics, resume)."""
         cfg = self.cfg
         source = training_source(split, self.model_cfg.max_seq_len, cfg.window_stride)
-        per_epoch = ex_lib.BatchSource(
-            source, min(cfg.batch_size, len(source)), seed=cfg.seed, shuffle=True,
-            drop_remainder=True, num_epochs=None, buckets=self.buckets(),
-        ).batches_per_epoch  # fmt: skip
+        per_epoch = ex_lib.batches_per_epoch(
+            source, min(cfg.batch_size, len(source)), buckets=self.buckets()
+        )
         task = Task(
             loss=next_item_loss,
             batches=functools.partial(self.batches, source),

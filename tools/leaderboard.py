@@ -27,6 +27,7 @@ from eval import data
 from eval.allocator import reexec_with_tcmalloc
 from eval.data.registry import FORMATS, get_spec
 from eval.recommender import BUDGETS, Recommender, evaluate
+from eval.results import leaderboard_markdown
 from tools.fetch_data import ensure_dataset
 
 # name -> "module:Class". Adding a model is one line here (see WORKSPACE.md).
@@ -39,7 +40,7 @@ RECOMMENDERS: dict[str, str] = {
     "bigrec": "llm_sft.recommender:BigRecRecommender",
 }
 COUNT_BASELINES = ("most-popular", "transitions")
-COLUMNS = ("NDCG@5", "HR@5", "NDCG@10", "HR@10", "NDCG@20", "HR@20")
+KS = (5, 10, 20)  # the table's cutoffs
 
 
 def make(name: str) -> Recommender:
@@ -100,11 +101,6 @@ def run(
     return results
 
 
-def _cell(mean: float, std: float, seeds: int, best: bool) -> str:
-    text = f"{mean:.4f}" + (f" ± {std:.4f}" if seeds > 1 else "")
-    return f"**{text}**" if best else text
-
-
 def notes(entry: dict, metric: str = "NDCG@10") -> list[str]:
     """One line per learned model at or below a count baseline on `metric` (within the
     seed spread: a tie), and how the best learned model compares with `transitions`."""
@@ -141,17 +137,9 @@ def render(results: dict, seeds: int = 1) -> str:
             f"test examples: {entry['test_examples']}; seeds: {seeds}\n"
         )
         models = entry["models"]
-        best = {c: max(r["test"].get(c, -1.0) for r in models.values()) for c in COLUMNS}
-        header = ["Model", *COLUMNS, "fit (s)"]
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for model, r in models.items():
-            cells = [
-                _cell(r["test"][c], r["test_std"].get(c, 0.0), seeds, r["test"][c] == best[c])
-                if c in r["test"] else "-"
-                for c in COLUMNS
-            ]  # fmt: skip
-            lines.append(f"| {model} | " + " | ".join(cells) + f" | {r['fit_s']:.1f} |")
-        parts.append("\n".join(lines) + "\n")
+        rows = {m: {**r["test"], "fit_s": f"{r['fit_s']:.1f}"} for m, r in models.items()}
+        stds = {m: r["test_std"] for m, r in models.items()} if seeds > 1 else None
+        parts.append(leaderboard_markdown(rows, KS, ("fit_s",), std=stds, bold_best=True))
         if extra := notes(entry):
             parts.append("\n".join(extra) + "\n")
         if any(run.get("curve") for r in models.values() for run in r["runs"]):

@@ -125,6 +125,32 @@ def window_source(
     return ArraySource(arrays)
 
 
+Buckets = tuple[Sequence[int], str, Sequence[str]]  # (widths, length key, sequence keys)
+
+
+def _bucket_plan(source: ArraySource, batch_size: int, drop_remainder: bool,
+                 buckets: Buckets | None):  # fmt: skip
+    """(widths, bucket of each example, batches per bucket and epoch)."""
+    n = len(source)
+    if buckets is None:
+        widths, bucket_of = [None], np.zeros(n, np.int64)
+    else:
+        widths, key, _ = sorted(buckets[0]), buckets[1], buckets[2]
+        lengths = source.arrays[key]
+        if lengths.max(initial=0) > widths[-1]:
+            raise ValueError(f"buckets: a length {lengths.max()} exceeds the widest {widths}")
+        bucket_of = np.searchsorted(widths, lengths, side="left")
+    counts = np.bincount(bucket_of, minlength=len(widths))
+    per_bucket = counts // batch_size if drop_remainder else -(-counts // batch_size)
+    return widths, bucket_of, per_bucket
+
+
+def batches_per_epoch(source: ArraySource, batch_size: int, *, drop_remainder: bool = True,
+                      buckets: Buckets | None = None) -> int:  # fmt: skip
+    """How many batches `batches(source, batch_size, ...)` makes per epoch."""
+    return int(_bucket_plan(source, batch_size, drop_remainder, buckets)[2].sum())
+
+
 class BatchSource(grain.sources.RandomAccessDataSource):
     """Record i is the i-th batch of a seeded per-epoch permutation of an `ArraySource`.
 
@@ -140,29 +166,19 @@ class BatchSource(grain.sources.RandomAccessDataSource):
 
     def __init__(
         self, source: ArraySource, batch_size: int, *, seed: int, shuffle: bool, drop_remainder: bool,
-        num_epochs: int | None, buckets: tuple[Sequence[int], str, Sequence[str]] | None = None,
+        num_epochs: int | None, buckets: Buckets | None = None,
     ):  # fmt: skip
         n = len(source)
         self._epochs = num_epochs
         self._source, self._batch, self._seed, self._shuffle = source, batch_size, seed, shuffle
         self._buckets = buckets
-        if buckets is None:
-            self._bucket_of = np.zeros(n, np.int64)
-            self._widths: list[int | None] = [None]
-        else:
-            widths, key, _ = buckets
-            self._widths = sorted(widths)
-            lengths = source.arrays[key]
-            if lengths.max(initial=0) > self._widths[-1]:
-                raise ValueError(f"buckets: a length {lengths.max()} exceeds the widest {widths}")
-            self._bucket_of = np.searchsorted(self._widths, lengths, side="left")
-        counts = np.bincount(self._bucket_of, minlength=len(self._widths))
-        per_bucket = counts // batch_size if drop_remainder else -(-counts // batch_size)
-        self.batches_per_epoch = int(per_bucket.sum())
+        self._widths, self._bucket_of, self._per_bucket = _bucket_plan(
+            source, batch_size, drop_remainder, buckets
+        )
+        self.batches_per_epoch = int(self._per_bucket.sum())
         if self.batches_per_epoch == 0:
             raise ValueError(f"batch_size={batch_size} exceeds the {n} examples (drop_remainder)")
-        self._per_bucket = per_bucket
-        self._plan_epoch, self._plan = -1, self._epoch_plan(0)
+        self._plan_epoch, self._plan = -1, []
 
     def _epoch_plan(self, epoch: int) -> list[tuple[np.ndarray, int | None]]:
         """(rows, width) of every batch of `epoch`, in order."""
@@ -201,7 +217,7 @@ def batches(
     num_epochs: int | None = 1,
     drop_remainder: bool = True,
     start_batch: int = 0,
-    buckets: tuple[Sequence[int], str, Sequence[str]] | None = None,
+    buckets: Buckets | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """A seeded, reproducible grain loader of stacked numpy batches, reshuffled every epoch.
 
