@@ -22,9 +22,12 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 
+from eval import cli
+from eval.errors import FlagError
+from eval.io import atomic_path, atomic_write_json
 from hstu.model import HSTUConfig
 from hstu.models import MODELS, build_model, config_from_preset, model_kind, preset
 from hstu.sasrec import SASRecConfig
@@ -168,8 +171,8 @@ def save_checkpoint(model: nnx.Module, out_dir: str) -> None:
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     kind = model_kind(model.cfg)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump({"model": kind, **dataclasses.asdict(model.cfg)}, f, indent=2)
+    config = {"model": kind, **dataclasses.asdict(model.cfg)}
+    atomic_write_json(os.path.join(out_dir, "config.json"), config, indent=2)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(out_dir, "state"), nnx.state(model))
     checkpointer.wait_until_finished()
@@ -229,11 +232,11 @@ def run(
     import torch
 
     if bool(check_inputs) != bool(check_outputs):
-        raise app.UsageError("--check_inputs and --check_outputs go together")
+        raise FlagError("--check_inputs and --check_outputs go together")
     try:
         spec = preset(preset_name)
     except ValueError as e:
-        raise app.UsageError(str(e)) from None
+        raise FlagError(str(e)) from None
     state_dict = torch.load(torch_state_dict, map_location="cpu", weights_only=True)
     state_dict = state_dict.get("model_state_dict", state_dict)
     kind = spec["model"]
@@ -255,7 +258,8 @@ def run(
             jnp.asarray(arrays["lengths"]),
             deterministic=True,
         )
-        np.save(check_outputs, np.asarray(outputs))
+        with atomic_path(check_outputs.removesuffix(".npy") + ".npy") as tmp:
+            np.save(tmp, np.asarray(outputs))
         logging.info("wrote %s %s", check_outputs, outputs.shape)
     return model
 
@@ -294,4 +298,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

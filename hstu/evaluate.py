@@ -10,14 +10,14 @@ and the SASRec-paper protocol (100 sampled negatives): HR, NDCG @1,10,50,200 and
 
 from __future__ import annotations
 
-import json
 import pathlib
 
-from absl import app, flags
+from absl import flags
 
-from eval import data
+from eval import cli, data
 from eval.allocator import reexec_with_tcmalloc
 from eval.data.dataset import EvalExamples
+from eval.io import atomic_write_json
 from eval.training import load_run_checkpoint, read_run
 from hstu.trainer import Trainer, make_trainer
 
@@ -84,9 +84,7 @@ def main(argv):
     trainer, ds, split, step = load_run(f.run, f.which, f.data_dir)
     results = test_metrics(trainer, ds, getattr(split, f.split))
     if f.out:
-        pathlib.Path(f.out).write_text(
-            json.dumps({"step": step, f.split: results}, indent=1, default=float)
-        )
+        atomic_write_json(f.out, {"step": step, f.split: results}, indent=1, default=float)
     print(
         f"checkpoint {f.which} (step {step}), {f.split} examples: {results['full_filtered']['num_examples']}"
     )
@@ -96,4 +94,4 @@ def main(argv):
 if __name__ == "__main__":
     reexec_with_tcmalloc()
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 from flax import nnx
 
+from eval.errors import FlagError
 from hstu import model as hstu_model
 from hstu import sasrec
 
@@ -31,7 +32,7 @@ PRESETS: dict[str, dict[str, Any]] = {**hstu_model.PRESETS, **sasrec.PRESETS}
 def preset(name: str) -> dict[str, Any]:
     """The preset `name`: {"model": kind, "arch": config fields, "train": TrainConfig fields}."""
     if name not in PRESETS:
-        raise ValueError(f"--preset={name!r}: unknown; known: {sorted(PRESETS)}")
+        raise FlagError(f"--preset={name!r}: unknown; known: {sorted(PRESETS)}")
     return PRESETS[name]
 
 
@@ -47,7 +48,7 @@ def config_from_preset(name: str, **overrides: Any) -> tuple[str, Any]:
     fields = {**spec["arch"], **{k: v for k, v in overrides.items() if v is not None}}
     unknown = set(fields) - config_fields(kind)
     if unknown:
-        raise ValueError(f"--preset={name} ({kind}) has no setting {sorted(unknown)}")
+        raise FlagError(f"--preset={name} ({kind}) has no setting {sorted(unknown)}")
     return kind, MODELS[kind].config(**fields)
 
 

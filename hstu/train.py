@@ -18,9 +18,9 @@ import math
 import pathlib
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from eval import data
+from eval import cli, data
 from eval.allocator import reexec_with_tcmalloc
 from eval.training import RunDir
 from eval.training.flags import (
@@ -101,4 +101,4 @@ def main(argv):
 if __name__ == "__main__":
     reexec_with_tcmalloc()
     _define_flags()
-    app.run(main)
+    cli.run(main)

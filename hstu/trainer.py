@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from eval import data, protocols
 from eval.data import examples as ex_lib
 from eval.data.dataset import EvalExamples
+from eval.errors import FlagError
 from eval.metrics import DEFAULT_KS
 from eval.training import FitResult, LoopConfig, RunDir, Task, TrainState, fit, step_key
 from eval.training.flags import eval_every_steps, total_steps
@@ -285,7 +286,7 @@ def make_trainer(preset_name: str, num_items: int, overrides: dict[str, Any],
         {k for k, v in overrides.items() if v is not None} - train_fields - config_fields(kind)
     )
     if unknown:
-        raise ValueError(f"--preset={preset_name} ({kind}) has no setting {sorted(unknown)}")
+        raise FlagError(f"--preset={preset_name} ({kind}) has no setting {sorted(unknown)}")
     train = {
         **preset(preset_name)["train"],
         **{k: v for k, v in overrides.items() if k in train_fields and v is not None},

@@ -23,6 +23,8 @@ import numpy as np
 
 from eval.data import DATASETS, Ragged
 from eval.data.examples import pad_windows, prefix_examples
+from eval.errors import FlagError
+from eval.io import atomic_dir
 
 IGNORE = -100
 PAD_TOKEN = "<|endoftext|>"
@@ -68,12 +70,12 @@ def prompt_text(instruction: str, input_text: str, template: str, tokenizer) -> 
         return ALPACA_TEMPLATE.format(instruction=instruction, input=input_text)
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
+            raise FlagError(
                 f"--prompt_template=chat: tokenizer {tokenizer.name_or_path!r} has no chat_template"
             )
         messages = [{"role": "user", "content": f"{instruction}\n\n{input_text}"}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    raise ValueError(f"--prompt_template={template!r}: choose one of {TEMPLATES}")
+    raise FlagError(f"--prompt_template={template!r}: choose one of {TEMPLATES}")
 
 
 def train_histories(train: Ragged, max_history: int = 10) -> tuple[Ragged, np.ndarray]:
@@ -316,5 +318,6 @@ def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int, out_dir: str | Pa
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token=PAD_TOKEN
     )
     tokenizer.chat_template = CHATML_TEMPLATE
-    tokenizer.save_pretrained(str(out_dir))
+    with atomic_dir(out_dir) as tmp:
+        tokenizer.save_pretrained(str(tmp))
     return load_tokenizer(out_dir)

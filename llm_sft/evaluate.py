@@ -33,19 +33,20 @@ and the last batch is padded with copies of its last row, so decoding compiles o
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
-from eval import data, protocols
+from eval import cli, data, protocols
 from eval.allocator import reexec_with_tcmalloc
 from eval.data.dataset import EvalExamples
 from eval.decoding import Trie
+from eval.errors import FlagError
+from eval.io import atomic_write_json
 from eval.metrics import DEFAULT_KS
 from eval.results import ResultTable
 from eval.training import read_run
@@ -323,7 +324,7 @@ def evaluate_run(
     per cutoff is first selected on (``max_valid_examples`` of) the validation examples,
     as BIGRec does, and replaces ``gamma``."""
     if split not in SPLITS:
-        raise ValueError(f"--split={split!r}: choose one of {SPLITS}")
+        raise FlagError(f"--split={split!r}: choose one of {SPLITS}")
     info, model, base, tokenizer = load_run(run, hf_checkpoint)
     ds = data.load(info["dataset"], data_dir or info["data_dir"], fmt=info.get("format"))
     sp = data.split(ds)
@@ -360,7 +361,7 @@ def evaluate_run(
     }
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(summary, indent=1, default=float))
+        atomic_write_json(out, summary, indent=1, default=float)
     return summary
 
 
@@ -436,4 +437,4 @@ def main(argv):
 if __name__ == "__main__":
     reexec_with_tcmalloc()
     _define_flags()
-    app.run(main)
+    cli.run(main)

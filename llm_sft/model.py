@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from eval.data.formats import read_json
+from eval.errors import ConfigError
 from llm_sft.sharding import Spec, constrain, mesh_active
 
 _MASK_VALUE = float(jnp.finfo(jnp.float32).min)
@@ -108,20 +110,22 @@ class ModelConfig:
             path = Path(hf)
             path = path / "config.json" if path.is_dir() else path
             source = str(path)
-            hf = json.loads(path.read_text())
+            hf = read_json(path)
         model_type = hf.get("model_type")
         if model_type not in _ARCHITECTURES:
-            raise ValueError(
+            raise ConfigError(
                 f"{source}: model_type={model_type!r}, expected one of {sorted(_ARCHITECTURES)}"
             )
         if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: hidden_act={hf['hidden_act']!r}, only 'silu' is supported")
+            raise ConfigError(
+                f"{source}: hidden_act={hf['hidden_act']!r}, only 'silu' is supported"
+            )
         if hf.get("use_sliding_window", False):
-            raise NotImplementedError(f"{source}: use_sliding_window=true is not supported")
+            raise ConfigError(f"{source}: use_sliding_window=true is not supported")
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise NotImplementedError(
+            raise ConfigError(
                 f"{source}: rope type {rope_type!r} is not supported (only 'default')"
             )
         heads = hf["num_attention_heads"]

@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from safetensors.numpy import save_file
 
+from eval.errors import MissingFileError
 from llm_sft.model import ModelConfig, Qwen
 from llm_sft.sharding import named_sharding
 
@@ -98,7 +99,7 @@ def checkpoint_files(ckpt_dir: str | Path) -> list[Path]:
         return [ckpt_dir / name for name in sorted(set(weight_map.values()))]
     if (ckpt_dir / _SINGLE).exists():
         return [ckpt_dir / _SINGLE]
-    raise FileNotFoundError(f"{ckpt_dir}: no {_SINGLE} or {_INDEX}")
+    raise MissingFileError(f"{ckpt_dir}: no {_SINGLE} or {_INDEX}")
 
 
 def _place(array: np.ndarray, spec: Any, mesh: Mesh | None) -> jax.Array:

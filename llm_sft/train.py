@@ -23,12 +23,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 
-from eval import data
+from eval import cli, data
 from eval.allocator import reexec_with_tcmalloc
 from eval.data.examples import ArraySource
+from eval.errors import ConfigError, FlagError, MissingFileError
+from eval.io import atomic_dir
 from eval.training import RunDir
 from eval.training.flags import (
     config_defaults,
@@ -55,7 +57,7 @@ def parse_mesh(spec: str) -> dict[str, int]:
     for part in filter(None, spec.split(",")):
         name, _, size = part.partition(":")
         if name not in sizes or not size.lstrip("-").isdigit():
-            raise ValueError(f"--mesh={spec!r}: expected 'axis:size,...' over {MESH_AXES}")
+            raise FlagError(f"--mesh={spec!r}: expected 'axis:size,...' over {MESH_AXES}")
         sizes[name] = int(size)
     return sizes
 
@@ -101,7 +103,7 @@ def _tokenizer(tokenizer_dir, hf_checkpoint, ds: data.Dataset, vocab_size: int, 
         if folder and (Path(folder) / "tokenizer_config.json").exists():
             return sft_data.load_tokenizer(folder)
     if tokenizer_dir:
-        raise FileNotFoundError(f"--tokenizer_dir={tokenizer_dir}: no tokenizer_config.json")
+        raise MissingFileError(f"--tokenizer_dir={tokenizer_dir}: no tokenizer_config.json")
     noun = sft_data.item_noun(ds.name)
     titles = ds.items.titles[1:]
     corpus = [sft_data.ALPACA_TEMPLATE, *sft_data.instruction_and_input(titles[:20], noun)]
@@ -172,7 +174,7 @@ def run(
         split = data.split(ds)
         tokenizer = _tokenizer(tokenizer_dir, hf_checkpoint, ds, model_cfg.vocab_size, rd.path)
         if len(tokenizer) > model_cfg.vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"tokenizer has {len(tokenizer)} tokens > vocab_size={model_cfg.vocab_size} of "
                 f"{hf_checkpoint or model_config}"
             )
@@ -186,6 +188,11 @@ def run(
             ds, split, tokenizer, template=prompt_template, max_length=max_length,
             max_train_examples=max_train_examples, max_eval_examples=max_eval_examples, seed=train.seed,
         )  # fmt: skip
+        if not len(train_ex):
+            raise FlagError(
+                f"--max_length={max_length}: no training example fits ({train_ex.dropped} "
+                "dropped as too long even with one history item; raise --max_length)"
+            )
         pad = tokenizer.pad_token_id
         if pack:
             train_arrays = sft_data.packed_arrays(
@@ -211,11 +218,13 @@ def run(
             buckets=sft_data.buckets_for(max_length), padding_side=padding_side, run=rd, progress=progress,
         )  # fmt: skip
         final = trainer.model()
-        if lora:
-            export_dir = export_peft(final, lora, rd.path / "adapter", hf_checkpoint or "")
-        else:
-            export_dir = save_hf(final, model_cfg, rd.path / "hf")
-        tokenizer.save_pretrained(str(export_dir))
+        export_dir = rd.path / ("adapter" if lora else "hf")
+        with atomic_dir(export_dir) as tmp:  # weights + tokenizer, renamed into place together
+            if lora:
+                export_peft(final, lora, tmp, hf_checkpoint or "")
+            else:
+                save_hf(final, model_cfg, tmp)
+            tokenizer.save_pretrained(str(tmp))
         rd.info["export"] = str(export_dir.resolve())
         rd.write_run()
         summary = {
@@ -285,9 +294,9 @@ def main(argv):
     del argv
     f = flags.FLAGS
     if f.init == "random" and not f.model_config:
-        raise app.UsageError("--init=random needs --model_config=FILE.json")
+        raise FlagError("--init=random needs --model_config=FILE.json")
     if f.init == "hf" and not f.hf_checkpoint:
-        raise app.UsageError("--init=hf needs --hf_checkpoint=DIR")
+        raise FlagError("--init=hf needs --hf_checkpoint=DIR")
     shared = training_flag_values(skip=("batch_size",))
     train = TrainConfig(
         **config_flag_values(),
@@ -317,4 +326,4 @@ def main(argv):
 if __name__ == "__main__":
     reexec_with_tcmalloc()
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from eval.data.examples import ArraySource, batches
+from eval.errors import FlagError
 from eval.training import FitResult, LoopConfig, RunDir, Task, TrainState, fit, step_key
 from eval.training.flags import eval_every_steps, total_steps
 from eval.training.optim import SCHEDULES, OptimizerConfig, lr_schedule, make_optimizer
@@ -62,7 +63,7 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"--schedule={self.schedule!r}: choose one of {SCHEDULES}")
+            raise FlagError(f"--schedule={self.schedule!r}: choose one of {SCHEDULES}")
         if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("batch size and gradient_accumulation_steps must be >= 1")
 

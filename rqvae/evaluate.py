@@ -10,12 +10,12 @@ semantic-ID index from `run.json` and prints validation and test Recall / NDCG @
 
 from __future__ import annotations
 
-import json
-import pathlib
+from absl import flags
 
-from absl import app, flags
-
+from eval import cli
 from eval.allocator import reexec_with_tcmalloc
+from eval.errors import FlagError
+from eval.io import atomic_write_json
 from eval.training import read_run
 from rqvae import tiger_train, train
 from rqvae.stats import format_stats
@@ -40,7 +40,7 @@ def evaluate_run(
             for name, m in metrics.items()
         ]
         return {"step": step, **metrics}, lines
-    raise ValueError(f"--run={run_dir}: a {package!r} run, not an rqvae / tiger one")
+    raise FlagError(f"--run={run_dir}: a {package!r} run, not an rqvae / tiger one")
 
 
 def _define_flags() -> None:
@@ -57,11 +57,11 @@ def main(argv):
     f = flags.FLAGS
     metrics, lines = evaluate_run(f.run, f.which, f.data_dir)
     if f.out:
-        pathlib.Path(f.out).write_text(json.dumps(metrics, indent=1, default=float))
+        atomic_write_json(f.out, metrics, indent=1, default=float)
     print("\n".join(lines))
 
 
 if __name__ == "__main__":
     reexec_with_tcmalloc()
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -11,8 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from eval import cli
+from eval.errors import FlagError
 from rqvae.ids import group_ids, read_index
 
 
@@ -65,12 +67,10 @@ def main(argv: list[str]) -> None:
     del argv
     FLAGS = flags.FLAGS
     if not FLAGS.ids:
-        raise app.UsageError("--ids=FILE is required")
+        raise FlagError("--ids=FILE is required")
     codes = read_index(FLAGS.ids)
     if codes.size and codes.max() >= FLAGS.codebook_size:
-        raise app.UsageError(
-            f"{FLAGS.ids}: code {codes.max()} >= --codebook_size={FLAGS.codebook_size}"
-        )
+        raise FlagError(f"{FLAGS.ids}: code {codes.max()} >= --codebook_size={FLAGS.codebook_size}")
     print(format_stats(code_stats(codes, FLAGS.codebook_size)))
 
 
@@ -78,4 +78,4 @@ if __name__ == "__main__":
     # Flags are defined here so that importing this module (rqvae.train does) adds none.
     flags.DEFINE_string("ids", None, "Index json file ({item: ['<a_i>', '<b_j>', ...]}).")
     flags.DEFINE_integer("codebook_size", 256, "Codes per level, for the usage fraction.")
-    app.run(main)
+    cli.run(main)

@@ -19,9 +19,9 @@ import pathlib
 import time
 from typing import Any
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from eval import data
+from eval import cli, data
 from eval.allocator import reexec_with_tcmalloc
 from eval.training import RunDir, load_run_checkpoint, read_run
 from eval.training.flags import (
@@ -62,8 +62,10 @@ def load_run(run_dir: str | pathlib.Path, which: str = "best", data_dir: str | N
     """(model, data set, split, semantic index, config, step) of a `tiger_train` run folder."""
     config = read_run(run_dir)["config"]
     ds = data.load(config["dataset"], data_dir or config["data_dir"], fmt=config["format"])
-    si = as_semantic_index(load_index(config["semantic_ids"], ds))
     train = config_of_run(config)
+    si = as_semantic_index(
+        load_index(config["semantic_ids"], ds, train.codebook_size), train.codebook_size
+    )
     state = init_state(train, si)
     step = load_run_checkpoint(run_dir, state, which)
     return state.model(), ds, data.split(ds), si, train, step
@@ -99,7 +101,9 @@ def run(dataset: str, data_dir: str, semantic_ids: str, out: str, config: TigerT
             return rd.result
         ds = data.load(dataset, data_dir, fmt=fmt)
         split = data.split(ds)
-        si = as_semantic_index(load_index(semantic_ids, ds))
+        si = as_semantic_index(
+            load_index(semantic_ids, ds, config.codebook_size), config.codebook_size
+        )
         start = time.time()
         model = fit_tiger(ds, split, si, config, rd, progress)
         result = {
@@ -116,6 +120,9 @@ def _define_flags() -> None:
     define_training_flags(config_defaults(t), required=("dataset", "data_dir", "out"))
     flags.DEFINE_string(
         "semantic_ids", None, "Index json {0-based item: ['<a_1>', ...]}.", required=True
+    )
+    flags.DEFINE_integer(
+        "codebook_size", None, "Codes per level; every code must be below it (default: inferred)."
     )
     flags.DEFINE_float("weight_decay", t.weight_decay, "AdamW weight decay.")
     flags.DEFINE_integer("warmup_steps", t.warmup_steps, "Linear warm-up steps.")
@@ -146,7 +153,8 @@ def main(argv: list[str]) -> None:
     )  # fmt: skip
     config = TigerTrainConfig(
         model=model, weight_decay=f.weight_decay, warmup_steps=f.warmup_steps, beam_size=f.beam_size,
-        max_valid=f.max_valid, max_targets=f.max_targets, **config_flag_values(),
+        max_valid=f.max_valid, max_targets=f.max_targets, codebook_size=f.codebook_size,
+        **config_flag_values(),
     )  # fmt: skip
     result = run(shared["dataset"], shared["data_dir"], f.semantic_ids, shared["out"], config,
                  shared["format"], shared["overwrite"])  # fmt: skip
@@ -156,4 +164,4 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     reexec_with_tcmalloc()
     _define_flags()
-    app.run(main)
+    cli.run(main)

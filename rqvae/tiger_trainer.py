@@ -27,6 +27,7 @@ from flax import nnx
 
 from eval.data.dataset import Dataset, EvalExamples
 from eval.data.examples import batches, pad, prefix_source
+from eval.data.formats import DataFormatError
 from eval.data.splits import Split
 from eval.metrics import DEFAULT_KS, metrics_from_ranks, ranks_from_lists
 from eval.training import LoopConfig, RunDir, Task, TrainState, fit
@@ -53,6 +54,7 @@ class TigerTrainConfig:
     """Training options; `model.num_levels` / `codebook_size` are taken from the index."""
 
     model: TigerConfig = TigerConfig()
+    codebook_size: int | None = None  # codes per level; None: the index's largest code + 1
     num_epochs: int = 200
     max_steps: int | None = None  # when set, overrides num_epochs
     batch_size: int = 256
@@ -68,12 +70,29 @@ class TigerTrainConfig:
     seed: int = 0
 
 
-def load_index(path: str | Path, ds: Dataset) -> dict[int, np.ndarray]:
+def load_index(
+    path: str | Path, ds: Dataset, codebook_size: int | None = None
+) -> dict[int, np.ndarray]:
     """{dense item id: codes [L]} from an index json whose key k is the data set's item k
-    (dense id k + 1): `rqvae.train`'s row order, and the original item id for LC-Rec data."""
+    (dense id k + 1): `rqvae.train`'s row order, and the original item id for LC-Rec data.
+    Every code must be < `codebook_size` when it is given; otherwise the size inferred from
+    the largest code is logged."""
     codes = ids.read_index(path)
     if len(codes) != ds.num_items:
-        raise ValueError(f"{path}: {len(codes)} items, but {ds.name} has {ds.num_items}")
+        raise DataFormatError(f"{path}: {len(codes)} items, but {ds.name} has {ds.num_items}")
+    if len(codes):
+        item, level = np.unravel_index(int(codes.argmax()), codes.shape)
+        largest = f"<{chr(ord('a') + int(level))}_{codes.max()}> (item {item})"
+        if codebook_size is not None and codes.max() >= codebook_size:
+            raise DataFormatError(
+                f"{path}: code {largest} is outside --codebook_size={codebook_size} "
+                "(a corrupted index, or the wrong --codebook_size)"
+            )
+        if codebook_size is None:
+            logging.info(
+                "%s: codebook size %d inferred from the largest code %s; --codebook_size "
+                "checks it", path, codes.max() + 1, largest,
+            )  # fmt: skip
     return {dense: codes[dense - 1] for dense in range(1, ds.num_items + 1)}
 
 

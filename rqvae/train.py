@@ -23,11 +23,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 
+from eval import cli
 from eval.allocator import reexec_with_tcmalloc
 from eval.data.examples import ArraySource, batches
+from eval.errors import FlagError
 from eval.training import LoopConfig, RunDir, Task, TrainState, fit, load_run_checkpoint, read_run
 from eval.training.flags import (
     config_defaults,
@@ -252,7 +254,7 @@ def train_run(embeddings: str, out: str, config: TrainConfig, dedup: str = "none
     """`python -m rqvae.train`: trains into the run folder `out`, writes the index files."""
     emb = np.load(embeddings)
     if emb.ndim != 2:
-        raise ValueError(f"--embeddings={embeddings}: expected a 2-D array, got {emb.shape}")
+        raise FlagError(f"--embeddings={embeddings}: expected a 2-D array, got {emb.shape}")
     outputs = ("semantic_ids.json", f"semantic_ids_{dedup}.json")
     with RunDir(
         out, "rqvae", run_config(embeddings, config, dedup), overwrite=overwrite, outputs=outputs
@@ -329,4 +331,4 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     reexec_with_tcmalloc()
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -6,22 +6,12 @@ import re
 import numpy as np
 import pytest
 from conftest import shared_data
+from tiny import U_DATA, U_ITEM, amazon_folder, write
 
 from eval import data
 from eval.data import examples
 from eval.data.dataset import EvalExamples, Ragged
 from eval.data.stats import describe
-
-# Three users; user "2" has a tie in timestamps (file order kept) and a low rating.
-U_DATA = "1\t10\t5\t300\n1\t11\t4\t100\n2\t10\t3\t50\n2\t12\t1\t50\n1\t12\t5\t200\n3\t11\t4\t10\n"
-U_ITEM = "10|Alpha (1995)|01-Jan-1995||url|0|1|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0\n11|B\xe9ta (1996)|x||u|0\n12|Gamma|x||u|0\n13|Unseen|x||u|0\n"
-
-
-def write(folder, files: dict[str, str], encoding="utf-8"):
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
-        (folder / name).write_text(text, encoding="latin-1" if name == "u.item" else encoding)
-    return folder
 
 
 def test_grouplens_canonical_form(tmp_path):
@@ -74,25 +64,6 @@ def test_sasrec_lcrec_recbole_formats(tmp_path):
     ds = data.load("x", write(tmp_path / "r", {"x.inter": atomic, "x.item": item}), fmt="recbole")
     np.testing.assert_array_equal(ds.sequences[0], [2, 1])
     assert ds.items.titles == ["", "One", "Two"]
-
-
-CSV_HEADER = "user_id,item_asins,item_asin,history_item_id,item_id,history_item_title,item_title,history_rating,rating,history_timestamp,timestamp\n"
-
-
-def csv_row(user, hist, target, ts):
-    asins = [f"A{h}" for h in hist]
-    titles = [f"t{h}" for h in hist]
-    return (
-        f'{user},"{asins}",A{target},"{hist}",{target},"{titles}",t{target},'
-        f'"{[5.0] * len(hist)}",5.0,"{[ts - 10 + i for i in range(len(hist))]}",{ts}\n'
-    )
-
-
-def amazon_folder(tmp_path):
-    valid = CSV_HEADER + csv_row("u1", [0, 1], 2, 100) + csv_row("u1", [0, 1, 2], 3, 110)
-    test = CSV_HEADER + csv_row("u1", [1, 2, 3], 4, 200) + csv_row("u2", [4], 0, 210)
-    info = "".join(f"title {i}\t{i}\n" for i in range(6)).replace("title 5", "<span class=x")
-    return write(tmp_path / "a", {"valid.csv": valid, "test.csv": test, "info.txt": info})
 
 
 def test_amazon_csv_rebuilds_histories_and_split_has_no_leakage(tmp_path):
@@ -190,6 +161,33 @@ def test_cache_is_reused_and_rebuilt_when_source_changes(tmp_path):
     (folder / "u.data").write_text(U_DATA + "4\t13\t5\t1\n")
     changed = data.load("ml-100k", folder)
     assert changed.num_users == 4 and changed.report.counts == {}
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda entry: (entry / "data.npz").write_bytes((entry / "data.npz").read_bytes()[:300]),
+        lambda entry: (entry / "items.json").write_text('{"user_ids": ["1"'),
+        lambda entry: (entry / "items.json").write_text('{"user_ids": []}'),
+    ],
+    ids=["truncated_npz", "truncated_items", "missing_key"],
+)
+def test_damaged_cache_entry_is_rebuilt_with_a_warning(tmp_path, caplog, damage):
+    folder = amazon_folder(tmp_path)
+    first = data.load("amazon-cds-vinyl-2018", folder)
+    (entry,) = (tmp_path / "cache" / "processed").iterdir()
+    damage(entry)
+    again = data.load("amazon-cds-vinyl-2018", folder)
+    assert f"data cache {entry} is damaged" in caplog.text
+    np.testing.assert_array_equal(again.sequences.values, first.sequences.values)
+    np.testing.assert_array_equal(
+        again.examples["test"].history.values, first.examples["test"].history.values
+    )
+    assert again.items.titles == first.items.titles
+    caplog.clear()
+    data.load("amazon-cds-vinyl-2018", folder)  # the rebuilt entry is read without a warning
+    assert "damaged" not in caplog.text
+    assert sorted(p.name for p in entry.iterdir()) == ["data.npz", "items.json", "manifest.json"]
 
 
 def test_amazon_examples_roundtrip_through_cache(tmp_path):

@@ -295,5 +295,6 @@ def test_cli(tmp_path):
         text=True,
         check=False,
     )
-    assert bad.returncode == 1
-    assert "missing: Video.txt" in bad.stderr and bad.stdout == ""
+    assert bad.returncode == 2  # a user error: one line, no traceback
+    (line,) = bad.stderr.splitlines()
+    assert line.startswith("error: ") and "missing: Video.txt" in line and bad.stdout == ""

@@ -21,6 +21,40 @@ REPO = TESTS.parent
 
 
 # -- data -----------------------------------------------------------------------------------
+# Three users; user "2" has a tie in timestamps (file order kept) and a low rating.
+U_DATA = "1\t10\t5\t300\n1\t11\t4\t100\n2\t10\t3\t50\n2\t12\t1\t50\n1\t12\t5\t200\n3\t11\t4\t10\n"
+U_ITEM = "10|Alpha (1995)|01-Jan-1995||url|0|1|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0\n11|B\xe9ta (1996)|x||u|0\n12|Gamma|x||u|0\n13|Unseen|x||u|0\n"
+
+
+def write(folder: pathlib.Path, files: dict[str, str], encoding="utf-8"):
+    """Text files into `folder` (`u.item` in latin-1, as GroupLens ships it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding="latin-1" if name == "u.item" else encoding)
+    return folder
+
+
+CSV_HEADER = "user_id,item_asins,item_asin,history_item_id,item_id,history_item_title,item_title,history_rating,rating,history_timestamp,timestamp\n"
+
+
+def csv_row(user: str, hist: list[int], target: int, ts: int) -> str:
+    """One BIGRec CSV row (history -> target) with made-up ASINs, titles and ratings."""
+    asins = [f"A{h}" for h in hist]
+    titles = [f"t{h}" for h in hist]
+    return (
+        f'{user},"{asins}",A{target},"{hist}",{target},"{titles}",t{target},'
+        f'"{[5.0] * len(hist)}",5.0,"{[ts - 10 + i for i in range(len(hist))]}",{ts}\n'
+    )
+
+
+def amazon_folder(tmp_path: pathlib.Path) -> pathlib.Path:
+    """A BIGRec CSV folder: two users, valid/test rows, an info.txt with an HTML title."""
+    valid = CSV_HEADER + csv_row("u1", [0, 1], 2, 100) + csv_row("u1", [0, 1, 2], 3, 110)
+    test = CSV_HEADER + csv_row("u1", [1, 2, 3], 4, 200) + csv_row("u2", [4], 0, 210)
+    info = "".join(f"title {i}\t{i}\n" for i in range(6)).replace("title 5", "<span class=x")
+    return write(tmp_path / "a", {"valid.csv": valid, "test.csv": test, "info.txt": info})
+
+
 def write_tiny_ml100k(
     folder: pathlib.Path, num_users: int = 20, num_items: int = 30, per_user: int = 8
 ) -> pathlib.Path:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from eval import cli
 from eval.allocator import active_allocator, reexec_with_tcmalloc
 from hstu.trainer import make_trainer
 from tools.timing import cpu_threads, median_seconds
@@ -166,4 +167,4 @@ def main(argv):
 if __name__ == "__main__":
     reexec_with_tcmalloc()
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
+from eval import cli
 from eval.allocator import active_allocator, reexec_with_tcmalloc
 from llm_sft.data import IGNORE
 from llm_sft.generate import generate
@@ -189,4 +190,4 @@ def main(argv):
 if __name__ == "__main__":
     reexec_with_tcmalloc()
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from eval import cli
 from eval.allocator import active_allocator, reexec_with_tcmalloc
 from hstu.losses import chunked_softmax_loss
 from tools.timing import cpu_threads, median_seconds
@@ -84,4 +85,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("embedding_dim", 64, "D.")
     flags.DEFINE_integer("chunk", 8192, "Items per chunk.")
     flags.DEFINE_integer("repeats", 5, "Timed calls (median).")
-    app.run(main)
+    cli.run(main)

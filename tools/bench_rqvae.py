@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
+from eval import cli
 from eval.allocator import active_allocator, reexec_with_tcmalloc
 from eval.training import TrainState, step_key
 from eval.training.optim import OptimizerConfig, make_optimizer
@@ -111,4 +112,4 @@ def main(argv):
 if __name__ == "__main__":
     reexec_with_tcmalloc()
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -15,7 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
+
+from eval import cli
+from eval.errors import FlagError
 
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog because"
 
@@ -108,7 +111,7 @@ def _define_flags() -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise FlagError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
     max_diff, agree, total = compare(f.hf_checkpoint, f.dtype, f.prompt, f.max_new_tokens)
     print(f"max_abs_logit_diff={max_diff:.6g} greedy_match={agree}/{total}")
@@ -117,4 +120,4 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -34,9 +34,12 @@ import urllib.request
 import zipfile
 from collections.abc import Sequence
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+from eval import cli
 from eval.data.cache import default_cache_dir as data_cache_dir
+from eval.errors import FlagError, UserError
+from eval.io import atomic_write_text
 
 MANIFEST = "fetch_manifest.json"
 SOURCES = ("auto", "grouplens", "recbole")
@@ -44,11 +47,11 @@ _TIMEOUT_S = 10.0  # per socket operation, so a dead network fails fast and `aut
 _GROUPLENS = "https://files.grouplens.org/datasets/movielens/"
 
 
-class DataUnavailableError(RuntimeError):
+class DataUnavailableError(UserError, RuntimeError):
     """The data set cannot be fetched from the requested source (or no local copy is complete)."""
 
 
-class ChecksumError(RuntimeError):
+class ChecksumError(UserError, RuntimeError):
     """A downloaded file does not match its published checksum."""
 
 
@@ -255,9 +258,9 @@ def _find_format(name: str, spec: DatasetSpec, src: pathlib.Path) -> Format:
         missing = [n for n in fmt.required if not (src / n).exists()]
         if not missing:
             return fmt
-        problems.append(f"  {fmt.describe()}; missing: {', '.join(missing)}")
+        problems.append(f"{fmt.describe()} (missing: {', '.join(missing)})")
     raise DataUnavailableError(
-        f"{src} holds no complete copy of {name}. Expected one of:\n" + "\n".join(problems)
+        f"{src} holds no complete copy of {name}; expected one of: " + " | ".join(problems)
     )
 
 
@@ -325,9 +328,7 @@ def _commit(
         "files": files,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / MANIFEST)
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 def manifest_problem(folder: str | os.PathLike, name: str) -> str | None:
@@ -451,15 +452,11 @@ def _define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise FlagError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    try:
-        path = ensure_dataset(f.dataset, f.out, source=f.source, from_dir=f.from_dir)
-    except (DataUnavailableError, ChecksumError) as e:
-        raise SystemExit(f"fetch_data: {e}") from None
-    print(path)
+    print(ensure_dataset(f.dataset, f.out, source=f.source, from_dir=f.from_dir))
 
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

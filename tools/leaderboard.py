@@ -16,16 +16,17 @@ within the spread are called ties.
 from __future__ import annotations
 
 import importlib
-import json
 import pathlib
 import time
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from eval import data
+from eval import cli, data
 from eval.allocator import reexec_with_tcmalloc
 from eval.data.registry import FORMATS, get_spec
+from eval.errors import FlagError, MissingFileError
+from eval.io import atomic_path, atomic_write_json, atomic_write_text
 from eval.recommender import BUDGETS, Recommender, evaluate
 from eval.results import leaderboard_markdown
 from tools.fetch_data import ensure_dataset
@@ -46,7 +47,7 @@ KS = (5, 10, 20)  # the table's cutoffs
 def make(name: str) -> Recommender:
     """Instantiate a registered recommender by name."""
     if name not in RECOMMENDERS:
-        raise ValueError(f"--models: unknown {name!r}; registered: {sorted(RECOMMENDERS)}")
+        raise FlagError(f"--models: unknown {name!r}; registered: {sorted(RECOMMENDERS)}")
     module, cls = RECOMMENDERS[name].split(":")
     return getattr(importlib.import_module(module), cls)()
 
@@ -56,7 +57,7 @@ def data_dir(name: str, root: str | None) -> pathlib.Path:
     if root:
         folder = pathlib.Path(root) / name
         if not folder.is_dir():
-            raise FileNotFoundError(f"--data_root={root}: no sub-folder {name!r}")
+            raise MissingFileError(f"--data_root={root}: no sub-folder {name!r}")
         return folder
     return ensure_dataset(name)
 
@@ -169,7 +170,8 @@ def plot(results: dict, out: pathlib.Path) -> list[pathlib.Path]:
             ax.set_title(f"{name}: test {metric}")
             ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
-    fig.savefig(out / "leaderboard.png", dpi=100)
+    with atomic_path(out / "leaderboard.png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     written.append(out / "leaderboard.png")
     for name, entry in results.items():
@@ -188,7 +190,8 @@ def plot(results: dict, out: pathlib.Path) -> list[pathlib.Path]:
         ax.set(xlabel="step", ylabel="validation NDCG@10", title=f"{name}: validation")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / f"curves_{name}.png", dpi=100)
+        with atomic_path(out / f"curves_{name}.png") as tmp:
+            fig.savefig(tmp, dpi=100)
         plt.close(fig)
         written.append(out / f"curves_{name}.png")
     return written
@@ -199,8 +202,8 @@ def write(results: dict, out: pathlib.Path, budget: str, seeds: int = 1) -> str:
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = render(results, seeds)
-    (out / "leaderboard.md").write_text(f"# Leaderboard (budget: {budget})\n\n{table}")
-    (out / "leaderboard.json").write_text(json.dumps(results, indent=1, default=float))
+    atomic_write_text(out / "leaderboard.md", f"# Leaderboard (budget: {budget})\n\n{table}")
+    atomic_write_json(out / "leaderboard.json", results, indent=1, default=float)
     plot(results, out)
     return table
 
@@ -229,4 +232,4 @@ def main(argv):
 if __name__ == "__main__":
     reexec_with_tcmalloc()
     _define_flags()
-    app.run(main)
+    cli.run(main)

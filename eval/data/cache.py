@@ -2,7 +2,9 @@
 
 The cache holds `data.npz` (sequences, timestamps, ratings, evaluation examples),
 `items.json` (the item table and drop report) and `manifest.json` (source hashes, options).
-It is rebuilt whenever a source file or an option changes.
+It is rebuilt whenever a source file or an option changes, and (with a warning) when an
+entry cannot be read. Every file is written atomically, the manifest last: it marks a complete
+entry.
 """
 
 from __future__ import annotations
@@ -11,14 +13,22 @@ import hashlib
 import json
 import os
 import pathlib
+import zipfile
+from typing import Literal
 
 import numpy as np
+from absl import logging
 
 from eval.data.dataset import Dataset, DropReport, EvalExamples, ItemTable, Ragged
 from eval.data.formats import build_dataset
 from eval.data.registry import get_spec
+from eval.errors import MissingFileError
+from eval.io import atomic_path, atomic_write_json
 
 CACHE_VERSION = 1
+_MANIFEST = "manifest.json"
+# What a truncated data.npz or a damaged items.json / manifest.json raises while being read.
+_DAMAGED = (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile)
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -36,6 +46,7 @@ def load(
     fmt: str | None = None,
     min_rating: float | None = None,
     k_core: int | None = None,
+    duplicates: Literal["drop", "keep"] = "drop",
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
 ) -> Dataset:
@@ -43,24 +54,29 @@ def load(
     spec = get_spec(name, fmt)
     data_dir = pathlib.Path(data_dir)
     if not data_dir.is_dir():
-        raise FileNotFoundError(f"--data_dir={data_dir}: not a directory")
+        raise MissingFileError(f"--data_dir={data_dir}: not a directory")
     sources = sorted({p for g in spec.source_globs for p in data_dir.glob(g) if p.is_file()})
     manifest = {
         "version": CACHE_VERSION,
         "dataset": name,
         "format": fmt,
-        "options": {"min_rating": min_rating, "k_core": k_core},
+        "options": {"min_rating": min_rating, "k_core": k_core, "duplicates": duplicates},
         "sources": {p.name: _sha256(p) for p in sources},
     }
     key = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
     folder = pathlib.Path(cache_dir or default_cache_dir()) / "processed" / f"{name}-{key}"
-    if use_cache and (folder / "manifest.json").exists():
+    if use_cache and (folder / _MANIFEST).exists():
         try:
-            if json.loads((folder / "manifest.json").read_text()) == manifest:
-                return _read(folder, name)
-        except (OSError, ValueError, KeyError):
-            pass  # A damaged cache is rebuilt below.
-    ds = build_dataset(name, spec.reader(data_dir), min_rating=min_rating, k_core=k_core)
+            if json.loads((folder / _MANIFEST).read_text()) != manifest:
+                raise ValueError(f"{_MANIFEST} does not match the sources and options")
+            return _read(folder, name)
+        except _DAMAGED as e:
+            logging.warning(
+                "data cache %s is damaged (%s: %s); rebuilding it", folder, type(e).__name__, e
+            )
+    ds = build_dataset(
+        name, spec.read(data_dir), min_rating=min_rating, k_core=k_core, duplicates=duplicates
+    )
     if use_cache:
         _write(folder, ds, manifest)
     return ds
@@ -76,6 +92,7 @@ def _sha256(path: pathlib.Path) -> str:
 
 def _write(folder: pathlib.Path, ds: Dataset, manifest: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / _MANIFEST).unlink(missing_ok=True)  # incomplete until the manifest is rewritten
     arrays = {"seq_values": ds.sequences.values, "seq_offsets": ds.sequences.offsets}
     if ds.timestamps is not None:
         arrays["ts_values"] = ds.timestamps.values
@@ -93,7 +110,8 @@ def _write(folder: pathlib.Path, ds: Dataset, manifest: dict) -> None:
         if ex.history_timestamps is not None:
             arrays[f"{split}/history_ts_values"] = ex.history_timestamps.values
             arrays[f"{split}/target_ts"] = ex.target_timestamps
-    np.savez(folder / "data.npz", **arrays)
+    with atomic_path(folder / "data.npz") as tmp:
+        np.savez(tmp, **arrays)
     items = {
         "user_ids": ds.user_ids,
         "original_ids": ds.items.original_ids,
@@ -102,8 +120,8 @@ def _write(folder: pathlib.Path, ds: Dataset, manifest: dict) -> None:
         "report": ds.report.counts,
         "splits": sorted(ds.examples),
     }
-    (folder / "items.json").write_text(json.dumps(items))
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    atomic_write_json(folder / "items.json", items)
+    atomic_write_json(folder / _MANIFEST, manifest, indent=1)
 
 
 def _read(folder: pathlib.Path, name: str) -> Dataset:

@@ -1,7 +1,11 @@
 """Parsers for the raw file formats, each producing a `RawData` (interactions + item metadata).
 
-Every parser checks each line and raises `DataFormatError` naming the file and line of the
-first bad record. `build_dataset` turns `RawData` into the canonical `Dataset`.
+Every parser checks each line and raises `DataFormatError` naming the file and line (and
+column or byte, where there is one) of the first bad record: bytes are decoded strictly,
+ids and numbers parsed strictly (`3.0` is not an integer id), JSON top-level types checked.
+Whatever a parser or `build_dataset` drops or normalises is counted in the report (duplicate
+item ids: first kept; duplicate interactions: see `build_dataset`). `build_dataset` turns
+`RawData` into the canonical `Dataset`.
 """
 
 from __future__ import annotations
@@ -10,16 +14,18 @@ import ast
 import csv
 import dataclasses
 import json
+import math
 import pathlib
 import re
+from collections.abc import Iterator
+from typing import Literal
 
 import numpy as np
 
 from eval.data.dataset import Dataset, DropReport, EvalExamples, ItemTable, Ragged
+from eval.errors import DataFormatError, FlagError, MissingFileError
 
-
-class DataFormatError(ValueError):
-    """A raw data file does not follow its format; the message names the file and line."""
+__all__ = ["DataFormatError", "RawData", "build_dataset", "read_json"]
 
 
 @dataclasses.dataclass
@@ -39,34 +45,74 @@ def _fail(path: pathlib.Path, lineno: int, why: str, line: str) -> DataFormatErr
     return DataFormatError(f"{path}:{lineno}: {why}: {line.rstrip()[:200]!r}")
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_INT64 = (-(2**63), 2**63 - 1)
+
+
 def _int(path, lineno, value, line) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        try:
-            as_float = float(value)
-        except ValueError:
-            raise _fail(path, lineno, f"expected an integer, got {value!r}", line) from None
-        if not as_float.is_integer():
-            raise _fail(path, lineno, f"expected an integer, got {value!r}", line) from None
-        return int(as_float)
+    """A strict integer: an int literal (or a JSON int) within int64; `3.0`, `1e3`, `true` fail."""
+    text = value.strip() if isinstance(value, str) else value
+    if isinstance(text, bool) or not (
+        isinstance(text, int) or (isinstance(text, str) and _INTEGER.fullmatch(text))
+    ):
+        raise _fail(path, lineno, f"expected an integer, got {value!r}", line)
+    n = int(text)
+    if not _INT64[0] <= n <= _INT64[1]:
+        raise _fail(path, lineno, f"integer {value!r} is outside the 64-bit range", line)
+    return n
+
+
+def _id(path, lineno, value, line) -> str:
+    """A numeric id in canonical form (`007` -> `7`), strictly parsed as `_int`."""
+    return str(_int(path, lineno, value, line))
 
 
 def _float(path, lineno, value, line) -> float:
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         raise _fail(path, lineno, f"expected a number, got {value!r}", line) from None
+    if not math.isfinite(number):
+        raise _fail(path, lineno, f"expected a finite number, got {value!r}", line)
+    return number
 
 
-def _lines(path: pathlib.Path, encoding: str = "utf-8"):
-    """(1-based line number, line) for non-empty lines of a text file."""
+def _decoded(path: pathlib.Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
+    """(1-based line number, line with its ending) of a text file, decoded strictly: a bad
+    byte raises `DataFormatError` naming the line and the byte's column."""
     if not path.exists():
-        raise FileNotFoundError(f"{path}: missing")
-    with open(path, encoding=encoding, newline="") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                yield lineno, line.rstrip("\r\n")
+        raise MissingFileError(f"{path}: missing")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode(encoding)
+            except UnicodeDecodeError as e:
+                raise DataFormatError(
+                    f"{path}:{lineno}:{e.start + 1}: byte 0x{raw[e.start]:02x} is not valid "
+                    f"{encoding} (re-encode the file as {encoding})"
+                ) from None
+
+
+def _lines(path: pathlib.Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) for non-empty lines of a text file."""
+    for lineno, line in _decoded(path, encoding):
+        if line.strip():
+            yield lineno, line.rstrip("\r\n")
+
+
+def _csv_rows(path: pathlib.Path) -> Iterator[tuple[int, list[str]]]:
+    """(line number where the row ends, fields) of a UTF-8 CSV file, strictly decoded."""
+    reader = csv.reader(line for _, line in _decoded(path))
+    for fields in reader:
+        yield reader.line_num, fields
+
+
+def _item_meta(raw: RawData, path: pathlib.Path, item: str, meta: dict[str, str]) -> None:
+    """Adds one item's metadata; a repeated id keeps the first record (counted)."""
+    if item in raw.item_meta:
+        raw.report.add(f"duplicate item ids in {path.name} (first kept)", 1)
+    else:
+        raw.item_meta[item] = meta
 
 
 def _interaction_table(path, sep, columns, encoding="utf-8", skip_header=False) -> RawData:
@@ -101,11 +147,12 @@ def read_grouplens(data_dir: pathlib.Path) -> RawData:
             if len(fields) < 5:
                 raise _fail(data_dir / "u.item", lineno, "expected >= 5 '|'-separated fields", line)
             genres = [g for g, flag in zip(ML100K_GENRES, fields[5:], strict=False) if flag == "1"]
-            raw.item_meta[fields[0]] = {
+            meta = {
                 "title": fields[1].strip(),
                 "release_date": fields[2],
                 "genres": ", ".join(genres),
             }
+            _item_meta(raw, data_dir / "u.item", fields[0], meta)
         return raw
     if (data_dir / "ratings.dat").exists():
         raw = _interaction_table(
@@ -117,30 +164,25 @@ def read_grouplens(data_dir: pathlib.Path) -> RawData:
                 raise _fail(
                     data_dir / "movies.dat", lineno, "expected 3 '::'-separated fields", line
                 )
-            raw.item_meta[fields[0]] = {
-                "title": fields[1].strip(),
-                "genres": fields[2].replace("|", ", "),
-            }
+            meta = {"title": fields[1].strip(), "genres": fields[2].replace("|", ", ")}
+            _item_meta(raw, data_dir / "movies.dat", fields[0], meta)
         return raw
     if (data_dir / "ratings.csv").exists():
         raw = _interaction_table(
             data_dir / "ratings.csv", ",", ("user", "item", "rating", "timestamp"), skip_header=True
         )
         path = data_dir / "movies.csv"
-        with open(path, encoding="utf-8", newline="") as f:
-            for lineno, fields in enumerate(csv.reader(f), 1):
-                if lineno == 1:
-                    continue
-                if len(fields) != 3:
-                    raise _fail(path, lineno, "expected 3 CSV fields", ",".join(fields))
-                raw.item_meta[fields[0]] = {
-                    "title": fields[1].strip(),
-                    "genres": fields[2].replace("|", ", "),
-                }
+        for row, (lineno, fields) in enumerate(_csv_rows(path)):
+            if row == 0:
+                continue
+            if len(fields) != 3:
+                raise _fail(path, lineno, "expected 3 CSV fields", ",".join(fields))
+            meta = {"title": fields[1].strip(), "genres": fields[2].replace("|", ", ")}
+            _item_meta(raw, path, fields[0], meta)
         return raw
     if list(data_dir.glob("*.inter")):
         return read_recbole(data_dir)
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{data_dir}: no MovieLens files (u.data + u.item, ratings.dat + movies.dat, "
         "ratings.csv + movies.csv, or RecBole ml-*.inter)"
     )
@@ -161,10 +203,8 @@ def read_sasrec(data_dir: pathlib.Path, filename: str | None = None) -> RawData:
         fields = line.split()
         if len(fields) != 2:
             raise _fail(path, lineno, "expected 'user item'", line)
-        _int(path, lineno, fields[0], line)
-        _int(path, lineno, fields[1], line)
-        raw.users.append(fields[0])
-        raw.items.append(fields[1])
+        raw.users.append(_id(path, lineno, fields[0], line))
+        raw.items.append(_id(path, lineno, fields[1], line))
     return raw
 
 
@@ -176,9 +216,7 @@ def read_p5(data_dir: pathlib.Path) -> RawData:
     path = data_dir / "sequential_data.txt"
     raw, seen = RawData([], []), {}
     for lineno, line in _lines(path):
-        fields = line.split()
-        for value in fields:
-            _int(path, lineno, value, line)
+        fields = [_id(path, lineno, value, line) for value in line.split()]
         user, items = fields[0], fields[1:]
         if user in seen:
             raise _fail(path, lineno, f"user {user} already listed on line {seen[user]}", line)
@@ -190,7 +228,7 @@ def read_p5(data_dir: pathlib.Path) -> RawData:
         raw.items.extend(items)
     maps_path = data_dir / "datamaps.json"
     if maps_path.exists():
-        id2item = _load_json(maps_path).get("id2item", {})
+        id2item = read_json(maps_path).get("id2item", {})
         if not isinstance(id2item, dict):
             raise DataFormatError(f"{maps_path}: 'id2item' must map item ids to original ids")
         unknown = set(raw.items) - set(id2item)
@@ -204,42 +242,91 @@ def read_p5(data_dir: pathlib.Path) -> RawData:
 def _single(data_dir: pathlib.Path, pattern: str) -> pathlib.Path:
     found = sorted(data_dir.glob(pattern))
     if len(found) != 1:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{data_dir}: expected exactly one {pattern} file, found {len(found)}"
         )
     return found[0]
 
 
-def _load_json(path: pathlib.Path):
+def _unique_keys(path: pathlib.Path):
+    def hook(pairs: list[tuple[str, object]]) -> dict:
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            seen = set()
+            key = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise DataFormatError(f"{path}: key {key!r} appears twice in one JSON object")
+        return out
+
+    return hook
+
+
+def read_json(path: str | pathlib.Path, expect: type = dict):
+    """A UTF-8 JSON file whose top level is an `expect` (dict or list). Bad bytes, syntax
+    (a truncated file) and repeated keys raise `DataFormatError` with line and column."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path}: missing")
+    data = path.read_bytes()
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - data.rfind(b"\n", 0, e.start)
+        raise DataFormatError(
+            f"{path}:{line}:{col}: byte 0x{data[e.start]:02x} is not valid UTF-8 "
+            "(re-encode the file as UTF-8)"
+        ) from None
+    try:
+        value = json.loads(text, object_pairs_hook=_unique_keys(path))
     except json.JSONDecodeError as e:
-        raise DataFormatError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        raise DataFormatError(
+            f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg} (is the file truncated?)"
+        ) from None
+    except RecursionError:
+        raise DataFormatError(f"{path}: JSON nested too deeply") from None
+    if not isinstance(value, expect):
+        raise DataFormatError(
+            f"{path}: expected a JSON {'object' if expect is dict else 'array'} at the top "
+            f"level, got {type(value).__name__}"
+        )
+    return value
 
 
 def read_lcrec(data_dir: pathlib.Path) -> RawData:
     """LC-Rec/LETTER JSON: `*.inter.json` {user: [item, ...]} in time order + `*.item.json`."""
     inter_path = _single(data_dir, "*.inter.json")
-    inter = _load_json(inter_path)
     raw = RawData([], [])
-    for user, items in inter.items():
-        if not isinstance(items, list) or not all(isinstance(i, int | str) for i in items):
-            raise DataFormatError(f"{inter_path}: user {user!r}: expected a list of item ids")
-        raw.users.extend([str(user)] * len(items))
+    for user, items in read_json(inter_path).items():
+        if not isinstance(items, list) or not all(_is_json_id(i) for i in items):
+            raise DataFormatError(
+                f"{inter_path}: user {user!r}: expected a list of item ids (integers or "
+                f"strings), got {json.dumps(items)[:80]}"
+            )
+        if not items:
+            raw.report.add("users without items (skipped)", 1)
+        raw.users.extend([user] * len(items))
         raw.items.extend(str(i) for i in items)
     item_paths = sorted(data_dir.glob("*.item.json"))
-    if item_paths:
-        for item, meta in _load_json(item_paths[0]).items():
+    if not item_paths:
+        raw.report.add(f"no *.item.json in {data_dir} (warning: every title is empty)", 1)
+    for item_path in item_paths[:1]:
+        for item, meta in read_json(item_path).items():
             if not isinstance(meta, dict):
-                raise DataFormatError(f"{item_paths[0]}: item {item!r}: expected an object")
-            raw.item_meta[str(item)] = {k: _clean_text(str(v)) for k, v in meta.items() if v}
+                raise DataFormatError(f"{item_path}: item {item!r}: expected an object")
+            raw.item_meta[item] = {k: _clean_text(str(v)) for k, v in meta.items() if v}
     return raw
+
+
+def _is_json_id(value: object) -> bool:
+    """An item id in JSON: an integer (not a bool) or a non-empty string."""
+    return (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, str) and value.strip() != ""
+    )
 
 
 def read_index_json(path: pathlib.Path) -> dict[str, list[str]]:
     """A semantic-ID index `{item: ["<a_1>", "<b_2>", ...]}` (LC-Rec/LETTER `*.index.json`)."""
-    index = _load_json(path)
+    index = read_json(path)
     for item, codes in index.items():
         if not isinstance(codes, list) or not all(re.fullmatch(r"<[a-z]_\d+>", c) for c in codes):
             raise DataFormatError(f"{path}: item {item!r}: expected a list like ['<a_1>', '<b_2>']")
@@ -258,21 +345,33 @@ def read_recbole(data_dir: pathlib.Path) -> RawData:
     for lineno, fields, line in rows:
         raw.users.append(fields[cols["user_id"]])
         raw.items.append(fields[cols["item_id"]])
+        if not raw.users[-1].strip() or not raw.items[-1].strip():
+            raise _fail(inter_path, lineno, "empty user or item id", line)
         if raw.timestamps is not None:
-            raw.timestamps.append(_int(inter_path, lineno, fields[cols["timestamp"]], line))
+            raw.timestamps.append(_whole(inter_path, lineno, fields[cols["timestamp"]], line))
         if raw.ratings is not None:
             raw.ratings.append(_float(inter_path, lineno, fields[cols["rating"]], line))
     item_path = inter_path.with_suffix(".item")
     if item_path.exists():
         header, rows = _atomic(item_path)
         names = [name.split(":")[0] for name in header]
+        if "item_id" not in names:
+            raise DataFormatError(f"{item_path}:1: header lacks 'item_id': {header}")
         title_col = next((n for n in ("title", "movie_title", "item_title") if n in names), None)
         for _, fields, _ in rows:
             meta = {n: v for n, v in zip(names, fields, strict=True) if n != "item_id" and v}
             if title_col:
                 meta["title"] = meta.pop(title_col, "")
-            raw.item_meta[fields[names.index("item_id")]] = meta
+            _item_meta(raw, item_path, fields[names.index("item_id")], meta)
     return raw
+
+
+def _whole(path, lineno, value, line) -> int:
+    """A RecBole `timestamp:float`: an integer, or a float with no fractional part."""
+    number = _float(path, lineno, value, line)
+    if not number.is_integer() or not _INT64[0] <= number <= _INT64[1]:
+        raise _fail(path, lineno, f"expected a whole-second timestamp, got {value!r}", line)
+    return int(number)
 
 
 def _atomic(path: pathlib.Path):
@@ -297,12 +396,14 @@ _CSV_COLUMNS = (
 )  # fmt: skip
 
 
-def read_amazon_csv(data_dir: pathlib.Path) -> RawData:
-    """BIGRec/D3 Amazon CSV: `valid.csv`/`test.csv` rows (history -> next item) + `info.txt`.
+def read_amazon_csv(data_dir: pathlib.Path, leave_one_out: bool = False) -> RawData:
+    """BIGRec/D3 Amazon CSV: `valid.csv` + `test.csv` rows (history -> next item) + `info.txt`.
 
     Each user's sequence is rebuilt from the rows: the history of the user's earliest row,
     then every row's target in time order. Rows whose history disagrees with the rebuilt
-    sequence are counted in the report. The rows themselves become evaluation examples.
+    sequence are counted in the report. The rows themselves become evaluation examples;
+    with `leave_one_out` (`--format=amazon-csv-loo`) they only rebuild the sequences, either
+    file may be missing, and the split is leave-one-out.
     """
     raw = RawData([], [], [], [])
     info = data_dir / "info.txt"
@@ -311,55 +412,67 @@ def read_amazon_csv(data_dir: pathlib.Path) -> RawData:
         title, sep, item = line.rpartition("\t")
         if not sep:
             raise _fail(info, lineno, "expected 'title<TAB>item_id'", line)
-        _int(info, lineno, item, line)
-        titles[item.strip()] = title.strip()
-    events: dict[str, dict[tuple, None]] = {}
+        item = _id(info, lineno, item, line)
+        if item in titles:
+            raw.report.add("duplicate item ids in info.txt (first title kept)", 1)
+        else:
+            titles[item] = title.strip()
     asins: dict[str, str] = {}
+    examples: dict[str, dict[str, list]] = {}
     for split in ("valid", "test"):
         path = data_dir / f"{split}.csv"
         if not path.exists():
-            continue
-        rows = raw.examples.setdefault(
-            split, {"users": [], "history": [], "history_ts": [], "target": [], "ts": []}
-        )
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None or tuple(header[: len(_CSV_COLUMNS)]) != _CSV_COLUMNS:
-                raise DataFormatError(f"{path}:1: expected header {','.join(_CSV_COLUMNS)}")
-            for fields in reader:
-                lineno = reader.line_num
-                line = ",".join(fields)
-                if len(fields) != len(header):
-                    raise _fail(path, lineno, f"expected {len(header)} CSV fields", line)
-                row = dict(zip(header, fields, strict=True))
-                hist = _literal_list(path, lineno, row["history_item_id"], line)
-                hist_ts = _literal_list(path, lineno, row["history_timestamp"], line)
-                hist_asins = _literal_list(path, lineno, row["item_asins"], line)
-                if not (len(hist) == len(hist_ts) == len(hist_asins)):
-                    raise _fail(path, lineno, "history list columns differ in length", line)
-                target = str(_int(path, lineno, row["item_id"], line))
-                ts = _int(path, lineno, row["timestamp"], line)
-                hist = [str(int(h)) for h in hist]
-                user = row["user_id"]
-                for item, t in zip(hist, hist_ts, strict=True):
-                    events.setdefault(user, {})[(int(t), item, "h")] = None
-                events.setdefault(user, {})[(ts, target, "t")] = None
-                asins.update(zip(hist, hist_asins, strict=True))
-                asins[target] = row["item_asin"]
-                rows["users"].append(user)
-                rows["history"].append(hist)
-                rows["history_ts"].append([int(t) for t in hist_ts])
-                rows["target"].append(target)
-                rows["ts"].append(ts)
-    if not raw.examples:
-        raise FileNotFoundError(f"{data_dir}: neither valid.csv nor test.csv found")
-    _rebuild_sequences(raw, raw.examples)
+            if leave_one_out:
+                continue
+            raise MissingFileError(
+                f"{path}: missing; the BIGRec CSV split needs valid.csv and test.csv "
+                "(--format=amazon-csv-loo rebuilds sequences from the files present and "
+                "evaluates leave-one-out)"
+            )
+        examples[split] = _amazon_csv_rows(path, asins)
+    if not examples:
+        raise MissingFileError(f"{data_dir}: neither valid.csv nor test.csv found")
+    _rebuild_sequences(raw, examples)
+    if not leave_one_out:
+        raw.examples = examples
     for item, title in titles.items():
         raw.item_meta[item] = {"title": title, "asin": asins.get(item, "")}
-    unknown = {i for rows in raw.examples.values() for i in rows["target"]} - set(titles)
+    unknown = {i for rows in examples.values() for i in rows["target"]} - set(titles)
     raw.report.add("targets without an info.txt title", len(unknown))
     return raw
+
+
+def _amazon_csv_rows(path: pathlib.Path, asins: dict[str, str]) -> dict[str, list]:
+    """One BIGRec CSV file's rows as example columns; `asins` collects item -> ASIN."""
+    rows: dict[str, list] = {"users": [], "history": [], "history_ts": [], "target": [], "ts": []}
+    reader = _csv_rows(path)
+    _, header = next(reader, (1, None))
+    if header is None or tuple(header[: len(_CSV_COLUMNS)]) != _CSV_COLUMNS:
+        raise DataFormatError(f"{path}:1: expected header {','.join(_CSV_COLUMNS)}")
+    for lineno, fields in reader:
+        line = ",".join(fields)
+        if len(fields) != len(header):
+            raise _fail(path, lineno, f"expected {len(header)} CSV fields", line)
+        row = dict(zip(header, fields, strict=True))
+        hist = [
+            _id(path, lineno, h, line) for h in _literal_list(path, lineno, row, "history_item_id")
+        ]
+        hist_ts = [
+            _int(path, lineno, t, line)
+            for t in _literal_list(path, lineno, row, "history_timestamp")
+        ]
+        hist_asins = _literal_list(path, lineno, row, "item_asins")
+        if not (len(hist) == len(hist_ts) == len(hist_asins)):
+            raise _fail(path, lineno, "history list columns differ in length", line)
+        target = _id(path, lineno, row["item_id"], line)
+        asins.update(zip(hist, map(str, hist_asins), strict=True))
+        asins[target] = row["item_asin"]
+        rows["users"].append(row["user_id"])
+        rows["history"].append(hist)
+        rows["history_ts"].append(hist_ts)
+        rows["target"].append(target)
+        rows["ts"].append(_int(path, lineno, row["timestamp"], line))
+    return rows
 
 
 def _rebuild_sequences(raw: RawData, examples: dict[str, dict[str, list]]) -> None:
@@ -387,15 +500,17 @@ def _rebuild_sequences(raw: RawData, examples: dict[str, dict[str, list]]) -> No
     raw.report.add("example rows whose history disagrees with the rebuilt sequence", mismatched)
 
 
-def _literal_list(path, lineno, value, line) -> list:
+def _literal_list(path, lineno, row: dict[str, str], column: str) -> list:
+    """The Python list literal in one CSV column (`[1, 2]`, `['B00X', 'B00Y']`)."""
+    value, line = row[column], ",".join(row.values())
     try:
         parsed = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         raise _fail(
-            path, lineno, f"expected a Python list literal, got {value[:60]!r}", line
+            path, lineno, f"{column}: expected a Python list literal, got {value[:60]!r}", line
         ) from None
     if not isinstance(parsed, list):
-        raise _fail(path, lineno, "expected a list", line)
+        raise _fail(path, lineno, f"{column}: expected a list, got {value[:60]!r}", line)
     return parsed
 
 
@@ -418,28 +533,40 @@ def build_dataset(
     min_rating: float | None = None,
     k_core: int | None = None,
     keep_unused_items: bool = True,
+    duplicates: Literal["drop", "keep"] = "drop",
 ) -> Dataset:
     """Canonical `Dataset` from `RawData`: dense ids, chronological per-user sequences.
 
-    Interactions are ordered per user by timestamp (stable: ties keep file order). Items listed
-    in the metadata but never interacted with stay in the catalogue when `keep_unused_items`
-    (counted in the report). Everything filtered is counted by reason.
+    Interactions are ordered per user by timestamp (stable: ties keep file order). A
+    duplicate interaction (same user, item and timestamp) is dropped (`duplicates="drop"`,
+    the first kept) or kept (always, when the data ships examples: their histories hold
+    the duplicates too); without timestamps a repeat cannot be told from a duplicate,
+    so repeated user-item pairs are kept and counted. Items listed in the metadata but never
+    interacted with stay in the catalogue when `keep_unused_items` (counted in the report).
+    Everything filtered is counted by reason; no interaction left is a `DataFormatError`.
     """
     report = DropReport()
     report.merge(raw.report)
     users = np.asarray(raw.users, dtype=object)
     items = np.asarray(raw.items, dtype=object)
-    keep = np.ones(len(users), dtype=bool)
+    # Shipped examples carry their own histories, duplicates included: keep them all.
+    rule = "shipped" if raw.examples else duplicates
+    keep = _duplicate_mask(users, items, raw.timestamps, rule, report)
     ratings = np.asarray(raw.ratings, dtype=np.float32) if raw.ratings is not None else None
     if min_rating is not None:
         if ratings is None:
-            raise ValueError(f"--min_rating: data set {name!r} has no ratings")
+            raise FlagError(f"--min_rating: data set {name!r} has no ratings")
         below = ratings < min_rating
         report.add(f"interactions with rating < {min_rating}", int(below.sum()))
         keep &= ~below
     if k_core:
         keep = _k_core(users, items, keep, k_core, report)
     order = np.arange(len(users))[keep]
+    if not len(order):
+        raise DataFormatError(
+            f"{name}: no interactions left ({len(users)} read; dropped or changed: "
+            f"{'; '.join(report.lines()) or 'nothing'})"
+        )
     user_codes, user_index = np.unique(users[order].astype(str), return_inverse=True)
     if raw.timestamps is not None:
         ts = np.asarray(raw.timestamps, dtype=np.int64)[order]
@@ -487,7 +614,8 @@ def build_dataset(
 
 
 def _id_sort_key(original_id: str):
-    return (0, int(original_id), "") if original_id.lstrip("-").isdigit() else (1, 0, original_id)
+    numeric = _INTEGER.fullmatch(original_id) and len(original_id) < 19
+    return (0, int(original_id), "") if numeric else (1, 0, original_id)
 
 
 def _examples(raw: RawData, ds: Dataset, dense: dict[str, int], report: DropReport) -> dict:
@@ -512,6 +640,33 @@ def _examples(raw: RawData, ds: Dataset, dense: dict[str, int], report: DropRepo
             target_timestamps=np.asarray([rows["ts"][r] for r in ok], dtype=np.int64),
         )
     return out
+
+
+def _duplicate_mask(users, items, timestamps, rule: str, report: DropReport) -> np.ndarray:
+    """Rows to keep under the duplicate rule (see `build_dataset`), counting what it finds."""
+    if rule not in ("drop", "keep", "shipped"):
+        raise ValueError(f"duplicates={rule!r}: 'drop' or 'keep'")
+    keep = np.ones(len(users), dtype=bool)
+    if not len(users):
+        return keep
+    columns = [np.unique(users.astype(str), return_inverse=True)[1]]
+    columns.append(np.unique(items.astype(str), return_inverse=True)[1])
+    if timestamps is not None:
+        columns.append(np.asarray(timestamps, dtype=np.int64))
+    order = np.lexsort(columns[::-1])
+    rows = np.stack([c[order] for c in columns], 1)
+    repeat = np.zeros(len(users), dtype=bool)
+    repeat[order[1:]] = (rows[1:] == rows[:-1]).all(1)  # not the first of its group
+    n = int(repeat.sum())
+    if timestamps is None:
+        report.add("repeated user-item pairs (kept: no timestamps to tell them from duplicates)", n)
+    elif rule == "drop":
+        report.add("duplicate interactions (same user, item, timestamp; dropped)", n)
+        keep &= ~repeat
+    else:
+        why = "as in the shipped examples' histories" if rule == "shipped" else 'duplicates="keep"'
+        report.add(f"duplicate interactions (same user, item, timestamp; kept: {why})", n)
+    return keep
 
 
 def _k_core(users, items, keep, k, report: DropReport) -> np.ndarray:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 from collections.abc import Callable
 
 from eval.data import formats
+from eval.errors import DataFormatError, FlagError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +26,20 @@ class DatasetSpec:
     # History length sequential models read at the `full` budget (the literature's choice:
     # 200 on MovieLens, 50 on the sparse Amazon sets as SASRec and the HSTU reference do).
     max_seq_len: int = 200
+    # Files of which at least one must exist (glob patterns): what tells this data set's
+    # files from another one's read by the same parser (ml-1m's ratings.dat, not u.data).
+    signature: tuple[str, ...] = ()
+
+    def read(self, data_dir: pathlib.Path) -> formats.RawData:
+        """The raw data in `data_dir`, after checking the folder holds this data set."""
+        if self.signature and not any(any(data_dir.glob(g)) for g in self.signature):
+            found = sorted(p.name for p in data_dir.iterdir())[:8]
+            raise DataFormatError(
+                f"{data_dir}: --dataset={self.name} expects {' or '.join(self.signature)}, "
+                f"found {found or 'nothing'} (another data set? pass its --dataset name, "
+                "or --format=... for unregistered data)"
+            )
+        return self.reader(data_dir)
 
 
 FORMATS: dict[str, Callable[[pathlib.Path], formats.RawData]] = {
@@ -31,6 +47,7 @@ FORMATS: dict[str, Callable[[pathlib.Path], formats.RawData]] = {
     "sasrec": formats.read_sasrec,
     "lcrec": formats.read_lcrec,
     "amazon-csv": formats.read_amazon_csv,
+    "amazon-csv-loo": functools.partial(formats.read_amazon_csv, leave_one_out=True),
     "recbole": formats.read_recbole,
     "p5": formats.read_p5,
 }
@@ -45,10 +62,15 @@ def register(spec: DatasetSpec) -> DatasetSpec:
 
 
 _MOVIELENS = ("u.data", "u.item", "*.dat", "ratings.csv", "movies.csv", "*.inter", "*.item")
-for _name in ("ml-100k", "ml-1m", "ml-20m"):
+for _name, _ratings in (("ml-100k", "u.data"), ("ml-1m", "ratings.dat"), ("ml-20m", "ratings.csv")):
     register(
         DatasetSpec(
-            _name, formats.read_grouplens, "movies", f"MovieLens {_name[3:].upper()}", _MOVIELENS
+            _name,
+            formats.read_grouplens,
+            "movies",
+            f"MovieLens {_name[3:].upper()}",
+            _MOVIELENS,
+            signature=(_ratings, f"{_name}.inter"),
         )
     )
 register(
@@ -109,10 +131,10 @@ def get_spec(name: str, fmt: str | None = None) -> DatasetSpec:
     """The spec of a registered name, or an ad-hoc one for `fmt` (one of FORMATS)."""
     if fmt:
         if fmt not in FORMATS:
-            raise ValueError(f"--format={fmt!r}: unknown; choose one of {sorted(FORMATS)}")
+            raise FlagError(f"--format={fmt!r}: unknown; choose one of {sorted(FORMATS)}")
         return DatasetSpec(name, FORMATS[fmt])
     if name not in DATASETS:
-        raise ValueError(
+        raise FlagError(
             f"--dataset={name!r}: unknown; registered: {sorted(DATASETS)} "
             f"(or pass --format={'|'.join(FORMATS)} for other data)"
         )

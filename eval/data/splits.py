@@ -2,7 +2,8 @@
 
 - Leave-one-out (SASRec's rule): per user, the last item is the test target, the
   second-to-last the valid target, the rest is training. Users with fewer than 3
-  interactions train on everything and are not evaluated (counted in the report).
+  interactions train on everything and are not evaluated (counted in the report); a data
+  set where no user can be evaluated is a `DataFormatError`.
 - Given examples (the BIGRec/D3 Amazon CSV): the `valid.csv`/`test.csv` rows are the
   evaluation examples. A user's training sequence is the part of their history strictly
   before their first evaluation target (in either file), so no evaluation target is ever
@@ -16,6 +17,7 @@ import dataclasses
 import numpy as np
 
 from eval.data.dataset import Dataset, DropReport, EvalExamples, Ragged
+from eval.errors import DataFormatError
 
 
 @dataclasses.dataclass
@@ -51,6 +53,11 @@ def leave_one_out(ds: Dataset, min_length: int = 3) -> Split:
     """Leave-one-out split (see module doc)."""
     lengths = ds.sequences.lengths
     evaluated = lengths >= min_length
+    if not evaluated.any():
+        raise DataFormatError(
+            f"{ds.name}: no user has >= {min_length} interactions, so none can be evaluated "
+            f"leave-one-out ({ds.num_users} users, longest sequence {int(lengths.max(initial=0))})"
+        )
     report = DropReport()
     report.add(
         f"users with < {min_length} interactions (train only, not evaluated)",
@@ -106,6 +113,8 @@ def given_examples(ds: Dataset) -> Split:
         first_history_len[cand_u[better]] = cand_h[better]
     # The rebuilt sequence starts with the earliest row's history, so that history's length
     # is exactly the number of items before the user's first evaluation target.
+    if not len(ds.examples["test"]):
+        raise DataFormatError(f"{ds.name}: no test examples left ({ds.report.lines()})")
     train_len = np.maximum(first_history_len, 0)
     report.add("users without evaluation rows (not trained on)", int((first_history_len < 0).sum()))
     empty = EvalExamples(np.zeros(0, np.int32), Ragged.from_rows([]), np.zeros(0, np.int32))

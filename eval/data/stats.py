@@ -10,8 +10,9 @@ from __future__ import annotations
 import collections
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from eval import cli
 from eval.data.cache import load
 from eval.data.dataset import Dataset
 from eval.data.formats import is_html_debris
@@ -65,15 +66,21 @@ def _define_flags() -> None:
     flags.DEFINE_enum("format", None, sorted(FORMATS), "Parser of an unregistered data set.")
     flags.DEFINE_float("min_rating", None, "Keep interactions rated at least this.")
     flags.DEFINE_integer("k_core", None, "Iteratively keep users/items with >= k interactions.")
+    flags.DEFINE_enum(
+        "duplicates", "drop", ["drop", "keep"], "Interactions with the same user, item, timestamp."
+    )
 
 
 def main(argv):
     del argv
     f = flags.FLAGS
-    ds = load(f.dataset, f.data_dir, fmt=f.format, min_rating=f.min_rating, k_core=f.k_core)
+    ds = load(
+        f.dataset, f.data_dir, fmt=f.format, min_rating=f.min_rating, k_core=f.k_core,
+        duplicates=f.duplicates,
+    )  # fmt: skip
     print("\n".join(describe(ds)))
 
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

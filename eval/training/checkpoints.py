@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from eval.errors import FlagError, MissingFileError, UserError
+
 KILL_ENV = "LLM4REC_KILL_AT"
 
 
@@ -39,7 +41,7 @@ def _quiet_orbax(record: logging.LogRecord) -> bool:
 logging.getLogger("absl").addFilter(_quiet_orbax)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint exists but cannot be restored."""
 
 
@@ -62,7 +64,7 @@ class Checkpoints:
         """`read_only`: for evaluation (a live run's temporary folders are left alone)."""
         self.directory = pathlib.Path(directory).absolute()
         if read_only and not self.directory.is_dir():
-            raise FileNotFoundError(f"{self.directory}: no checkpoints")
+            raise MissingFileError(f"{self.directory}: no checkpoints")
         options = dict(create=not read_only, cleanup_tmp_directories=not read_only)
         self.latest = ocp.CheckpointManager(
             self.directory / "latest",
@@ -153,12 +155,12 @@ def load_run_checkpoint(run_dir: str | pathlib.Path, state, which: str = "best")
     (an `eval.training.TrainState`); returns its step. A run without validation has no
     `best`: its latest state is the final one and is loaded instead."""
     if which not in ("best", "latest"):
-        raise ValueError(f"--which={which!r}: 'best' or 'latest'")
+        raise FlagError(f"--which={which!r}: 'best' or 'latest'")
     ckpt = Checkpoints(pathlib.Path(run_dir) / "checkpoints", read_only=True)
     try:
         step = ckpt.latest_step()
         if step is None:
-            raise FileNotFoundError(f"--run={run_dir}: no checkpoint under checkpoints/latest")
+            raise MissingFileError(f"--run={run_dir}: no checkpoint under checkpoints/latest")
         best_step = ckpt.latest_meta()["selection"]["best_step"]
         if which == "best" and best_step is not None:
             tree, _, step = ckpt.restore_best(state.abstract_checkpoint(False), best_step)

@@ -8,6 +8,9 @@ Defaults policy: an entrypoint passes its model's defaults (the value shown by -
 set) overrides `--num_epochs` (the HF Trainer meaning); `--eval_every` counts steps and
 defaults to once per epoch; `--patience` counts evaluations and defaults to never.
 `total_steps` and `eval_every_steps` turn them into the loop's numbers.
+
+`RANGES` is the allowed range of every numeric flag, by name, in every entrypoint
+(`eval.cli.run` registers the checks: `--batch_size=0` fails at start-up, naming the flag).
 """
 
 from __future__ import annotations
@@ -21,6 +24,74 @@ from typing import Any
 from absl import flags
 
 from eval.data.registry import FORMATS
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric flag; unset (None) is always allowed."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself excluded
+    high_open: bool = False
+    all_value: int | None = None  # one more allowed value meaning "all" (e.g. -1)
+
+    def allows(self, value: float | None) -> bool:
+        if value is None or value == self.all_value:
+            return True
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        text = " and ".join(parts)
+        return f"{self.all_value} (all) or {text}" if self.all_value is not None else text
+
+
+_COUNT, _POSITIVE, _NON_NEGATIVE = Range(1), Range(0, low_open=True), Range(0)
+_FRACTION = Range(0, 1, high_open=True)
+RANGES: dict[str, Range] = {
+    **dict.fromkeys(
+        (
+            "batch_size", "eval_batch_size", "per_device_train_batch_size",
+            "gradient_accumulation_steps", "num_epochs", "max_steps", "eval_every", "patience",
+            "log_every", "seeds", "max_seq_len", "max_length", "max_items", "max_targets",
+            "max_valid", "num_negatives", "embedding_dim", "num_blocks", "num_heads",
+            "attention_dim", "linear_dim", "ffn_multiplier", "softmax_chunk", "window_stride",
+            "num_buckets", "num_items", "codebook_size", "num_levels", "code_dim", "d_model",
+            "d_ff", "head_dim", "num_layers", "num_user_buckets", "beam_size", "num_beams",
+            "lora_r", "max_eval_examples", "k_core",
+        ),
+        _COUNT,
+    ),
+    **dict.fromkeys(("learning_rate", "temperature", "lora_alpha"), _POSITIVE),
+    **dict.fromkeys(
+        ("weight_decay", "warmup_steps", "max_grad_norm", "beta", "gamma",
+         "stochastic_length_alpha"),
+        _NON_NEGATIVE,
+    ),
+    **dict.fromkeys(("dropout_rate", "dropout", "lora_dropout", "b1", "b2"), _FRACTION),
+    **dict.fromkeys(("gbce_t", "warmup_ratio"), Range(0, 1)),
+    **dict.fromkeys(
+        ("max_train_examples", "max_examples", "max_valid_examples"), Range(1, all_value=-1)
+    ),
+}  # fmt: skip
+
+
+def validate_ranges(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Registers the `RANGES` check of every defined flag named there (checked when absl
+    parses: `flag --batch_size=0: must be >= 1`)."""
+    for name, allowed in RANGES.items():
+        if name in flag_values:
+            flags.register_validator(
+                name, allowed.allows, f"must be {allowed.describe()}", flag_values=flag_values
+            )
+
 
 _FLAGS: dict[str, tuple[Callable, str]] = {
     "dataset": (flags.DEFINE_string, "Registered data set name, or any name with --format."),
@@ -90,13 +161,13 @@ def config_flag_values() -> dict[str, Any]:
 
 
 def total_steps(steps_per_epoch: int, num_epochs: int, max_steps: int | None) -> int:
-    """`max_steps` when set (> 0), else `num_epochs` epochs."""
-    return max_steps if max_steps and max_steps > 0 else num_epochs * steps_per_epoch
+    """`max_steps` when set, else `num_epochs` epochs."""
+    return max_steps if max_steps is not None else num_epochs * steps_per_epoch
 
 
 def eval_every_steps(eval_every: int | None, steps_per_epoch: int) -> int:
-    """`eval_every` when set (> 0), else once per epoch."""
-    return eval_every if eval_every and eval_every > 0 else steps_per_epoch
+    """`eval_every` when set, else once per epoch."""
+    return eval_every if eval_every is not None else steps_per_epoch
 
 
 def _field_flag(name: str, hint: Any, help_: str) -> None:

@@ -36,6 +36,7 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
+from eval.errors import FlagError, UserError
 from eval.training.checkpoints import Checkpoints, MemoryCheckpoints
 from eval.training.metrics_log import NullLogger, RunLogger
 from eval.training.run_dir import RunDir
@@ -45,7 +46,7 @@ from eval.training.state import AfterUpdate, LossFn, TrainState
 Batches = Callable[[int], Iterator[Mapping[str, np.ndarray]]]
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(UserError, FloatingPointError):
     """The loss or the gradient became NaN or infinite."""
 
 
@@ -69,7 +70,7 @@ class LoopConfig:
         if self.total_steps < 1:
             raise ValueError(f"the run has {self.total_steps} steps: nothing to train")
         if self.eval_every < 1:
-            raise ValueError(f"--eval_every={self.eval_every}: must be >= 1 step")
+            raise FlagError(f"--eval_every={self.eval_every}: must be >= 1 step")
 
 
 @dataclasses.dataclass

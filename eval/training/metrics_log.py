@@ -8,13 +8,14 @@ step; TensorBoard is told the same with `purge_step`.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import time
 from typing import Any
 
 import jax
 import numpy as np
+
+from eval.io import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -48,9 +49,7 @@ class RunLogger:
         records = read_records(self.directory)
         kept = [r for r in records if r["step"] <= resume_step]
         self.dropped = len(records) - len(kept)  # logged after the checkpoint resumed from
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
         self._jsonl = open(path, "a")  # noqa: SIM115 (closed in close())
         self._tb = None
         if tensorboard:

@@ -8,6 +8,8 @@ import functools
 import jax
 import optax
 
+from eval.errors import FlagError
+
 SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -26,9 +28,9 @@ class OptimizerConfig:
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"--schedule={self.schedule!r}: choose one of {SCHEDULES}")
+            raise FlagError(f"--schedule={self.schedule!r}: choose one of {SCHEDULES}")
         if not self.learning_rate > 0:
-            raise ValueError(f"--learning_rate={self.learning_rate}: must be > 0")
+            raise FlagError(f"--learning_rate={self.learning_rate}: must be > 0")
 
 
 def lr_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:

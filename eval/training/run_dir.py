@@ -22,32 +22,32 @@ import pathlib
 import shutil
 from typing import Any
 
+from eval.errors import MissingFileError, UserError
+from eval.io import atomic_write_json
 from eval.training.metrics_log import METRICS_FILE, plain
 
 RUN_FILE, RESULT_FILE, LOCK_FILE = "run.json", "result.json", ".lock"
 _RUN_OUTPUTS = ("checkpoints", "tensorboard", METRICS_FILE, RESULT_FILE, RUN_FILE)
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UserError, RuntimeError):
     """Another process is writing the run folder."""
 
 
-class RunMismatchError(ValueError):
+class RunMismatchError(UserError, ValueError):
     """The run folder holds a run started with other flags."""
 
 
 def write_json(path: pathlib.Path, value: Any) -> None:
-    """Writes JSON atomically (a temporary file renamed over `path`)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(plain(value), indent=1, default=float))
-    os.replace(tmp, path)
+    """Writes `value` (NumPy / JAX numbers as plain ones) as JSON, atomically."""
+    atomic_write_json(path, plain(value), indent=1, default=float)
 
 
 def read_run(path: str | pathlib.Path) -> dict[str, Any]:
     """`run.json` of a run folder; FileNotFoundError naming the folder when absent."""
     file = pathlib.Path(path) / RUN_FILE
     if not file.is_file():
-        raise FileNotFoundError(f"--run={path}: no {RUN_FILE} (is it a training --out folder?)")
+        raise MissingFileError(f"--run={path}: no {RUN_FILE} (is it a training --out folder?)")
     return json.loads(file.read_text())
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from eval.errors import FlagError
+
 
 class Selection:
     """Tracks the best value of `metric` (`mode` 'max' or 'min') and the patience count."""
@@ -19,7 +21,7 @@ class Selection:
         if mode not in ("max", "min"):
             raise ValueError(f"selection mode must be 'max' or 'min', got {mode!r}")
         if patience is not None and patience < 1:
-            raise ValueError(f"--patience={patience}: must be >= 1 (or unset: never stop early)")
+            raise FlagError(f"--patience={patience}: must be >= 1 (or unset: never stop early)")
         self.metric, self.mode, self.patience = metric, mode, patience
         self.best: float | None = None
         self.best_step: int | None = None

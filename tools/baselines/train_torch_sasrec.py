@@ -18,9 +18,9 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from absl import app, flags
+from absl import flags
 
-from eval import data, protocols
+from eval import cli, data, protocols
 from eval.data import examples as ex_lib
 from hstu.trainer import query_inputs, training_source
 from tools.baselines.torch_sasrec import SASRec
@@ -108,4 +108,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("max_seq_len", 50, "History length.")
     flags.DEFINE_float("dropout_rate", 0.5, "Dropout.")
     flags.DEFINE_integer("seed", 0, "Seed.")
-    app.run(main)
+    cli.run(main)
