@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+_LEFTOVER = re.compile(r"\..*\.[0-9a-f]{8}\.(tmp|old)(\..*)?")
 
 
 def _sibling(path: Path, kind: str) -> Path:
@@ -84,3 +87,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_leftovers(folder: str | os.PathLike) -> int:
+    """Deletes the temporaries (`_sibling` names) a killed atomic write left in `folder`;
+    returns how many there were."""
+    found = [p for p in Path(folder).iterdir() if _LEFTOVER.fullmatch(p.name)]
+    for path in found:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return len(found)

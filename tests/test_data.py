@@ -1,7 +1,11 @@
 """eval.data: loaders for every format, errors naming file and line, cache, splits, examples."""
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -187,6 +191,35 @@ def test_damaged_cache_entry_is_rebuilt_with_a_warning(tmp_path, caplog, damage)
     caplog.clear()
     data.load("amazon-cds-vinyl-2018", folder)  # the rebuilt entry is read without a warning
     assert "damaged" not in caplog.text
+    assert sorted(p.name for p in entry.iterdir()) == ["data.npz", "items.json", "manifest.json"]
+
+
+_KILLED_REBUILD = """
+import os, signal, sys
+import numpy as np
+from eval import data
+def savez_then_die(path, **arrays):  # half of data.npz on disk, then kill -9
+    with open(path, "wb") as f:
+        f.write(b"PK" + b"x" * 100)
+    os.kill(os.getpid(), signal.SIGKILL)
+np.savez = savez_then_die
+data.load("amazon-cds-vinyl-2018", sys.argv[1])
+"""
+
+
+def test_rebuild_killed_mid_write_is_redone(tmp_path, caplog):
+    folder = amazon_folder(tmp_path)
+    first = data.load("amazon-cds-vinyl-2018", folder)
+    (entry,) = (tmp_path / "cache" / "processed").iterdir()
+    (entry / "data.npz").write_bytes(b"truncated")  # damaged: the next load rebuilds it
+    env = {**os.environ, "LLM4REC_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_REBUILD, str(folder)], env=env, capture_output=True
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not (entry / "manifest.json").exists()  # the killed rebuild left no complete entry
+    again = data.load("amazon-cds-vinyl-2018", folder)
+    np.testing.assert_array_equal(again.sequences.values, first.sequences.values)
     assert sorted(p.name for p in entry.iterdir()) == ["data.npz", "items.json", "manifest.json"]
 
 

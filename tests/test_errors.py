@@ -105,7 +105,10 @@ ERRORS = {
     "ml-1m pointed at ml-100k files": (
         _ml, "ml-1m", None, r"--dataset=ml-1m expects ratings\.dat or ml-1m\.inter, found \['u",
     ),
-    "empty u.data": (lambda t: _ml(t, ""), "ml-100k", None, r"ml-100k: no interactions left"),
+    "empty u.data": (
+        lambda t: _ml(t, ""), "ml-100k", None, r"ml: no interactions in \['u\.data', 'u\.item'\]",
+    ),
+
     "no user with 3 interactions": (
         lambda t: write(t / "g", {"Video.txt": "1 5\n1 3\n2 5\n"}), GAMES, None,
         r"no user has >= 3 interactions, so none can be evaluated .*longest sequence 2",
@@ -144,6 +147,12 @@ def test_changes_are_counted_in_the_report(tmp_path):
     ds = data.load(SCIENTIFIC, _scientific(tmp_path, '{"0": [0, 1, 2]}', item=None))
     assert any("no *.item.json" in line and "every title is empty" in line
                for line in ds.report.lines())  # fmt: skip
+
+
+def test_filters_that_leave_nothing_say_what_they_dropped(tmp_path):
+    with pytest.raises(DataFormatError, match=r"ml-100k: no interactions left \(6 read; .*"
+                       r"interactions with rating < 6: 6"):  # fmt: skip
+        data.load("ml-100k", _ml(tmp_path), min_rating=6)
 
 
 def test_leave_one_out_over_a_bigrec_folder_is_asked_for(tmp_path):
@@ -250,6 +259,9 @@ def test_entrypoints_print_one_line_errors(tmp_path):
     out = _run("eval.data.stats", *args, "--k_core=0")
     assert out.returncode == 2
     assert out.stderr.splitlines() == ["error: flag --k_core=0: must be >= 1 (see --helpfull)"]
+    out = _run("hstu.train", *args, f"--out={tmp_path / 'run'}", "--max_steps=0")
+    assert out.returncode == 2 and not (tmp_path / "run").exists()
+    assert out.stderr.splitlines() == ["error: flag --max_steps=0: must be >= 1 (see --helpfull)"]
 
 
 def test_error_types_keep_their_builtin_bases():

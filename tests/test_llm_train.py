@@ -267,3 +267,12 @@ def test_absurd_learning_rate_stops_with_an_error_and_exports_nothing(tmp_path):
     assert (
         not (tmp_path / "run" / "hf").exists() and not (tmp_path / "run" / "result.json").exists()
     )
+
+
+def test_max_length_that_drops_every_example_is_a_flag_error(tmp_path):
+    from eval.errors import FlagError
+    from llm_sft.train import run
+
+    _, kwargs, train = _sft_args(tmp_path, tmp_path / "run")
+    with pytest.raises(FlagError, match=r"--max_length=8: no training example fits \(\d+ dropped"):
+        run(out=str(tmp_path / "run"), train=train, **{**kwargs, "max_length": 8})

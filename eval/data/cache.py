@@ -23,7 +23,7 @@ from eval.data.dataset import Dataset, DropReport, EvalExamples, ItemTable, Ragg
 from eval.data.formats import build_dataset
 from eval.data.registry import get_spec
 from eval.errors import MissingFileError
-from eval.io import atomic_path, atomic_write_json
+from eval.io import atomic_path, atomic_write_json, remove_leftovers
 
 CACHE_VERSION = 1
 _MANIFEST = "manifest.json"
@@ -93,6 +93,7 @@ def _sha256(path: pathlib.Path) -> str:
 def _write(folder: pathlib.Path, ds: Dataset, manifest: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / _MANIFEST).unlink(missing_ok=True)  # incomplete until the manifest is rewritten
+    remove_leftovers(folder)  # of a rebuild that was killed
     arrays = {"seq_values": ds.sequences.values, "seq_offsets": ds.sequences.offsets}
     if ds.timestamps is not None:
         arrays["ts_values"] = ds.timestamps.values

@@ -39,7 +39,11 @@ class DatasetSpec:
                 f"found {found or 'nothing'} (another data set? pass its --dataset name, "
                 "or --format=... for unregistered data)"
             )
-        return self.reader(data_dir)
+        raw = self.reader(data_dir)
+        if not raw.users:
+            files = sorted(p.name for p in data_dir.iterdir() if p.is_file())
+            raise DataFormatError(f"{data_dir}: no interactions in {files} (empty files?)")
+        return raw
 
 
 FORMATS: dict[str, Callable[[pathlib.Path], formats.RawData]] = {
