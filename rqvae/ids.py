@@ -14,17 +14,13 @@ Two ways to make every item's ID unique:
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from eval.data.formats import DataFormatError, read_json
 from eval.errors import UserError
 from eval.io import atomic_write_json
-
-_TOKEN = re.compile(r"<([a-z])_(\d{1,9})>")
 
 
 def group_ids(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -114,32 +110,6 @@ def codes_to_index(codes: np.ndarray) -> dict[str, list[str]]:
     }
 
 
-def index_to_codes(index: dict[str, list[str]], source: str = "<index>") -> np.ndarray:
-    """Index dict -> [N, L] int codes; checks keys 0..N-1, equal lengths and level letters."""
-    n = len(index)
-    if sorted(index, key=lambda s: int(s) if s.isdigit() else -1) != [str(i) for i in range(n)]:
-        raise DataFormatError(f"{source}: keys must be the item indices 0..{n - 1} as strings")
-    rows = [index[str(i)] for i in range(n)]
-    num_levels = len(rows[0]) if rows and isinstance(rows[0], list) else 0
-    codes = np.zeros((n, num_levels), np.int64)
-    for i, row in enumerate(rows):
-        if not isinstance(row, list) or len(row) != num_levels:
-            raise DataFormatError(f"{source}: item {i}: expected a list of {num_levels} tokens")
-        for j, tok in enumerate(row):
-            m = _TOKEN.fullmatch(tok) if isinstance(tok, str) else None
-            if m is None or m.group(1) != chr(ord("a") + j):
-                raise DataFormatError(
-                    f"{source}: item {i} token {j} is {tok!r}, expected '<{chr(ord('a') + j)}_N>'"
-                )
-            codes[i, j] = int(m.group(2))
-    return codes
-
-
 def write_index(path: str | Path, codes: np.ndarray) -> None:
     """Writes [N, L] int codes as an index json file (atomically)."""
     atomic_write_json(path, codes_to_index(codes))
-
-
-def read_index(path: str | Path) -> np.ndarray:
-    """Reads an index json file into [N, L] int codes."""
-    return index_to_codes(read_json(path), source=str(path))

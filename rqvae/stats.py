@@ -14,8 +14,9 @@ import numpy as np
 from absl import flags
 
 from eval import cli
+from eval.data.formats import read_index
 from eval.errors import FlagError
-from rqvae.ids import group_ids, read_index
+from rqvae.ids import group_ids
 
 
 def code_stats(codes: np.ndarray, codebook_size: int) -> dict[str, Any]:

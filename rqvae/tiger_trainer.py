@@ -27,13 +27,12 @@ from flax import nnx
 
 from eval.data.dataset import Dataset, EvalExamples
 from eval.data.examples import batches, pad, prefix_source
-from eval.data.formats import DataFormatError
+from eval.data.formats import DataFormatError, read_index
 from eval.data.splits import Split
 from eval.metrics import DEFAULT_KS, metrics_from_ranks, ranks_from_lists
 from eval.training import LoopConfig, RunDir, Task, TrainState, fit
 from eval.training.flags import eval_every_steps, total_steps
 from eval.training.optim import OptimizerConfig, make_optimizer
-from rqvae import ids
 from rqvae.tiger import (
     PAD,
     SemanticIndex,
@@ -77,7 +76,7 @@ def load_index(
     (dense id k + 1): `rqvae.train`'s row order, and the original item id for LC-Rec data.
     Every code must be < `codebook_size` when it is given; otherwise the size inferred from
     the largest code is logged."""
-    codes = ids.read_index(path)
+    codes = read_index(path)
     if len(codes) != ds.num_items:
         raise DataFormatError(f"{path}: {len(codes)} items, but {ds.name} has {ds.num_items}")
     if len(codes):

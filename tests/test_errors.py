@@ -13,10 +13,10 @@ from absl import flags
 from tiny import U_DATA, U_ITEM, amazon_folder, write
 
 from eval import data
+from eval.data.formats import read_index
 from eval.errors import DataFormatError, FlagError, MissingFileError, UserError
 from eval.training.flags import RANGES, Range, define_training_flags, validate_ranges
 from llm_sft.model import ModelConfig
-from rqvae import ids
 from rqvae.tiger_trainer import load_index
 
 GAMES = "amazon-games-2014"
@@ -165,7 +165,7 @@ def test_index_and_config_files(tmp_path, caplog):
     index = tmp_path / "x.index.json"
     index.write_text('{"0": ["<a_1>", "<b_2>"], "1": ["<a_3>"')
     with pytest.raises(DataFormatError, match=r"x\.index\.json:1:40: invalid JSON"):
-        ids.read_index(index)
+        read_index(index)
     config = tmp_path / "config.json"
     config.write_text('{\n  "model_type": "qwen2",\n  "vocab_size": 12')
     with pytest.raises(DataFormatError, match=r"config\.json:3:\d+: invalid JSON"):

@@ -12,6 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
+from eval.data.formats import read_index
 from rqvae import ids, train
 from rqvae.model import RQVAE, RQVAEConfig, kmeans, rotation_trick
 from rqvae.stats import code_stats, summary_line
@@ -64,10 +65,10 @@ def test_run_folder_round_trip_and_evaluate_cli(trained, tmp_path):
     x, model, codes, _ = trained
     np.save(tmp_path / "x.npy", x)
     result = train.train_run(str(tmp_path / "x.npy"), str(tmp_path / "run"), TRAIN, dedup="extra")
-    assert ids.read_index(tmp_path / "run" / "semantic_ids.json").tolist() == codes.tolist()
-    assert len(
-        np.unique(ids.read_index(tmp_path / "run" / "semantic_ids_extra.json"), axis=0)
-    ) == len(x)
+    assert read_index(tmp_path / "run" / "semantic_ids.json").tolist() == codes.tolist()
+    assert len(np.unique(read_index(tmp_path / "run" / "semantic_ids_extra.json"), axis=0)) == len(
+        x
+    )
     restored, x2, step = train.load_run(tmp_path / "run")
     np.testing.assert_array_equal(x2, x)
     np.testing.assert_array_equal(
@@ -244,20 +245,20 @@ def test_index_json_round_trip_and_errors(tmp_path):
     ids.write_index(path, COLLIDING)
     raw = json.loads(path.read_text())
     assert raw["0"] == ["<a_0>", "<b_1>", "<c_2>"] and list(raw) == [str(i) for i in range(7)]
-    np.testing.assert_array_equal(ids.read_index(path), COLLIDING)
+    np.testing.assert_array_equal(read_index(path), COLLIDING)
     path.write_text(json.dumps({"0": ["<a_0>", "<c_1>"]}))
     with pytest.raises(ValueError, match="expected '<b_N>'"):
-        ids.read_index(path)
+        read_index(path)
     path.write_text(json.dumps({"1": ["<a_0>"]}))
     with pytest.raises(ValueError, match="keys must be"):
-        ids.read_index(path)
+        read_index(path)
 
 
 def test_shared_reference_index_stats():
     path = SHARED_INDEXES / "rqvae_native.index.json"
     if not path.exists():
         pytest.skip(f"{path} not present")
-    s = code_stats(ids.read_index(path), codebook_size=256)
+    s = code_stats(read_index(path), codebook_size=256)
     assert s["items"] == 4344 and s["unique_ids"] == 3790 and s["unique_prefixes"] == 3350
 
 
@@ -311,8 +312,8 @@ def test_kill_9_after_second_checkpoint_then_rerun_matches(tmp_path):
     assert resumed == full
     assert train_losses(tmp_path / "killed") == train_losses(tmp_path / "full")
     assert (
-        ids.read_index(tmp_path / "killed" / "semantic_ids.json").tolist()
-        == ids.read_index(tmp_path / "full" / "semantic_ids.json").tolist()
+        read_index(tmp_path / "killed" / "semantic_ids.json").tolist()
+        == read_index(tmp_path / "full" / "semantic_ids.json").tolist()
     )
 
 

@@ -324,13 +324,35 @@ def _is_json_id(value: object) -> bool:
     )
 
 
-def read_index_json(path: pathlib.Path) -> dict[str, list[str]]:
-    """A semantic-ID index `{item: ["<a_1>", "<b_2>", ...]}` (LC-Rec/LETTER `*.index.json`)."""
-    index = read_json(path)
-    for item, codes in index.items():
-        if not isinstance(codes, list) or not all(re.fullmatch(r"<[a-z]_\d+>", c) for c in codes):
-            raise DataFormatError(f"{path}: item {item!r}: expected a list like ['<a_1>', '<b_2>']")
-    return index
+SID_CODE = re.compile(r"<([a-z])_([0-9]{1,9})>")  # one code of a semantic ID: level, value
+
+
+def index_codes(index: dict[str, list[str]], source: str = "<index>") -> np.ndarray:
+    """Semantic-ID index dict -> [N, L] int codes; checks keys 0..N-1, equal lengths and
+    level letters (`<a_12>` at level 0, `<b_..>` at level 1, ...)."""
+    n = len(index)
+    if sorted(index, key=lambda s: int(s) if s.isdigit() else -1) != [str(i) for i in range(n)]:
+        raise DataFormatError(f"{source}: keys must be the item indices 0..{n - 1} as strings")
+    rows = [index[str(i)] for i in range(n)]
+    num_levels = len(rows[0]) if rows and isinstance(rows[0], list) else 0
+    codes = np.zeros((n, num_levels), np.int64)
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != num_levels:
+            raise DataFormatError(f"{source}: item {i}: expected a list of {num_levels} tokens")
+        for j, tok in enumerate(row):
+            m = SID_CODE.fullmatch(tok) if isinstance(tok, str) else None
+            if m is None or m.group(1) != chr(ord("a") + j):
+                raise DataFormatError(
+                    f"{source}: item {i} token {j} is {tok!r}, expected '<{chr(ord('a') + j)}_N>'"
+                )
+            codes[i, j] = int(m.group(2))
+    return codes
+
+
+def read_index(path: str | pathlib.Path) -> np.ndarray:
+    """A semantic-ID index file (`rqvae`'s `semantic_ids.json`, LC-Rec / LETTER
+    `*.index.json`: `{item: ["<a_1>", "<b_2>", ...]}`) as [N, L] int codes."""
+    return index_codes(read_json(path), source=str(path))
 
 
 def read_recbole(data_dir: pathlib.Path) -> RawData:

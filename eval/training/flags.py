@@ -71,7 +71,7 @@ RANGES: dict[str, Range] = {
     ),
     **dict.fromkeys(("learning_rate", "temperature", "lora_alpha"), _POSITIVE),
     **dict.fromkeys(
-        ("weight_decay", "warmup_steps", "max_grad_norm", "beta", "gamma",
+        ("weight_decay", "warmup_steps", "max_grad_norm", "beta", "gamma", "noise",
          "stochastic_length_alpha"),
         _NON_NEGATIVE,
     ),

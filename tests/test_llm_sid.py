@@ -1,0 +1,96 @@
+"""Semantic-ID vocabulary expansion: tokens, grown rows, HF round trip."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import SHARED
+
+from eval.data.formats import read_index
+from llm_sft.add_sid_tokens import run
+from llm_sft.data import load_tokenizer, train_bpe_tokenizer
+from llm_sft.params import load_hf
+from llm_sft.sid_tokens import SID_END, SID_START, sid_text, sid_vocabulary
+
+QWEN_TOKENIZER = SHARED / "assets" / "qwen2.5-0.5b-instruct"
+NATIVE_INDEX = SHARED / "data" / "amazon-scientific-2018" / "indexes" / "rqvae_native.index.json"
+
+
+def test_sid_vocabulary_lists_every_code_of_every_level():
+    codes = np.array([[1, 2], [3, 0]])
+    tokens = sid_vocabulary(codes)
+    assert tokens[:2] == [SID_START, SID_END] and len(tokens) == 2 + 2 * 4
+    assert tokens[2:6] == ["<a_0>", "<a_1>", "<a_2>", "<a_3>"] and tokens[-1] == "<b_3>"
+    assert len(sid_vocabulary(codes, codebook_size=256)) == 2 + 2 * 256
+    with pytest.raises(ValueError, match="outside --codebook_size=2"):
+        sid_vocabulary(codes, codebook_size=2)
+    assert sid_text([12, 201]) == "<|sid_start|><a_12><b_201><|sid_end|>"
+
+
+def _hf_checkpoint(folder, tokenizer_dir, vocab_size: int, tie: bool):
+    """A random-init Qwen3 checkpoint written by `transformers`, with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=tie,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    for file in tokenizer_dir.iterdir():
+        if "token" in file.name or file.name in ("vocab.json", "merges.txt"):
+            shutil.copy(file, folder / file.name)
+    return folder
+
+
+def _check_expanded(src, out, summary, codes):
+    from tools.compare_torch import compare
+
+    old_tok, new_tok = load_tokenizer(src), load_tokenizer(out)
+    assert len(new_tok) - len(old_tok) == summary["tokens_added"]
+    text = sid_text(codes[0])
+    ids = new_tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 2 + codes.shape[1] and min(ids) >= len(old_tok)  # single new tokens
+    assert new_tok.decode(ids) == text
+    old, _ = load_hf(src)
+    new, config = load_hf(out)
+    assert config.vocab_size >= len(new_tok)
+    known = len(old_tok)
+    emb_old, emb_new = old.embed_tokens.embedding[...], new.embed_tokens.embedding[...]
+    np.testing.assert_array_equal(emb_new[:known], emb_old[:known])  # bit-identical
+    fresh = np.asarray(emb_new)[np.asarray(ids)]
+    np.testing.assert_allclose(fresh, np.asarray(emb_old[:known]).mean(0)[None].repeat(len(ids), 0),
+                               atol=1e-5)  # fmt: skip
+    if old.lm_head is not None:
+        np.testing.assert_array_equal(
+            new.lm_head.kernel[...][:, :known], old.lm_head.kernel[...][:, :known]
+        )
+    diff, agree, total = compare(out, prompt=f"{text} is next, then {sid_text(codes[1])}",
+                                 max_new_tokens=4)  # fmt: skip
+    assert diff <= 1e-4 and agree == total
+
+
+def test_add_sid_tokens_to_qwen3_with_the_qwen25_tokenizer(tmp_path):
+    if not QWEN_TOKENIZER.is_dir() or not NATIVE_INDEX.exists():
+        pytest.skip("../shared Qwen2.5 tokenizer or amazon-scientific-2018 index not available")
+    vocab = json.loads((QWEN_TOKENIZER / "config.json").read_text())["vocab_size"]
+    src = _hf_checkpoint(tmp_path / "qwen3", QWEN_TOKENIZER, vocab, tie=True)
+    summary = run(str(src), str(NATIVE_INDEX), str(tmp_path / "sid"))
+    assert summary["tokens_added"] == 2 + 4 * 256  # the model card's 3 + 4 x 256 less one
+    assert summary["codebook_size"] == 256 and summary["levels"] == 4
+    _check_expanded(src, tmp_path / "sid", summary, read_index(NATIVE_INDEX))
+
+
+def test_add_sid_tokens_untied_head_grows_past_the_vocabulary(tmp_path):
+    texts = [f"item {i} title words {i * 7}" for i in range(200)]
+    tok_dir = tmp_path / "tok"
+    tokenizer = train_bpe_tokenizer(texts, 300, tok_dir)
+    src = _hf_checkpoint(tmp_path / "qwen3", tok_dir, len(tokenizer), tie=False)
+    index = tmp_path / "ids.json"
+    index.write_text(json.dumps({str(i): [f"<a_{i % 8}>", f"<b_{i // 8}>"] for i in range(16)}))
+    summary = run(str(src), str(index), str(tmp_path / "sid"), codebook_size=8)
+    assert summary["tokens_added"] == 2 + 2 * 8
+    assert summary["vocab_size"] == [len(tokenizer), len(tokenizer) + 18]
+    _check_expanded(src, tmp_path / "sid", summary, read_index(index))
