@@ -119,7 +119,7 @@ class BigRecRecommender(Recommender):
             vocab_size=cfg.vocab_size, rope_theta=10_000.0, tie_word_embeddings=True, **cfg.model
         )
         mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-        trainer = Trainer(init_model(config, seed, mesh), mesh, train, len(ex), lora=False)
+        trainer = Trainer(init_model(config, seed, mesh), mesh, train, len(ex))
         prepared = time.perf_counter()
         info = trainer.fit(ArraySource(arrays), None, buckets=(width,), progress=False)
         self.model = trainer.model()

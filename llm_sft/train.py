@@ -40,7 +40,7 @@ from eval.training.flags import (
 )
 from eval.training.optim import SCHEDULES
 from llm_sft import data as sft_data
-from llm_sft.lora import LoRAConfig, apply_lora, export_peft
+from llm_sft.lora import LoRAConfig, LoRAParam, apply_lora, export_peft
 from llm_sft.model import ModelConfig
 from llm_sft.params import load_hf, save_hf
 from llm_sft.sharding import MESH_AXES, make_mesh
@@ -211,8 +211,9 @@ def run(
                 model, lora, rngs=nnx.Rngs(params=train.seed, dropout=train.seed + 1)
             )
         trainer = Trainer(
-            model, device_mesh, train, len(train_arrays["input_ids"]), lora is not None
-        )
+            model, device_mesh, train, len(train_arrays["input_ids"]),
+            nnx.Param if lora is None else LoRAParam,
+        )  # fmt: skip
         info = trainer.fit(
             ArraySource(train_arrays), valid_arrays if len(valid_ex) else None,
             buckets=sft_data.buckets_for(max_length), padding_side=padding_side, run=rd, progress=progress,

@@ -4,8 +4,9 @@ The package supplies the loss (``SFTLoss``: summed next-token cross-entropy of t
 tokens, with their count as ``aux["weight"]``, so the loop's gradient accumulation
 averages over every label token of the step), the batches (seeded order, trimmed to a
 length bucket) and validation (mean token loss). ``eval.training.TrainState`` splits the
-model into trainable params (``LoRAParam`` in LoRA mode, every ``Param`` otherwise),
-frozen params (the base weights: rebuilt from their source, not checkpointed) and the
+model into trainable params (``trainable``: every ``Param``, ``LoRAParam`` for adapters,
+``RowParam`` for the new token rows of semantic-ID stage 1, or a filter of several),
+frozen params (the other weights: rebuilt from their source, not checkpointed) and the
 rest; params and optimizer state carry their NamedSharding over the ('data', 'fsdp',
 'tensor') mesh (the model's partition metadata), the batch is split over ('data', 'fsdp').
 Dropout is keyed by the loop's per-step rng (``fold_in(key(seed), step)``), so a resumed
@@ -19,6 +20,7 @@ import functools
 import math
 import zlib
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +34,6 @@ from eval.training import FitResult, LoopConfig, RunDir, Task, TrainState, fit, 
 from eval.training.flags import eval_every_steps, total_steps
 from eval.training.optim import SCHEDULES, OptimizerConfig, lr_schedule, make_optimizer
 from llm_sft.data import IGNORE, trim_to_bucket
-from llm_sft.lora import LoRAParam
 from llm_sft.model import ModelConfig, Qwen
 
 DATA_AXES = ("data", "fsdp")
@@ -166,8 +167,9 @@ class Trainer:
     """The sharded train state of one model: steps, validation loss and ``fit`` (the loop)."""
 
     def __init__(
-        self, model: Qwen, mesh: Mesh, config: TrainConfig, num_train_rows: int, lora: bool
-    ):
+        self, model: Qwen, mesh: Mesh, config: TrainConfig, num_train_rows: int,
+        trainable: Any = nnx.Param,
+    ):  # fmt: skip
         self.mesh, self.config = mesh, config
         self.dp = mesh.shape["data"] * mesh.shape["fsdp"]
         self.micro_batch = config.per_device_train_batch_size * self.dp
@@ -182,8 +184,8 @@ class Trainer:
         self.total_steps = total_steps(self.steps_per_epoch, config.num_epochs, config.max_steps)
         self.optimizer = optimizer_config(config, self.total_steps)
         self.state = TrainState(
-            model, make_optimizer(self.optimizer, self.total_steps), wrt=LoRAParam if lora else nnx.Param,
-            frozen=nnx.Param if lora else nnx.Nothing, mesh=mesh, data_axes=DATA_AXES,
+            model, make_optimizer(self.optimizer, self.total_steps), wrt=trainable,
+            frozen=nnx.Nothing if trainable is nnx.Param else nnx.Param, mesh=mesh, data_axes=DATA_AXES,
         )  # fmt: skip
         self.loss = SFTLoss(config.max_label_tokens)
 

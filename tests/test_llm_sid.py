@@ -94,3 +94,49 @@ def test_add_sid_tokens_untied_head_grows_past_the_vocabulary(tmp_path):
     assert summary["tokens_added"] == 2 + 2 * 8
     assert summary["vocab_size"] == [len(tokenizer), len(tokenizer) + 18]
     _check_expanded(src, tmp_path / "sid", summary, read_index(index))
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_stage1_trains_only_the_sid_rows(tie):
+    import jax
+    from flax import nnx
+
+    from llm_sft.model import ModelConfig
+    from llm_sft.rows import RowParam, apply_rows, merge_rows
+    from llm_sft.sharding import make_mesh
+    from llm_sft.sid_tokens import grow_vocab
+    from llm_sft.trainer import TrainConfig, Trainer, init_model
+
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    config = ModelConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+        num_kv_heads=1, head_dim=8, tie_word_embeddings=tie,
+    )  # fmt: skip
+    new_ids = np.arange(64, 72)
+    model = grow_vocab(init_model(config, 0, mesh), new_ids, known=64)
+    before = {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 72, (16, 12)).astype(np.int32)
+    arrays = {"input_ids": tokens, "labels": tokens, "attention_mask": np.ones_like(tokens)}
+    train = TrainConfig(learning_rate=1e-1, per_device_train_batch_size=8, max_steps=3, seed=0)
+    trainer = Trainer(apply_rows(model, new_ids), mesh, train, 16, trainable=RowParam)
+    opt_shapes = {x.shape for x in jax.tree.leaves(trainer.state.opt_state) if np.ndim(x) > 1}
+    assert opt_shapes == {(8, 16)}  # optimizer state covers the new rows only, not [72, 16]
+    for step in range(3):
+        trainer.train_step({k: v[:8] for k, v in arrays.items()}, step)
+    after = merge_rows(trainer.model())
+    changed = set()
+    for path, var in nnx.to_flat_state(nnx.state(after, nnx.Param)):
+        old, new = before[path], np.asarray(var[...])
+        if path in (("embed_tokens", "embedding"), ("lm_head", "kernel")):
+            rows = (slice(None), new_ids) if path[0] == "lm_head" else (new_ids,)
+            keep = np.ones(old.shape, bool)
+            keep[rows] = False
+            np.testing.assert_array_equal(new[keep], old[keep])  # every other row bit-identical
+            if not np.array_equal(new[rows], old[rows]):
+                changed.add(path)
+        else:
+            np.testing.assert_array_equal(new, old, err_msg=str(path))
+    assert changed == (
+        {("embed_tokens", "embedding")} | (set() if tie else {("lm_head", "kernel")})
+    )

@@ -13,7 +13,7 @@ from flax import nnx
 from eval.data import Ragged
 from eval.data.examples import ArraySource
 from llm_sft import data as sft
-from llm_sft.lora import LoRAConfig, apply_lora
+from llm_sft.lora import LoRAConfig, LoRAParam, apply_lora
 from llm_sft.model import ModelConfig
 from llm_sft.sharding import make_mesh
 from llm_sft.trainer import TrainConfig, Trainer, init_model
@@ -137,7 +137,7 @@ def _trainer(mesh, arrays, lora=LORA):
     model = apply_lora(init_model(MODEL, 0, mesh), lora, rngs=nnx.Rngs(params=1, dropout=2))
     per_device = TRAIN.per_device_train_batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
     config = TrainConfig(**{**TRAIN.__dict__, "per_device_train_batch_size": per_device})
-    return Trainer(model, mesh, config, len(arrays["input_ids"]), lora=True)
+    return Trainer(model, mesh, config, len(arrays["input_ids"]), trainable=LoRAParam)
 
 
 def _losses(trainer, arrays, steps=3):
@@ -184,7 +184,7 @@ def test_parity_one_vs_eight_devices_full_finetuning(arrays):
     ):
         per_device = TRAIN.per_device_train_batch_size // (mesh.shape["data"] * mesh.shape["fsdp"])
         config = TrainConfig(**{**TRAIN.__dict__, "per_device_train_batch_size": per_device})
-        trainer = Trainer(init_model(MODEL, 0, mesh), mesh, config, len(arrays["input_ids"]), lora=False)  # fmt: skip
+        trainer = Trainer(init_model(MODEL, 0, mesh), mesh, config, len(arrays["input_ids"]))  # fmt: skip
         losses.append(_losses(trainer, arrays))
     np.testing.assert_allclose(losses[1], losses[0], atol=1e-5, rtol=0)
 
