@@ -140,3 +140,58 @@ def test_stage1_trains_only_the_sid_rows(tie):
     assert changed == (
         {("embed_tokens", "embedding")} | (set() if tie else {("lm_head", "kernel")})
     )
+
+
+def _toy_split():
+    """Six users over shared items; each user's valid and test targets are items no one
+    else ever takes (so any leak into training data is visible)."""
+    from eval.data import split
+    from eval.data.formats import RawData, build_dataset
+
+    rng = np.random.default_rng(0)
+    users, items = [], []
+    for u in range(6):
+        seq = [str(i) for i in rng.permutation(8)[:5] + 1] + [str(100 + 2 * u), str(101 + 2 * u)]
+        users += [f"u{u}"] * len(seq)
+        items += seq
+    meta = {i: {"title": f"thing {i}", "brand": f"b{int(i) % 3}"} for i in set(items)}
+    ds = build_dataset("toy", RawData(users, items, item_meta=meta))
+    return ds, split(ds)
+
+
+def test_sid_tasks_never_train_on_evaluation_targets(tmp_path):
+    from llm_sft.sid_data import TASKS, SIDTasks, task_examples, tokenize_tasks
+    from llm_sft.sid_tokens import add_tokens
+
+    ds, sp = _toy_split()
+    codes = np.random.default_rng(1).integers(0, 4, (ds.num_items + 1, 3))
+    codes[1:, 2] = np.arange(ds.num_items)  # distinct IDs
+    ex = task_examples(ds, sp, codes, SIDTasks(history_titles=True), "items")
+    counts = {t: ex.task.count(t) for t in TASKS}
+    assert counts["text_to_sid"] == counts["sid_to_text"] == ds.num_items
+    assert counts["sequential"] == int(np.maximum(sp.train.lengths - 1, 0).sum())
+    held_out = set(sp.valid.targets.tolist()) | set(sp.test.targets.tolist())
+    assert len(held_out) == 12
+    for r, task in enumerate(ex.task):
+        if task in ("sequential", "copurchase"):
+            assert ex.item[r] not in held_out
+            for t in held_out:
+                assert sid_text(codes[t]) not in ex.input[r] + ex.response[r]
+                assert ds.items.titles[t] not in ex.input[r]
+    assert "Title: thing" in ex.input[0] and "Brand: b" in ex.input[0]  # item text fields
+    mixed = task_examples(
+        ds, sp, codes, SIDTasks(weights={"sequential": 2.5, "text_to_sid": 0.5}), "items"
+    )
+    assert mixed.task.count("sequential") == round(2.5 * counts["sequential"])
+    assert mixed.task.count("text_to_sid") == round(0.5 * ds.num_items)
+    assert set(mixed.task) == {"sequential", "text_to_sid"}
+
+    tokenizer = train_bpe_tokenizer(ex.instruction + ex.input, 400, tmp_path / "tok")
+    add_tokens(tokenizer, sid_vocabulary(codes[1:]))
+    tok = tokenize_tasks(ex, tokenizer, template="chat", max_length=256)
+    assert tok.dropped == 0 and len(tok) == len(ex)
+    r = ex.task.index("sequential")
+    row = tok.input_ids[r]
+    response = row[tok.prompt_lengths[r] :]
+    assert len(response) == 2 + 3 + 1  # <|sid_start|> a b c <|sid_end|> EOS
+    assert tokenizer.decode(response[:-1]) == ex.response[r]
