@@ -63,12 +63,16 @@ SPLITS = ("test", "valid")
 # -- catalogue ------------------------------------------------------------------------------
 
 
-def title_trie(titles: Sequence[str], tokenizer) -> Trie:
-    """Trie over the responses ``"<title>"`` of items 1..N (trie title index i = item i + 1),
-    tokenized as in training (``llm_sft.data.response_text``, no special tokens)."""
-    responses = [sft_data.response_text(t) for t in titles[1:]]
-    ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+def response_trie(responses: Sequence[str], tokenizer) -> Trie:
+    """Trie over the response texts of items 1..N (trie index i = item i + 1), tokenized as
+    in training (no special tokens), each followed by EOS."""
+    ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
     return Trie.build(ids, tokenizer.eos_token_id)
+
+
+def title_trie(titles: Sequence[str], tokenizer) -> Trie:
+    """`response_trie` of the responses ``"<title>"`` (``llm_sft.data.response_text``)."""
+    return response_trie([sft_data.response_text(t) for t in titles[1:]], tokenizer)
 
 
 def title_items(trie: Trie) -> dict[int, list[int]]:

@@ -82,6 +82,30 @@ def next_item_pairs(train: Ragged) -> np.ndarray:
     return pairs[first].astype(np.int64)
 
 
+def sequential_examples(
+    ds: Dataset, codes: np.ndarray, histories: Ragged, targets: np.ndarray, tasks: SIDTasks,
+    noun: str,
+) -> TaskExamples:  # fmt: skip
+    """`sequential` examples of (history, next item) pairs: the last `tasks.max_history`
+    items as IDs (with titles when `tasks.history_titles`), oldest first -> the next ID.
+    Training uses the split's training prefixes; evaluation its valid / test examples."""
+    inputs = []
+    for r in range(len(targets)):
+        items = histories[r][-tasks.max_history :]
+        inputs.append("; ".join(_item_ref(ds, codes, int(h), tasks.history_titles) for h in items))
+    instruction = (
+        f"Here are the {noun} a user took, oldest first. Which comes next? {_ask_id(noun)}"
+    )
+    return TaskExamples(
+        ["sequential"] * len(targets), [instruction] * len(targets), inputs,
+        [sid_text(codes[t]) for t in targets], np.asarray(targets, np.int64),
+    )  # fmt: skip
+
+
+def _ask_id(noun: str) -> str:
+    return f"Answer with the {noun[:-1] if noun.endswith('s') else noun} ID."
+
+
 def task_examples(
     ds: Dataset, split: Split, codes: np.ndarray, tasks: SIDTasks, noun: str, seed: int = 0
 ) -> TaskExamples:
@@ -90,7 +114,7 @@ def task_examples(
     fields = [f for f in tasks.text_fields if f == "title" or f in ds.items.fields]
     items = np.arange(1, ds.num_items + 1)
     built: dict[str, tuple[list[str], list[str], list[str], np.ndarray]] = {}
-    ask_id = f"Answer with the {noun[:-1] if noun.endswith('s') else noun} ID."
+    ask_id = _ask_id(noun)
     built["text_to_sid"] = (
         [f"Which of our {noun} is this? {ask_id}"] * len(items),
         [ds.items.text(i, fields) for i in items],
@@ -105,16 +129,8 @@ def task_examples(
         titled,
     )
     histories, targets = train_histories(split.train, tasks.max_history)
-    built["sequential"] = (
-        [f"Here are the {noun} a user took, oldest first. Which comes next? {ask_id}"]
-        * len(targets),
-        [
-            "; ".join(_item_ref(ds, codes, int(h), tasks.history_titles) for h in histories[r])
-            for r in range(len(targets))
-        ],  # fmt: skip
-        [sid_text(codes[t]) for t in targets],
-        np.asarray(targets, np.int64),
-    )
+    seq = sequential_examples(ds, codes, histories, targets, tasks, noun)
+    built["sequential"] = (seq.instruction, seq.input, seq.response, seq.item)
     pairs = next_item_pairs(split.train)
     built["copurchase"] = (
         [f"Users who take this item most often take which one next? {ask_id}"] * len(pairs),

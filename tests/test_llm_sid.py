@@ -195,3 +195,49 @@ def test_sid_tasks_never_train_on_evaluation_targets(tmp_path):
     response = row[tok.prompt_lengths[r] :]
     assert len(response) == 2 + 3 + 1  # <|sid_start|> a b c <|sid_end|> EOS
     assert tokenizer.decode(response[:-1]) == ex.response[r]
+
+
+def test_code_scores_hand_computed():
+    from llm_sft.sid_decode import code_scores
+
+    expected = [[1, 5, 6, 2], [1, 7, 8, 2], [1, 5, 8, 2]]
+    valid = {(1, 5, 6, 2), (1, 7, 8, 2), (1, 5, 8, 2)}
+    generated = np.array([[1, 5, 6, 2, 0], [1, 7, 6, 2, 0], [1, 9, 9, 2, 0]])
+    # row 0 exact; row 1 first code right, ID (1,7,6) invalid; row 2 wrong and invalid
+    assert code_scores(generated, expected, valid) == {
+        "first_code_accuracy": 2 / 3, "exact_match": 1 / 3, "invalid_share": 2 / 3,
+    }  # fmt: skip
+
+
+def test_constrained_beams_only_name_catalogue_items(tmp_path):
+    import jax
+
+    from llm_sft.model import ModelConfig
+    from llm_sft.sharding import make_mesh
+    from llm_sft.sid_data import SIDTasks, sequential_examples, task_examples
+    from llm_sft.sid_decode import greedy_scores, rank_items
+    from llm_sft.sid_tokens import expand_vocabulary
+    from llm_sft.trainer import init_model
+
+    ds, sp = _toy_split()
+    codes = np.random.default_rng(1).integers(0, 3, (ds.num_items + 1, 2))
+    codes[1:4] = codes[4]  # items 1..4 share one ID: listed together, ascending
+    train = task_examples(ds, sp, codes, SIDTasks(), "items")
+    tokenizer = train_bpe_tokenizer(train.instruction + train.input, 300, tmp_path / "tok")
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    config = ModelConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_layers=1,
+        num_heads=2, num_kv_heads=1, head_dim=8, tie_word_embeddings=True,
+    )  # fmt: skip
+    model, _ = expand_vocabulary(init_model(config, 0, mesh), tokenizer, codes[1:])
+    test = sequential_examples(ds, codes, sp.test.history, sp.test.targets, SIDTasks(), "items")
+    out = rank_items(model, tokenizer, test, codes, num_beams=20, batch_size=4)
+    assert out["invalid"] == 0 and out["items"].shape == (len(test), 20)
+    distinct = len(np.unique(codes[1:], axis=0))
+    assert out["empty_slots"] == len(test) * (20 - distinct)  # every ID once per row
+    for row in out["items"].tolist():
+        i = row.index(1)
+        assert row[i : i + 4] == [1, 2, 3, 4]  # one shared ID -> its items, ascending
+    assert 0.0 <= out["NDCG@10"] <= out["HR@10"] <= 1.0
+    scores = greedy_scores(model, tokenizer, test, codes, batch_size=4)
+    assert set(scores) == {"sequential"} and 0 <= scores["sequential"]["invalid_share"] <= 1
