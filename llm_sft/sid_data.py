@@ -60,6 +60,27 @@ class TaskExamples:
     def __len__(self) -> int:
         return len(self.task)
 
+    def take(self, rows: np.ndarray) -> TaskExamples:
+        pick = lambda values: [values[r] for r in rows]  # noqa: E731
+        return TaskExamples(
+            pick(self.task), pick(self.instruction), pick(self.input), pick(self.response),
+            self.item[np.asarray(rows, np.int64)],
+        )  # fmt: skip
+
+    def sample(self, n: int, seed: int) -> TaskExamples:
+        """A seeded subset of `n` examples in their order (all of them when n < 0 or >= len)."""
+        if not 0 <= n < len(self):
+            return self
+        return self.take(np.sort(np.random.default_rng(seed).choice(len(self), n, replace=False)))
+
+    @staticmethod
+    def concat(parts: list[TaskExamples]) -> TaskExamples:
+        join = lambda name: [x for p in parts for x in getattr(p, name)]  # noqa: E731
+        return TaskExamples(
+            join("task"), join("instruction"), join("input"), join("response"),
+            np.concatenate([p.item for p in parts]).astype(np.int64),
+        )  # fmt: skip
+
 
 def _item_ref(ds: Dataset, codes: np.ndarray, item: int, titles: bool) -> str:
     sid = sid_text(codes[item])

@@ -41,7 +41,7 @@ from eval.training.flags import (
 from eval.training.optim import SCHEDULES
 from llm_sft import data as sft_data
 from llm_sft.lora import LoRAConfig, LoRAParam, apply_lora, export_peft
-from llm_sft.model import ModelConfig
+from llm_sft.model import ModelConfig, Qwen
 from llm_sft.params import load_hf, save_hf
 from llm_sft.sharding import MESH_AXES, make_mesh
 from llm_sft.trainer import TrainConfig, Trainer, init_model
@@ -97,7 +97,20 @@ def build_examples(
     return out[0], out[1]
 
 
-def _tokenizer(tokenizer_dir, hf_checkpoint, ds: data.Dataset, vocab_size: int, out: Path):
+def load_model(
+    hf_checkpoint: str | None, model_config: str | None, dtype: Any, param_dtype: Any, seed: int,
+    mesh: Any,
+) -> tuple[Qwen, ModelConfig]:  # fmt: skip
+    """The HF checkpoint's model, or a random init (`seed`) of the `model_config` file."""
+    if hf_checkpoint:
+        return load_hf(hf_checkpoint, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+    config = ModelConfig.from_hf_config(model_config, dtype=dtype, param_dtype=param_dtype)
+    return init_model(config, seed, mesh), config
+
+
+def resolve_tokenizer(tokenizer_dir, hf_checkpoint, ds: data.Dataset, vocab_size: int, out: Path):
+    """`--tokenizer_dir`'s, else the checkpoint's, else a BPE trained on the data set's
+    titles (saved under `out/tokenizer`, so a resumed run reuses it)."""
     trained = out / "tokenizer"
     for folder in (tokenizer_dir, hf_checkpoint, trained):  # a resumed run reuses its BPE
         if folder and (Path(folder) / "tokenizer_config.json").exists():
@@ -161,18 +174,14 @@ def run(
         compute = DTYPES[dtype]
         # LoRA keeps the frozen base in the compute dtype; full fine-tuning stores fp32 masters.
         param_dtype = compute if lora else jnp.float32
-        if hf_checkpoint:
-            model, model_cfg = load_hf(
-                hf_checkpoint, dtype=compute, param_dtype=param_dtype, mesh=device_mesh
-            )
-        else:
-            model_cfg = ModelConfig.from_hf_config(
-                model_config, dtype=compute, param_dtype=param_dtype
-            )
-            model = init_model(model_cfg, train.seed, device_mesh)
+        model, model_cfg = load_model(
+            hf_checkpoint, model_config, compute, param_dtype, train.seed, device_mesh
+        )
         ds = data.load(dataset, data_dir, fmt=fmt)
         split = data.split(ds)
-        tokenizer = _tokenizer(tokenizer_dir, hf_checkpoint, ds, model_cfg.vocab_size, rd.path)
+        tokenizer = resolve_tokenizer(
+            tokenizer_dir, hf_checkpoint, ds, model_cfg.vocab_size, rd.path
+        )
         if len(tokenizer) > model_cfg.vocab_size:
             raise ConfigError(
                 f"tokenizer has {len(tokenizer)} tokens > vocab_size={model_cfg.vocab_size} of "

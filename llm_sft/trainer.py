@@ -47,6 +47,7 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup_steps: int = 0
     warmup_ratio: float = 0.0  # used when warmup_steps == 0
+    final_lr_ratio: float = 0.0  # the cosine / linear decay ends at this fraction of the peak
     weight_decay: float = 0.0  # AdamW, on matrices only (not biases / norm scales)
     max_grad_norm: float = 1.0  # 0 disables clipping
     per_device_train_batch_size: int = 4
@@ -74,6 +75,7 @@ def optimizer_config(config: TrainConfig, total_steps: int) -> OptimizerConfig:
     warmup = config.warmup_steps or int(math.ceil(config.warmup_ratio * total_steps))
     return OptimizerConfig(
         learning_rate=config.learning_rate, schedule=config.schedule, warmup_steps=warmup,
+        final_lr_ratio=config.final_lr_ratio,
         weight_decay=config.weight_decay, decay_matrices_only=True, max_grad_norm=config.max_grad_norm,
     )  # fmt: skip
 

@@ -241,3 +241,37 @@ def test_constrained_beams_only_name_catalogue_items(tmp_path):
     assert 0.0 <= out["NDCG@10"] <= out["HR@10"] <= 1.0
     scores = greedy_scores(model, tokenizer, test, codes, batch_size=4)
     assert set(scores) == {"sequential"} and 0 <= scores["sequential"]["invalid_share"] <= 1
+
+
+def test_train_sid_end_to_end_both_stages(tmp_path):
+    from tiny import write_tiny_ml100k
+
+    from llm_sft.train_sid import run
+    from llm_sft.trainer import TrainConfig
+
+    folder = write_tiny_ml100k(tmp_path / "ml-100k", num_users=12, num_items=16, per_user=6)
+    index = tmp_path / "ids.json"
+    index.write_text(json.dumps({str(k): [f"<a_{k % 4}>", f"<b_{k // 4}>"] for k in range(16)}))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(dict(
+        model_type="qwen3", vocab_size=384, hidden_size=16, intermediate_size=32,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+        tie_word_embeddings=True)))  # fmt: skip
+    stage = TrainConfig(
+        learning_rate=1e-2, per_device_train_batch_size=1, max_steps=4, eval_every=2
+    )
+    kwargs = dict(
+        dataset="ml-100k", data_dir=str(folder), semantic_ids=str(index), out=str(tmp_path / "run"),
+        stage1=stage, stage2=stage, model_config=str(config), max_length=160,
+        max_eval_examples=6, num_beams=20, mesh="data:2,fsdp:2,tensor:2", progress=False,
+    )  # fmt: skip
+    result = run(**kwargs)
+    assert result["sid_tokens"] == 2 + 2 * 4 and result["stage1"]["steps"] == 4
+    assert result["stage2"]["steps"] == 4 and result["sequential"]["invalid"] == 0
+    assert set(result["greedy"]) == {"text_to_sid", "sequential"}
+    assert 0 <= result["sequential"]["NDCG@10"] <= 1
+    exported = load_tokenizer(tmp_path / "run" / "hf")
+    assert len(exported.tokenize(sid_text([1, 2]))) == 4  # the SID tokens ship with it
+    for name in ("stage1", "stage2"):
+        assert (tmp_path / "run" / name / "result.json").exists()
+    assert run(**kwargs) == result  # a finished run is left alone

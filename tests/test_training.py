@@ -180,3 +180,14 @@ def test_selection_tie_keeps_the_earlier_state_and_ignores_nan():
     )
     with pytest.raises(KeyError, match="no 'x' to select on"):
         Selection("x").update({"m": 1.0}, 1)
+
+
+def test_schedule_warms_up_then_decays_to_the_final_ratio():
+    from eval.training.optim import OptimizerConfig, lr_schedule
+
+    for kind in ("cosine", "linear"):
+        config = OptimizerConfig(2e-5, kind, warmup_steps=3, final_lr_ratio=0.2)
+        lr = lr_schedule(config, 103)
+        assert float(lr(0)) == 0.0 and float(lr(3)) == pytest.approx(2e-5)
+        assert float(lr(53)) == pytest.approx(1.2e-5)  # halfway: (1 + 0.2) / 2 of the peak
+        assert float(lr(103)) == pytest.approx(0.4e-5)

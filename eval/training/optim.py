@@ -18,8 +18,9 @@ class OptimizerConfig:
     """AdamW settings; `decay_matrices_only` exempts biases and norm scales (HF Trainer)."""
 
     learning_rate: float = 1e-3
-    schedule: str = "constant"  # after warm-up: constant, cosine or linear decay to 0
+    schedule: str = "constant"  # after warm-up: constant, cosine or linear decay
     warmup_steps: int = 0
+    final_lr_ratio: float = 0.0  # cosine / linear decay to this fraction of the peak
     b1: float = 0.9
     b2: float = 0.999
     weight_decay: float = 0.0
@@ -39,8 +40,8 @@ def lr_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
     rest = max(total_steps - warmup, 1)
     decay = {
         "constant": optax.constant_schedule(peak),
-        "cosine": optax.cosine_decay_schedule(peak, rest),
-        "linear": optax.linear_schedule(peak, 0.0, rest),
+        "cosine": optax.cosine_decay_schedule(peak, rest, alpha=config.final_lr_ratio),
+        "linear": optax.linear_schedule(peak, peak * config.final_lr_ratio, rest),
     }[config.schedule]
     if not warmup:
         return decay

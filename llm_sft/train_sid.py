@@ -1,0 +1,267 @@
+r"""Train a Qwen model to speak semantic IDs: vocabulary expansion, then two stages.
+
+  python -m llm_sft.train_sid --dataset=amazon-scientific-2018 --data_dir=DIR \
+      --semantic_ids=DIR/indexes/rqvae_native.index.json --hf_checkpoint=QWEN_DIR --out=runs/sid
+  python -m llm_sft.train_sid ... --init=random --model_config=config.json   # CPU-sized test
+
+1. The index's tokens are added to the tokenizer and the model (`llm_sft.sid_tokens`).
+2. Stage 1 trains only the new token rows (`llm_sft.rows`: embedding + untied head; the
+   optimizer state is [n, D]) on the multi-task data (`llm_sft.sid_data`).
+3. Stage 2 fine-tunes everything (`--lora_r=0`) or LoRA adapters plus the new rows.
+4. The merged model and tokenizer are exported to `<out>/hf`; test metrics: per task,
+   greedy first-code accuracy / exact match / invalid share, and for sequential
+   recommendation item Recall / NDCG over the full item set from constrained beams.
+
+`--recipe=sid-qwen3` holds the published settings (stage 1: 2,000 steps, lr 1e-3, batch 64;
+stage 2: AdamW lr 2e-5, cosine to 0.2 x peak, 3% warm-up, weight decay 0.01, 3 epochs);
+every one is a flag (`--stage1_*`, and the stage-2 training flags). `<out>` is a run
+folder with one run folder per stage (`stage1/`, `stage2/`): rerunning the same command
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from absl import flags, logging
+from flax import nnx
+
+from eval import cli, data
+from eval.allocator import reexec_with_tcmalloc
+from eval.data.examples import ArraySource
+from eval.data.formats import read_index
+from eval.errors import DataFormatError, FlagError
+from eval.io import atomic_dir
+from eval.training import RunDir
+from eval.training.flags import (
+    config_flag_values,
+    define_field_flags,
+    define_training_flags,
+    training_flag_values,
+)
+from llm_sft import data as sft_data
+from llm_sft.lora import LoRAConfig, LoRAParam, apply_lora, merge_lora
+from llm_sft.params import save_hf
+from llm_sft.rows import RowParam, apply_rows, merge_rows
+from llm_sft.sharding import make_mesh
+from llm_sft.sid_data import (
+    TASKS,
+    SIDTasks,
+    TaskExamples,
+    sequential_examples,
+    task_examples,
+    tokenize_tasks,
+)
+from llm_sft.sid_decode import greedy_scores, rank_items
+from llm_sft.sid_tokens import expand_vocabulary
+from llm_sft.train import load_model, parse_mesh, resolve_tokenizer
+from llm_sft.trainer import TrainConfig, Trainer
+
+RECIPES: dict[str, dict[str, TrainConfig]] = {
+    "sid-qwen3": {
+        "stage1": TrainConfig(learning_rate=1e-3, schedule="constant", max_steps=2000,
+                              per_device_train_batch_size=64, max_grad_norm=1.0),
+        "stage2": TrainConfig(learning_rate=2e-5, schedule="cosine", final_lr_ratio=0.2,
+                              warmup_ratio=0.03, weight_decay=0.01, num_epochs=3,
+                              per_device_train_batch_size=8),
+    },
+}  # fmt: skip
+STAGE1_FLAGS = {"max_steps": "stage1_steps", "learning_rate": "stage1_learning_rate",
+                "per_device_train_batch_size": "stage1_batch_size"}  # fmt: skip
+
+
+def item_codes(index: np.ndarray, ds: data.Dataset, source: str) -> np.ndarray:
+    """[N + 1, L] codes by dense item id (row 0 unused) from an index whose key k is item k
+    (dense id k + 1), as `rqvae.train` writes it."""
+    if len(index) != ds.num_items:
+        raise DataFormatError(f"{source}: {len(index)} items, but {ds.name} has {ds.num_items}")
+    return np.concatenate([np.zeros_like(index[:1]), index])
+
+
+def _fit_stage(name, model, trainable, trains: str, train: TrainConfig, arrays, valid, rd, mesh,
+               max_length, overwrite, progress):  # fmt: skip
+    """One stage in its own run folder `<out>/<name>` (`trains`: what it trains); returns
+    (model, its summary)."""
+    config = {"train": dataclasses.asdict(train), "trains": trains}
+    with RunDir(rd.path / name, "llm_sft.sid", config, overwrite=overwrite) as stage:
+        trainer = Trainer(model, mesh, train, len(arrays["input_ids"]), trainable)
+        info = trainer.fit(
+            ArraySource(arrays), valid, buckets=sft_data.buckets_for(max_length), run=stage,
+            progress=progress,
+        )  # fmt: skip
+        summary = {
+            "steps": info.steps,
+            "best_step": info.best_step,
+            "valid_loss": info.valid.get("loss"),
+        }
+        stage.write_result(summary)
+    return trainer.model(), summary
+
+
+def run(
+    *, dataset: str, data_dir: str, semantic_ids: str, out: str, stage1: TrainConfig,
+    stage2: TrainConfig, hf_checkpoint: str | None = None, model_config: str | None = None,
+    tokenizer_dir: str | None = None, codebook_size: int | None = None, lora_r: int = 0,
+    tasks: SIDTasks | None = None, template: str = "chat", max_length: int = 256,
+    max_eval_examples: int = 512, num_beams: int = 20, eval_batch_size: int = 8,
+    mesh: str = "data:1,fsdp:-1,tensor:1", fmt: str | None = None, overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Both stages, the export and the test metrics (see module doc); returns result.json."""
+    if not hf_checkpoint and not model_config:
+        raise FlagError("pass --hf_checkpoint=DIR or --init=random --model_config=FILE.json")
+    tasks = tasks or SIDTasks()
+    paths = {k: str(Path(v).resolve()) if v else None for k, v in (
+        ("data_dir", data_dir), ("semantic_ids", semantic_ids), ("hf_checkpoint", hf_checkpoint),
+        ("model_config", model_config), ("tokenizer_dir", tokenizer_dir))}  # fmt: skip
+    config = {
+        "dataset": dataset, "format": fmt, **paths, "codebook_size": codebook_size, "lora_r": lora_r,
+        "tasks": dataclasses.asdict(tasks) | {"weights": dict(tasks.weights)}, "template": template,
+        "max_length": max_length, "max_eval_examples": max_eval_examples, "num_beams": num_beams,
+        "stage1": dataclasses.asdict(stage1), "stage2": dataclasses.asdict(stage2),
+    }  # fmt: skip
+    outputs = ("tokenizer", "stage1", "stage2", "hf")
+    with RunDir(out, "llm_sft.sid", config, overwrite=overwrite, outputs=outputs) as rd:
+        if rd.result is not None:
+            logging.info("--out=%s is a finished run; its result.json is kept", rd.path)
+            return rd.result
+        device_mesh = make_mesh(**parse_mesh(mesh))
+        ds = data.load(dataset, data_dir, fmt=fmt)
+        split = data.split(ds)
+        codes = item_codes(read_index(semantic_ids), ds, semantic_ids)
+        model, model_cfg = load_model(
+            hf_checkpoint, model_config, jnp.float32, jnp.float32, stage2.seed, device_mesh
+        )
+        tokenizer = resolve_tokenizer(
+            tokenizer_dir, hf_checkpoint, ds, model_cfg.vocab_size, rd.path
+        )
+        model, sid_ids = expand_vocabulary(
+            model, tokenizer, codes[1:], codebook_size, seed=stage1.seed
+        )
+        noun = sft_data.item_noun(ds.name)
+        train_ex = tokenize_tasks(
+            task_examples(ds, split, codes, tasks, noun, stage2.seed), tokenizer, template=template,
+            max_length=max_length,
+        )  # fmt: skip
+        if not len(train_ex):
+            raise FlagError(f"--max_length={max_length}: no training example fits")
+        valid = sequential_examples(
+            ds, codes, split.valid.history, split.valid.targets, tasks, noun
+        )
+        valid = valid.sample(max_eval_examples, stage2.seed)
+        pad = tokenizer.pad_token_id
+        arrays = sft_data.padded_arrays(train_ex, max_length, pad)
+        valid_arrays = sft_data.padded_arrays(
+            tokenize_tasks(valid, tokenizer, template=template, max_length=max_length), max_length, pad
+        )  # fmt: skip
+        fit = dict(arrays=arrays, valid=valid_arrays, rd=rd, mesh=device_mesh, max_length=max_length,
+                   overwrite=overwrite, progress=progress)  # fmt: skip
+        model, s1 = _fit_stage(
+            "stage1", apply_rows(model, sid_ids), RowParam, "new token rows", stage1, **fit
+        )
+        model = merge_rows(model)
+        trainable, trains = nnx.Param, "every parameter"
+        if lora_r:
+            lora = LoRAConfig(r=lora_r, alpha=2.0 * lora_r, target_modules=("q", "k", "v", "o"))
+            model = apply_lora(apply_rows(model, sid_ids), lora, rngs=nnx.Rngs(stage2.seed))
+            trainable, trains = nnx.Any(LoRAParam, RowParam), f"LoRA r={lora_r} + new token rows"
+        model, s2 = _fit_stage("stage2", model, trainable, trains, stage2, **fit)
+        if lora_r:
+            model = merge_rows(merge_lora(model))
+        with atomic_dir(rd.path / "hf") as tmp:
+            save_hf(model, model.config, tmp)
+            tokenizer.save_pretrained(str(tmp))
+        test = sequential_examples(ds, codes, split.test.history, split.test.targets, tasks, noun)
+        test = test.sample(max_eval_examples, stage2.seed)
+        text = task_examples(ds, split, codes, SIDTasks(weights={"text_to_sid": 1.0}), noun)
+        text = text.sample(max_eval_examples, stage2.seed)
+        kw = dict(template=template, batch_size=eval_batch_size)
+        ranking = rank_items(model, tokenizer, test, codes, num_beams=num_beams, **kw)
+        result = {
+            "dataset": dataset, "semantic_ids": semantic_ids, "train_examples": len(train_ex),
+            "dropped_too_long": train_ex.dropped, "sid_tokens": len(sid_ids), "stage1": s1, "stage2": s2,
+            "test_examples": len(test), "greedy": greedy_scores(model, tokenizer, TaskExamples.concat([text, test]), codes, **kw),
+            "sequential": {k: v for k, v in ranking.items() if k != "items"}, "export": str(rd.path / "hf"),
+        }  # fmt: skip
+        rd.write_result(result)
+        return result
+
+
+def parse_weights(spec: str) -> dict[str, float]:
+    """`--task_weights=text_to_sid:1,sequential:2` -> {task: weight} (tasks not named: 0)."""
+    weights = {}
+    for part in filter(None, spec.split(",")):
+        task, _, value = part.partition(":")
+        try:
+            weights[task] = float(value)
+        except ValueError:
+            raise FlagError(f"--task_weights={spec!r}: expected task:weight,...") from None
+        if task not in TASKS or weights[task] < 0:
+            raise FlagError(f"--task_weights={spec!r}: tasks are {TASKS}, weights >= 0")
+    return weights
+
+
+def _define_flags() -> None:
+    f = flags
+    define_training_flags({}, skip=("batch_size",), required=("dataset", "data_dir", "out"))
+    define_field_flags(TrainConfig, skip=("max_label_tokens",))
+    f.DEFINE_enum("recipe", "sid-qwen3", sorted(RECIPES), "Published settings of both stages.")
+    f.DEFINE_integer("stage1_steps", None, "Stage-1 steps (recipe: 2,000).")
+    f.DEFINE_float("stage1_learning_rate", None, "Stage-1 learning rate (recipe: 1e-3).")
+    f.DEFINE_integer("stage1_batch_size", None, "Stage-1 rows per device per step (recipe: 64).")
+    f.DEFINE_string("semantic_ids", None, "Index json {item: ['<a_1>', ...]}.", required=True)
+    f.DEFINE_integer("codebook_size", None, "Codes per level (default: largest code + 1).")
+    f.DEFINE_string("hf_checkpoint", None, "HF Qwen2/Qwen3 checkpoint folder.")
+    f.DEFINE_enum("init", "hf", ["hf", "random"], "Start from --hf_checkpoint or random init.")
+    f.DEFINE_string("model_config", None, "HF config.json for --init=random.")
+    f.DEFINE_string("tokenizer_dir", None, "Tokenizer (default: the checkpoint's, else a BPE).")
+    f.DEFINE_integer("lora_r", 0, "Stage 2: LoRA rank on q,k,v,o (+ the new rows); 0: full.")
+    f.DEFINE_string("task_weights", ",".join(f"{t}:1" for t in TASKS), "Task mixture.")
+    f.DEFINE_bool("history_titles", False, "Show titles beside history IDs.")
+    f.DEFINE_integer("max_length", 256, "Max tokens per example (longer ones are dropped).")
+    f.DEFINE_integer("max_eval_examples", 512, "Validation / test examples evaluated (-1: all).")
+    f.DEFINE_integer("num_beams", 20, "Constrained beams for sequential recommendation.")
+    f.DEFINE_string("mesh", "data:1,fsdp:-1,tensor:1", "Mesh sizes, e.g. data:2,fsdp:2,tensor:2.")
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    if f.init == "random" and not f.model_config:
+        raise FlagError("--init=random needs --model_config=FILE.json")
+    if f.init == "hf" and not f.hf_checkpoint:
+        raise FlagError("--init=hf needs --hf_checkpoint=DIR")
+    shared = training_flag_values(skip=("batch_size",))
+    recipe = RECIPES[f.recipe]
+    fields = [x.name for x in dataclasses.fields(TrainConfig) if x.name != "max_label_tokens"]
+    stage2 = {k: getattr(f, k) for k in fields if k in f and getattr(f, k) is not None}
+    stage2 |= {k: v for k, v in config_flag_values().items() if v is not None}
+    stage1 = {
+        k: getattr(f, flag) for k, flag in STAGE1_FLAGS.items() if getattr(f, flag) is not None
+    }
+    result = run(
+        dataset=shared["dataset"], data_dir=shared["data_dir"], semantic_ids=f.semantic_ids,
+        out=shared["out"], stage1=dataclasses.replace(recipe["stage1"], seed=stage2.get("seed", 0), **stage1),
+        stage2=dataclasses.replace(recipe["stage2"], **stage2),
+        hf_checkpoint=f.hf_checkpoint if f.init == "hf" else None,
+        model_config=f.model_config if f.init == "random" else None, tokenizer_dir=f.tokenizer_dir,
+        codebook_size=f.codebook_size, lora_r=f.lora_r,
+        tasks=SIDTasks(weights=parse_weights(f.task_weights), history_titles=f.history_titles),
+        max_length=f.max_length, max_eval_examples=f.max_eval_examples, num_beams=f.num_beams,
+        mesh=f.mesh, fmt=shared["format"], overwrite=shared["overwrite"],
+    )  # fmt: skip
+    seq = result["sequential"]
+    print(f"sid-llm {result['dataset']}: HR@10={seq['HR@10']:.4f} NDCG@10={seq['NDCG@10']:.4f} "
+          f"invalid={seq['invalid']} " + " ".join(
+              f"{t}: first_code={s['first_code_accuracy']:.3f} exact={s['exact_match']:.3f}"
+              for t, s in result["greedy"].items()))  # fmt: skip
+
+
+if __name__ == "__main__":
+    reexec_with_tcmalloc()
+    _define_flags()
+    cli.run(main)
