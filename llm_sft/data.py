@@ -227,10 +227,26 @@ def padded_arrays(
     }
 
 
+def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy bin packing: examples longest first, each into the first row with room.
+    Returns (row, column) of every example."""
+    order = np.argsort(-lengths, kind="stable")
+    free = np.full(len(lengths), capacity, np.int64)  # at most one row per example
+    row = np.empty(len(lengths), np.int64)
+    col = np.empty(len(lengths), np.int64)
+    opened = 0  # rows in use; a new row is always free[opened]
+    for e in order:  # data preparation, once: one vectorised first-fit search per example
+        r = int(np.argmax(free[: opened + 1] >= lengths[e]))
+        opened = max(opened, r + 1)
+        row[e], col[e] = r, capacity - free[r]
+        free[r] -= lengths[e]
+    return row, col
+
+
 def packed_arrays(
-    ex: SFTExamples, max_length: int, pad_id: int, train_on_inputs: bool = False, seed: int = 0
+    ex: SFTExamples, max_length: int, pad_id: int, train_on_inputs: bool = False
 ) -> dict[str, np.ndarray]:
-    """Several examples per row (next-fit over a seeded shuffle), right padded.
+    """Several examples per row (`first_fit_decreasing`), right padded.
 
     Adds ``positions`` (restarting at 0 in each segment); ``attention_mask`` holds the
     segment id (1, 2, ...) of each token, 0 on padding.
@@ -238,17 +254,14 @@ def packed_arrays(
     lengths = ex.input_ids.lengths
     if len(ex) and lengths.max() > max_length:
         raise ValueError(f"an example has {lengths.max()} > max_length={max_length} tokens")
-    order = np.random.default_rng(seed).permutation(len(ex))
-    row = np.empty(len(ex), np.int64)
-    col = np.empty(len(ex), np.int64)
+    row, col = first_fit_decreasing(lengths, max_length)
+    order = np.lexsort((col, row))
     seg = np.empty(len(ex), np.int32)
-    r, c, s = 0, 0, 0
-    for e in order:  # next-fit; one pass over example lengths at data-preparation time
-        if c + lengths[e] > max_length:
-            r, c, s = r + 1, 0, 0
-        row[e], col[e], seg[e] = r, c, s + 1
-        c, s = c + lengths[e], s + 1
-    n_rows = r + 1 if len(ex) else 0
+    first = np.concatenate([[True], row[order][1:] != row[order][:-1]]) if len(ex) else []
+    seg[order] = (
+        np.arange(len(ex)) - np.maximum.accumulate(np.where(first, np.arange(len(ex)), 0)) + 1
+    )
+    n_rows = int(row.max()) + 1 if len(ex) else 0
     pos = np.arange(len(ex.input_ids.values)) - np.repeat(ex.input_ids.offsets[:-1], lengths)
     flat = np.repeat(row * max_length + col, lengths) + pos
     out = {

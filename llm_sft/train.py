@@ -204,9 +204,7 @@ def run(
             )
         pad = tokenizer.pad_token_id
         if pack:
-            train_arrays = sft_data.packed_arrays(
-                train_ex, max_length, pad, train_on_inputs, train.seed
-            )
+            train_arrays = sft_data.packed_arrays(train_ex, max_length, pad, train_on_inputs)
             padding_side = "right"
         else:
             train_arrays = sft_data.padded_arrays(

@@ -7,7 +7,8 @@ r"""Train a Qwen model to speak semantic IDs: vocabulary expansion, then two sta
 1. The index's tokens are added to the tokenizer and the model (`llm_sft.sid_tokens`).
 2. Stage 1 trains only the new token rows (`llm_sft.rows`: embedding + untied head; the
    optimizer state is [n, D]) on the multi-task data (`llm_sft.sid_data`).
-3. Stage 2 fine-tunes everything (`--lora_r=0`) or LoRA adapters plus the new rows.
+3. Stage 2 fine-tunes everything (`--stage2=full`) or LoRA adapters plus the new rows
+   (`--stage2=lora`: LoRA alone would leave the new rows untrained).
 4. The merged model and tokenizer are exported to `<out>/hf`; test metrics: per task,
    greedy first-code accuracy / exact match / invalid share, and for sequential
    recommendation item Recall / NDCG over the full item set from constrained beams.
@@ -219,7 +220,8 @@ def _define_flags() -> None:
     f.DEFINE_enum("init", "hf", ["hf", "random"], "Start from --hf_checkpoint or random init.")
     f.DEFINE_string("model_config", None, "HF config.json for --init=random.")
     f.DEFINE_string("tokenizer_dir", None, "Tokenizer (default: the checkpoint's, else a BPE).")
-    f.DEFINE_integer("lora_r", 0, "Stage 2: LoRA rank on q,k,v,o (+ the new rows); 0: full.")
+    f.DEFINE_enum("stage2", "full", ["full", "lora"], "Stage 2: every parameter, or LoRA + rows.")
+    f.DEFINE_integer("lora_r", 8, "Stage-2 LoRA rank (q, k, v, o; alpha = 2 r).")
     f.DEFINE_string("task_weights", ",".join(f"{t}:1" for t in TASKS), "Task mixture.")
     f.DEFINE_bool("history_titles", False, "Show titles beside history IDs.")
     f.DEFINE_integer("max_length", 256, "Max tokens per example (longer ones are dropped).")
@@ -249,7 +251,7 @@ def main(argv):
         stage2=dataclasses.replace(recipe["stage2"], **stage2),
         hf_checkpoint=f.hf_checkpoint if f.init == "hf" else None,
         model_config=f.model_config if f.init == "random" else None, tokenizer_dir=f.tokenizer_dir,
-        codebook_size=f.codebook_size, lora_r=f.lora_r,
+        codebook_size=f.codebook_size, lora_r=f.lora_r if f.stage2 == "lora" else 0,
         tasks=SIDTasks(weights=parse_weights(f.task_weights), history_titles=f.history_titles),
         max_length=f.max_length, max_eval_examples=f.max_eval_examples, num_beams=f.num_beams,
         mesh=f.mesh, fmt=shared["format"], overwrite=shared["overwrite"],

@@ -82,6 +82,16 @@ def test_max_length_drops_oldest_history_first(tokenizer):
         sft.tokenize_prompts(Ragged.from_rows([[1], []]), long_titles, "movies", tokenizer)
 
 
+def test_first_fit_decreasing_fills_rows_longest_first():
+    row, col = sft.first_fit_decreasing(np.array([1, 3, 5, 2, 4, 3]), 6)
+    # 5 -> row 0, 4 -> row 1, 3 -> row 2, 3 -> row 2, 2 -> row 1, 1 -> row 0: all full
+    assert row.tolist() == [0, 2, 0, 1, 1, 2] and col.tolist() == [5, 0, 0, 4, 0, 3]
+    lengths = np.random.default_rng(0).integers(1, 60, 500)
+    row, col = sft.first_fit_decreasing(lengths, 64)
+    used = np.bincount(row, weights=lengths)
+    assert used.max() <= 64 and len(used) <= np.ceil(lengths.sum() / 64) * 1.25
+
+
 def test_packing_restarts_positions_and_masks_segment_starts(tokenizer):
     ex = sft.tokenize_examples(
         Ragged.from_rows([[1], [2, 3], [4]]), np.array([2, 4, 5]), TITLES, "movies", tokenizer

@@ -10,6 +10,11 @@ seconds per call, and one LoRA (r 8, q/v) train step in seconds (PEFT on the PyT
 side, AdamW on the adapters; each side's own causal-LM loss: `token_loss_sums` of the
 `llm_sft` trainer, HF's `labels=` loss). Default config: Qwen2.5-0.5B's shape with 4 layers (the
 full 24 with --num_layers=0). Prints the table with the devices named.
+
+Then packing on semantic-ID training data (`llm_sft.sid_data`: a synthetic catalogue, or
+`--sid_dataset --sid_data_dir --semantic_ids`): the padding share and the trained tokens/s of
+full fine-tuning steps (`llm_sft.trainer.Trainer`, a small Qwen3) with one example per row
+(trimmed to its length bucket, as the trainer does) and with first-fit-decreasing packing.
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ import optax
 from absl import flags
 from flax import nnx
 
-from eval import cli
+from eval import cli, data
 from eval.allocator import active_allocator, reexec_with_tcmalloc
+from eval.data.formats import RawData, build_dataset, read_index
+from llm_sft import data as sft_data
 from llm_sft.data import IGNORE
 from llm_sft.generate import generate
 from llm_sft.lora import LoRAConfig, LoRAParam, apply_lora
@@ -146,6 +153,72 @@ def bench_torch(
     return out
 
 
+def sid_examples(dataset: str | None, data_dir: str | None, semantic_ids: str | None, n: int):
+    """Tokenized multi-task SID examples (at most `n`) and the tokenizer."""
+    from llm_sft.sid_data import SIDTasks, task_examples, tokenize_tasks
+    from llm_sft.sid_tokens import add_tokens, sid_vocabulary
+    from llm_sft.train_sid import item_codes
+
+    rng = np.random.default_rng(0)
+    if dataset:
+        ds = data.load(dataset, data_dir)
+        codes = item_codes(read_index(semantic_ids), ds, semantic_ids)
+    else:  # 2,000 users over 1,000 items with 3-level IDs, lengths 3..40
+        users = [u for u in range(2000) for _ in range(rng.integers(3, 41))]
+        raw = RawData([str(u) for u in users], [str(i) for i in rng.integers(1, 1001, len(users))])
+        raw.item_meta = {
+            str(i): {"title": f"product {i} " + "word " * int(rng.integers(1, 12))}
+            for i in range(1, 1001)
+        }
+        ds = build_dataset("synthetic", raw)
+        codes = rng.integers(0, 256, (ds.num_items + 1, 3))
+    ex = task_examples(ds, data.split(ds), codes, SIDTasks(), "items").sample(n, 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = sft_data.train_bpe_tokenizer(ex.input + ex.response, 2000, tmp)
+    add_tokens(tokenizer, sid_vocabulary(codes[1:]))
+    return tokenize_tasks(ex, tokenizer, template="chat", max_length=256), tokenizer
+
+
+def _pass_seconds(trainer, steps: list[dict], repeats: int) -> float:
+    """Median seconds of one pass of train steps over `steps`, after a compiling pass."""
+
+    def one_pass():
+        for i, batch in enumerate(steps):
+            loss = trainer.train_step(batch, i)["loss"]
+        jax.block_until_ready(loss)
+
+    one_pass()  # compiles each bucket width once
+    return median_seconds(one_pass, repeats)
+
+
+def bench_packing(
+    ex, tokenizer, rows_per_step: int, repeats: int
+) -> dict[str, tuple[float, float]]:
+    """{layout: (padding share, trained tokens/s)} for padded and packed rows."""
+    from llm_sft.model import ModelConfig
+    from llm_sft.sharding import make_mesh
+    from llm_sft.trainer import TrainConfig, Trainer, init_model
+
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    config = ModelConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=32, tie_word_embeddings=True)  # fmt: skip
+    pad, width = tokenizer.pad_token_id, 256
+    layouts = {"one example per row": sft_data.padded_arrays(ex, width, pad),
+               "packed (first-fit decreasing)": sft_data.packed_arrays(ex, width, pad)}  # fmt: skip
+    out = {}
+    for name, arrays in layouts.items():
+        train = TrainConfig(per_device_train_batch_size=rows_per_step, max_steps=10**6)
+        trainer = Trainer(init_model(config, 0, mesh), mesh, train, len(arrays["input_ids"]))
+        steps = [sft_data.trim_to_bucket({k: v[i : i + rows_per_step] for k, v in arrays.items()},
+                                         sft_data.buckets_for(width), "right")
+                 for i in range(0, len(arrays["input_ids"]) - rows_per_step + 1, rows_per_step)]  # fmt: skip
+        real = sum(int((b["attention_mask"] > 0).sum()) for b in steps)
+        slots = sum(b["attention_mask"].size for b in steps)
+        seconds = _pass_seconds(trainer, steps, repeats)
+        out[name] = (1 - real / slots, real / seconds)
+    return out
+
+
 def _define_flags() -> None:
     flags.DEFINE_string("config", None, "HF config.json (default: Qwen2.5-0.5B's, built in).")
     flags.DEFINE_integer("num_layers", 4, "Override num_hidden_layers (0: keep the config's).")
@@ -154,6 +227,10 @@ def _define_flags() -> None:
     flags.DEFINE_integer("new_tokens", 16, "Tokens generated per prompt (no early EOS).")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Params and compute dtype.")
     flags.DEFINE_integer("repeats", 3, "Timed repeats (the median is reported).")
+    flags.DEFINE_string("sid_dataset", None, "Data set of the packing line (default: synthetic).")
+    flags.DEFINE_string("sid_data_dir", None, "Its folder.")
+    flags.DEFINE_string("semantic_ids", None, "Its index json.")
+    flags.DEFINE_integer("sid_examples", 1000, "SID examples of the packing line.")
 
 
 def main(argv):
@@ -185,6 +262,17 @@ def main(argv):
     for name, jv, tv, higher_is_better in rows:
         speedup = jv / tv if higher_is_better else tv / jv
         print(f"| {name} | {jv:.3g} | {tv:.3g} | {speedup:.2f}x |")
+    ex, tokenizer = sid_examples(f.sid_dataset, f.sid_data_dir, f.semantic_ids, f.sid_examples)
+    packing = bench_packing(ex, tokenizer, 16, f.repeats)
+    print(
+        f"\npacking: {len(ex)} SID examples ({f.sid_dataset or 'synthetic'}), rows of 256 tokens, "
+        f"16 rows per step, Qwen3 hidden 128 x 2 layers, full fine-tuning; medians of {f.repeats}"
+    )
+    print("| layout | padding share | trained tokens/s |\n|---|---|---|")
+    for name, (share, tps) in packing.items():
+        print(f"| {name} | {share:.1%} | {tps:.4g} |")
+    (_, a), (_, b) = packing.values()
+    print(f"packed / one per row tokens/s: {b / a:.2f}x")
 
 
 if __name__ == "__main__":
