@@ -5,7 +5,8 @@ r"""Train a Qwen model to speak semantic IDs: vocabulary expansion, then two sta
   python -m llm_sft.train_sid ... --init=random --model_config=config.json   # CPU-sized test
 
 1. The index's tokens are added to the tokenizer and the model (`llm_sft.sid_tokens`).
-2. Stage 1 trains only the new token rows (`llm_sft.rows`: embedding + untied head; the
+2. Training examples are packed into rows of `--max_length` (first-fit decreasing;
+   `--nopack`: one per row). Stage 1 trains only the new token rows (`llm_sft.rows`: embedding + untied head; the
    optimizer state is [n, D]) on the multi-task data (`llm_sft.sid_data`).
 3. Stage 2 fine-tunes everything (`--stage2=full`) or LoRA adapters plus the new rows
    (`--stage2=lora`: LoRA alone would leave the new rows untrained).
@@ -108,7 +109,7 @@ def run(
     stage2: TrainConfig, hf_checkpoint: str | None = None, model_config: str | None = None,
     tokenizer_dir: str | None = None, codebook_size: int | None = None, lora_r: int = 0,
     tasks: SIDTasks | None = None, template: str = "chat", max_length: int = 256,
-    max_eval_examples: int = 512, num_beams: int = 20, eval_batch_size: int = 8,
+    max_eval_examples: int = 512, num_beams: int = 20, eval_batch_size: int = 8, pack: bool = True,
     mesh: str = "data:1,fsdp:-1,tensor:1", fmt: str | None = None, overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
@@ -122,7 +123,7 @@ def run(
     config = {
         "dataset": dataset, "format": fmt, **paths, "codebook_size": codebook_size, "lora_r": lora_r,
         "tasks": dataclasses.asdict(tasks) | {"weights": dict(tasks.weights)}, "template": template,
-        "max_length": max_length, "max_eval_examples": max_eval_examples, "num_beams": num_beams,
+        "max_length": max_length, "max_eval_examples": max_eval_examples, "num_beams": num_beams, "pack": pack,
         "stage1": dataclasses.asdict(stage1), "stage2": dataclasses.asdict(stage2),
     }  # fmt: skip
     outputs = ("tokenizer", "stage1", "stage2", "hf")
@@ -155,7 +156,8 @@ def run(
         )
         valid = valid.sample(max_eval_examples, stage2.seed)
         pad = tokenizer.pad_token_id
-        arrays = sft_data.padded_arrays(train_ex, max_length, pad)
+        layout = sft_data.packed_arrays if pack else sft_data.padded_arrays
+        arrays = layout(train_ex, max_length, pad)
         valid_arrays = sft_data.padded_arrays(
             tokenize_tasks(valid, tokenizer, template=template, max_length=max_length), max_length, pad
         )  # fmt: skip
@@ -225,6 +227,7 @@ def _define_flags() -> None:
     f.DEFINE_string("task_weights", ",".join(f"{t}:1" for t in TASKS), "Task mixture.")
     f.DEFINE_bool("history_titles", False, "Show titles beside history IDs.")
     f.DEFINE_integer("max_length", 256, "Max tokens per example (longer ones are dropped).")
+    f.DEFINE_bool("pack", True, "Pack training examples into rows (first-fit decreasing).")
     f.DEFINE_integer("max_eval_examples", 512, "Validation / test examples evaluated (-1: all).")
     f.DEFINE_integer("num_beams", 20, "Constrained beams for sequential recommendation.")
     f.DEFINE_string("mesh", "data:1,fsdp:-1,tensor:1", "Mesh sizes, e.g. data:2,fsdp:2,tensor:2.")
@@ -253,7 +256,7 @@ def main(argv):
         model_config=f.model_config if f.init == "random" else None, tokenizer_dir=f.tokenizer_dir,
         codebook_size=f.codebook_size, lora_r=f.lora_r if f.stage2 == "lora" else 0,
         tasks=SIDTasks(weights=parse_weights(f.task_weights), history_titles=f.history_titles),
-        max_length=f.max_length, max_eval_examples=f.max_eval_examples, num_beams=f.num_beams,
+        max_length=f.max_length, max_eval_examples=f.max_eval_examples, num_beams=f.num_beams, pack=f.pack,
         mesh=f.mesh, fmt=shared["format"], overwrite=shared["overwrite"],
     )  # fmt: skip
     seq = result["sequential"]
