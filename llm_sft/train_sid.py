@@ -10,7 +10,8 @@ r"""Train a Qwen model to speak semantic IDs: vocabulary expansion, then two sta
    optimizer state is [n, D]) on the multi-task data (`llm_sft.sid_data`).
 3. Stage 2 fine-tunes everything (`--stage2=full`) or LoRA adapters plus the new rows
    (`--stage2=lora`: LoRA alone would leave the new rows untrained).
-4. The merged model and tokenizer are exported to `<out>/hf`; test metrics: per task,
+4. The merged model and tokenizer are exported to `<out>/hf`; test metrics
+   (`llm_sft.evaluate_sid`, also `python -m llm_sft.evaluate_sid --run=<out>`): per task,
    greedy first-code accuracy / exact match / invalid share, and for sequential
    recommendation item Recall / NDCG over the full item set from constrained beams.
 
@@ -28,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 from absl import flags, logging
 from flax import nnx
 
@@ -36,7 +36,7 @@ from eval import cli, data
 from eval.allocator import reexec_with_tcmalloc
 from eval.data.examples import ArraySource
 from eval.data.formats import read_index
-from eval.errors import DataFormatError, FlagError
+from eval.errors import FlagError
 from eval.io import atomic_dir
 from eval.training import RunDir
 from eval.training.flags import (
@@ -46,6 +46,7 @@ from eval.training.flags import (
     training_flag_values,
 )
 from llm_sft import data as sft_data
+from llm_sft.evaluate_sid import evaluate, item_codes, summary_line
 from llm_sft.lora import LoRAConfig, LoRAParam, apply_lora, merge_lora
 from llm_sft.params import save_hf
 from llm_sft.rows import RowParam, apply_rows, merge_rows
@@ -53,12 +54,10 @@ from llm_sft.sharding import make_mesh
 from llm_sft.sid_data import (
     TASKS,
     SIDTasks,
-    TaskExamples,
     sequential_examples,
     task_examples,
     tokenize_tasks,
 )
-from llm_sft.sid_decode import greedy_scores, rank_items
 from llm_sft.sid_tokens import expand_vocabulary
 from llm_sft.train import load_model, parse_mesh, resolve_tokenizer
 from llm_sft.trainer import TrainConfig, Trainer
@@ -74,14 +73,6 @@ RECIPES: dict[str, dict[str, TrainConfig]] = {
 }  # fmt: skip
 STAGE1_FLAGS = {"max_steps": "stage1_steps", "learning_rate": "stage1_learning_rate",
                 "per_device_train_batch_size": "stage1_batch_size"}  # fmt: skip
-
-
-def item_codes(index: np.ndarray, ds: data.Dataset, source: str) -> np.ndarray:
-    """[N + 1, L] codes by dense item id (row 0 unused) from an index whose key k is item k
-    (dense id k + 1), as `rqvae.train` writes it."""
-    if len(index) != ds.num_items:
-        raise DataFormatError(f"{source}: {len(index)} items, but {ds.name} has {ds.num_items}")
-    return np.concatenate([np.zeros_like(index[:1]), index])
 
 
 def _fit_stage(name, model, trainable, trains: str, train: TrainConfig, arrays, valid, rd, mesh,
@@ -178,17 +169,15 @@ def run(
         with atomic_dir(rd.path / "hf") as tmp:
             save_hf(model, model.config, tmp)
             tokenizer.save_pretrained(str(tmp))
-        test = sequential_examples(ds, codes, split.test.history, split.test.targets, tasks, noun)
-        test = test.sample(max_eval_examples, stage2.seed)
-        text = task_examples(ds, split, codes, SIDTasks(weights={"text_to_sid": 1.0}), noun)
-        text = text.sample(max_eval_examples, stage2.seed)
-        kw = dict(template=template, batch_size=eval_batch_size)
-        ranking = rank_items(model, tokenizer, test, codes, num_beams=num_beams, **kw)
+        test = evaluate(
+            model, tokenizer, ds, split, codes, tasks=tasks, template=template,
+            max_examples=max_eval_examples, num_beams=num_beams, batch_size=eval_batch_size,
+            seed=stage2.seed,
+        )  # fmt: skip
         result = {
             "dataset": dataset, "semantic_ids": semantic_ids, "train_examples": len(train_ex),
             "dropped_too_long": train_ex.dropped, "sid_tokens": len(sid_ids), "stage1": s1, "stage2": s2,
-            "test_examples": len(test), "greedy": greedy_scores(model, tokenizer, TaskExamples.concat([text, test]), codes, **kw),
-            "sequential": {k: v for k, v in ranking.items() if k != "items"}, "export": str(rd.path / "hf"),
+            "test_examples": test.pop("examples"), **test, "export": str(rd.path / "hf"),
         }  # fmt: skip
         rd.write_result(result)
         return result
@@ -259,11 +248,7 @@ def main(argv):
         max_length=f.max_length, max_eval_examples=f.max_eval_examples, num_beams=f.num_beams, pack=f.pack,
         mesh=f.mesh, fmt=shared["format"], overwrite=shared["overwrite"],
     )  # fmt: skip
-    seq = result["sequential"]
-    print(f"sid-llm {result['dataset']}: HR@10={seq['HR@10']:.4f} NDCG@10={seq['NDCG@10']:.4f} "
-          f"invalid={seq['invalid']} " + " ".join(
-              f"{t}: first_code={s['first_code_accuracy']:.3f} exact={s['exact_match']:.3f}"
-              for t, s in result["greedy"].items()))  # fmt: skip
+    print(summary_line(result["dataset"], result))
 
 
 if __name__ == "__main__":

@@ -155,9 +155,9 @@ def bench_torch(
 
 def sid_examples(dataset: str | None, data_dir: str | None, semantic_ids: str | None, n: int):
     """Tokenized multi-task SID examples (at most `n`) and the tokenizer."""
+    from llm_sft.evaluate_sid import item_codes
     from llm_sft.sid_data import SIDTasks, task_examples, tokenize_tasks
     from llm_sft.sid_tokens import add_tokens, sid_vocabulary
-    from llm_sft.train_sid import item_codes
 
     rng = np.random.default_rng(0)
     if dataset:
