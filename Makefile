@@ -67,7 +67,7 @@ demo: setup
 # are small. `PYTEST_ARGS=-n0` runs it in one process.
 PYTEST_ARGS ?= -n auto
 test: setup-test
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	LLM4REC_LOCK=$(LOCK) $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-slow: setup-test
 	$(BIN)/python -m pytest -q -m slow

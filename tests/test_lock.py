@@ -1,6 +1,7 @@
 """The lock files (`requirements/*.txt`, written by `make lock`) against pyproject.toml's ranges
 and against what the running interpreter has installed."""
 
+import os
 import sys
 import tomllib
 from importlib import metadata
@@ -72,6 +73,8 @@ TOP = [r for r in CORE + EXTRAS if applies(r)]
 
 @pytest.mark.parametrize("req", TOP, ids=[r.name for r in TOP])
 def test_installed_version_is_the_pinned_one(req):
+    if os.environ.get("LLM4REC_LOCK") == "0":
+        pytest.skip("installed from the pyproject ranges (make test LOCK=0)")
     try:
         installed = Version(metadata.version(req.name))
     except metadata.PackageNotFoundError:
