@@ -255,12 +255,9 @@ def packed_arrays(
     if len(ex) and lengths.max() > max_length:
         raise ValueError(f"an example has {lengths.max()} > max_length={max_length} tokens")
     row, col = first_fit_decreasing(lengths, max_length)
-    order = np.lexsort((col, row))
+    order = np.lexsort((col, row))  # by row, then position in the row
     seg = np.empty(len(ex), np.int32)
-    first = np.concatenate([[True], row[order][1:] != row[order][:-1]]) if len(ex) else []
-    seg[order] = (
-        np.arange(len(ex)) - np.maximum.accumulate(np.where(first, np.arange(len(ex)), 0)) + 1
-    )
+    seg[order] = np.arange(len(ex)) - np.searchsorted(row[order], row[order]) + 1
     n_rows = int(row.max()) + 1 if len(ex) else 0
     pos = np.arange(len(ex.input_ids.values)) - np.repeat(ex.input_ids.offsets[:-1], lengths)
     flat = np.repeat(row * max_length + col, lengths) + pos

@@ -20,9 +20,8 @@ from absl import flags
 from eval import cli, data
 from eval.allocator import reexec_with_tcmalloc
 from eval.data.dataset import Dataset
-from eval.data.formats import read_index
+from eval.data.formats import read_item_codes
 from eval.data.splits import Split
-from eval.errors import DataFormatError
 from eval.io import atomic_write_json
 from eval.training import read_run
 from llm_sft.data import item_noun, load_tokenizer
@@ -32,14 +31,6 @@ from llm_sft.sid_data import SIDTasks, TaskExamples, sequential_examples, task_e
 from llm_sft.sid_decode import greedy_scores, rank_items
 
 SPLITS = ("test", "valid")
-
-
-def item_codes(index: np.ndarray, ds: Dataset, source: str) -> np.ndarray:
-    """[N + 1, L] codes by dense item id (row 0 unused) from an index whose key k is item k
-    (dense id k + 1), as `rqvae.train` writes it."""
-    if len(index) != ds.num_items:
-        raise DataFormatError(f"{source}: {len(index)} items, but {ds.name} has {ds.num_items}")
-    return np.concatenate([np.zeros_like(index[:1]), index])
 
 
 def evaluate(
@@ -86,7 +77,7 @@ def main(argv):
     f = flags.FLAGS
     config = read_run(f.run)["config"]
     ds = data.load(config["dataset"], f.data_dir or config["data_dir"], fmt=config["format"])
-    codes = item_codes(read_index(config["semantic_ids"]), ds, config["semantic_ids"])
+    codes = read_item_codes(config["semantic_ids"], ds)
     model, _ = load_hf(Path(f.run) / "hf")
     tasks = SIDTasks(**{**config["tasks"], "text_fields": tuple(config["tasks"]["text_fields"])})
     result = evaluate(

@@ -68,10 +68,12 @@ def _grown_rows(
     old = table[:known].astype(np.float64)
     mean = old.mean(0)
     centered = old - mean
-    cov = centered.T @ centered / max(len(old), 1)
-    chol = np.linalg.cholesky(cov * noise + np.eye(len(cov)) * 1e-12 * max(noise, 1e-30))
-    z = np.asarray(jax.random.normal(key, (len(rows), len(cov))), np.float64)
-    out[rows] = (mean + z @ chol.T).astype(table.dtype)
+    new = np.repeat(mean[None], len(rows), 0)
+    if noise > 0:
+        cov = centered.T @ centered / max(len(old), 1) * noise
+        chol = np.linalg.cholesky(cov + np.eye(len(cov)) * 1e-12 * noise)  # jitter: PD
+        new += np.asarray(jax.random.normal(key, new.shape), np.float64) @ chol.T
+    out[rows] = new.astype(table.dtype)
     return out
 
 

@@ -245,6 +245,33 @@ def run(
         return summary
 
 
+def define_model_flags() -> None:
+    """Where the model and tokenizer come from (`model_source` reads them back)."""
+    flags.DEFINE_string("hf_checkpoint", None, "HF Qwen2/Qwen3 checkpoint folder to fine-tune.")
+    flags.DEFINE_enum("init", "hf", ["hf", "random"], "Start from --hf_checkpoint or random init.")
+    flags.DEFINE_string("model_config", None, "HF config.json for --init=random.")
+    flags.DEFINE_string(
+        "tokenizer_dir",
+        None,
+        "HF tokenizer folder (default: the checkpoint's, else a trained BPE).",
+    )
+
+
+def model_source() -> dict[str, str | None]:
+    """{hf_checkpoint, model_config, tokenizer_dir} of the `define_model_flags` flags, the
+    one `--init` does not use set to None."""
+    f = flags.FLAGS
+    if f.init == "random" and not f.model_config:
+        raise FlagError("--init=random needs --model_config=FILE.json")
+    if f.init == "hf" and not f.hf_checkpoint:
+        raise FlagError("--init=hf needs --hf_checkpoint=DIR")
+    return {
+        "hf_checkpoint": f.hf_checkpoint if f.init == "hf" else None,
+        "model_config": f.model_config if f.init == "random" else None,
+        "tokenizer_dir": f.tokenizer_dir,
+    }
+
+
 def _define_flags() -> None:
     f = flags
     t = TrainConfig()
@@ -252,14 +279,7 @@ def _define_flags() -> None:
         {"dataset": "ml-100k", **config_defaults(t)},
         skip=("batch_size",), required=("data_dir", "out"),
     )  # fmt: skip
-    f.DEFINE_string("hf_checkpoint", None, "HF Qwen2/Qwen3 checkpoint folder to fine-tune.")
-    f.DEFINE_enum("init", "hf", ["hf", "random"], "Start from --hf_checkpoint or random init.")
-    f.DEFINE_string("model_config", None, "HF config.json for --init=random.")
-    f.DEFINE_string(
-        "tokenizer_dir",
-        None,
-        "HF tokenizer folder (default: the checkpoint's, else a trained BPE).",
-    )
+    define_model_flags()
     f.DEFINE_integer("warmup_steps", t.warmup_steps, "Linear warmup steps.")
     f.DEFINE_float(
         "warmup_ratio", t.warmup_ratio, "Warmup as a fraction of the steps (if warmup_steps=0)."
@@ -301,10 +321,7 @@ def _define_flags() -> None:
 def main(argv):
     del argv
     f = flags.FLAGS
-    if f.init == "random" and not f.model_config:
-        raise FlagError("--init=random needs --model_config=FILE.json")
-    if f.init == "hf" and not f.hf_checkpoint:
-        raise FlagError("--init=hf needs --hf_checkpoint=DIR")
+    source = model_source()
     shared = training_flag_values(skip=("batch_size",))
     train = TrainConfig(
         **config_flag_values(),
@@ -320,9 +337,7 @@ def main(argv):
     )
     summary = run(
         dataset=shared["dataset"], data_dir=shared["data_dir"], out=shared["out"], train=train, lora=lora,
-        hf_checkpoint=f.hf_checkpoint if f.init == "hf" else None,
-        model_config=f.model_config if f.init == "random" else None,
-        tokenizer_dir=f.tokenizer_dir, mesh=f.mesh, dtype=f.dtype,
+        **source, mesh=f.mesh, dtype=f.dtype,
         prompt_template=f.prompt_template, padding_side=f.padding_side,
         train_on_inputs=f.train_on_inputs, max_length=f.max_length, pack=f.pack,
         max_train_examples=f.max_train_examples, max_eval_examples=f.max_eval_examples,

@@ -35,7 +35,7 @@ from flax import nnx
 from eval import cli, data
 from eval.allocator import reexec_with_tcmalloc
 from eval.data.examples import ArraySource
-from eval.data.formats import read_index
+from eval.data.formats import read_item_codes
 from eval.errors import FlagError
 from eval.io import atomic_dir
 from eval.training import RunDir
@@ -46,7 +46,7 @@ from eval.training.flags import (
     training_flag_values,
 )
 from llm_sft import data as sft_data
-from llm_sft.evaluate_sid import evaluate, item_codes, summary_line
+from llm_sft.evaluate_sid import evaluate, summary_line
 from llm_sft.lora import LoRAConfig, LoRAParam, apply_lora, merge_lora
 from llm_sft.params import save_hf
 from llm_sft.rows import RowParam, apply_rows, merge_rows
@@ -59,7 +59,13 @@ from llm_sft.sid_data import (
     tokenize_tasks,
 )
 from llm_sft.sid_tokens import expand_vocabulary
-from llm_sft.train import load_model, parse_mesh, resolve_tokenizer
+from llm_sft.train import (
+    define_model_flags,
+    load_model,
+    model_source,
+    parse_mesh,
+    resolve_tokenizer,
+)
 from llm_sft.trainer import TrainConfig, Trainer
 
 RECIPES: dict[str, dict[str, TrainConfig]] = {
@@ -125,7 +131,7 @@ def run(
         device_mesh = make_mesh(**parse_mesh(mesh))
         ds = data.load(dataset, data_dir, fmt=fmt)
         split = data.split(ds)
-        codes = item_codes(read_index(semantic_ids), ds, semantic_ids)
+        codes = read_item_codes(semantic_ids, ds, codebook_size)
         model, model_cfg = load_model(
             hf_checkpoint, model_config, jnp.float32, jnp.float32, stage2.seed, device_mesh
         )
@@ -207,10 +213,7 @@ def _define_flags() -> None:
     f.DEFINE_integer("stage1_batch_size", None, "Stage-1 rows per device per step (recipe: 64).")
     f.DEFINE_string("semantic_ids", None, "Index json {item: ['<a_1>', ...]}.", required=True)
     f.DEFINE_integer("codebook_size", None, "Codes per level (default: largest code + 1).")
-    f.DEFINE_string("hf_checkpoint", None, "HF Qwen2/Qwen3 checkpoint folder.")
-    f.DEFINE_enum("init", "hf", ["hf", "random"], "Start from --hf_checkpoint or random init.")
-    f.DEFINE_string("model_config", None, "HF config.json for --init=random.")
-    f.DEFINE_string("tokenizer_dir", None, "Tokenizer (default: the checkpoint's, else a BPE).")
+    define_model_flags()
     f.DEFINE_enum("stage2", "full", ["full", "lora"], "Stage 2: every parameter, or LoRA + rows.")
     f.DEFINE_integer("lora_r", 8, "Stage-2 LoRA rank (q, k, v, o; alpha = 2 r).")
     f.DEFINE_string("task_weights", ",".join(f"{t}:1" for t in TASKS), "Task mixture.")
@@ -225,10 +228,7 @@ def _define_flags() -> None:
 def main(argv):
     del argv
     f = flags.FLAGS
-    if f.init == "random" and not f.model_config:
-        raise FlagError("--init=random needs --model_config=FILE.json")
-    if f.init == "hf" and not f.hf_checkpoint:
-        raise FlagError("--init=hf needs --hf_checkpoint=DIR")
+    source = model_source()
     shared = training_flag_values(skip=("batch_size",))
     recipe = RECIPES[f.recipe]
     fields = [x.name for x in dataclasses.fields(TrainConfig) if x.name != "max_label_tokens"]
@@ -241,8 +241,7 @@ def main(argv):
         dataset=shared["dataset"], data_dir=shared["data_dir"], semantic_ids=f.semantic_ids,
         out=shared["out"], stage1=dataclasses.replace(recipe["stage1"], seed=stage2.get("seed", 0), **stage1),
         stage2=dataclasses.replace(recipe["stage2"], **stage2),
-        hf_checkpoint=f.hf_checkpoint if f.init == "hf" else None,
-        model_config=f.model_config if f.init == "random" else None, tokenizer_dir=f.tokenizer_dir,
+        **source,
         codebook_size=f.codebook_size, lora_r=f.lora_r if f.stage2 == "lora" else 0,
         tasks=SIDTasks(weights=parse_weights(f.task_weights), history_titles=f.history_titles),
         max_length=f.max_length, max_eval_examples=f.max_eval_examples, num_beams=f.num_beams, pack=f.pack,

@@ -27,7 +27,7 @@ from flax import nnx
 
 from eval.data.dataset import Dataset, EvalExamples
 from eval.data.examples import batches, pad, prefix_source
-from eval.data.formats import DataFormatError, read_index
+from eval.data.formats import largest_code, read_item_codes
 from eval.data.splits import Split
 from eval.metrics import DEFAULT_KS, metrics_from_ranks, ranks_from_lists
 from eval.training import LoopConfig, RunDir, Task, TrainState, fit
@@ -76,23 +76,13 @@ def load_index(
     (dense id k + 1): `rqvae.train`'s row order, and the original item id for LC-Rec data.
     Every code must be < `codebook_size` when it is given; otherwise the size inferred from
     the largest code is logged."""
-    codes = read_index(path)
-    if len(codes) != ds.num_items:
-        raise DataFormatError(f"{path}: {len(codes)} items, but {ds.name} has {ds.num_items}")
-    if len(codes):
-        item, level = np.unravel_index(int(codes.argmax()), codes.shape)
-        largest = f"<{chr(ord('a') + int(level))}_{codes.max()}> (item {item})"
-        if codebook_size is not None and codes.max() >= codebook_size:
-            raise DataFormatError(
-                f"{path}: code {largest} is outside --codebook_size={codebook_size} "
-                "(a corrupted index, or the wrong --codebook_size)"
-            )
-        if codebook_size is None:
-            logging.info(
-                "%s: codebook size %d inferred from the largest code %s; --codebook_size "
-                "checks it", path, codes.max() + 1, largest,
-            )  # fmt: skip
-    return {dense: codes[dense - 1] for dense in range(1, ds.num_items + 1)}
+    codes = read_item_codes(path, ds, codebook_size)
+    if codebook_size is None and ds.num_items:
+        logging.info(
+            "%s: codebook size %d inferred from the largest code %s; --codebook_size checks it",
+            path, codes.max() + 1, largest_code(codes[1:]),
+        )  # fmt: skip
+    return {dense: codes[dense] for dense in range(1, ds.num_items + 1)}
 
 
 def as_semantic_index(index: Index, codebook_size: int | None = None) -> SemanticIndex:

@@ -32,7 +32,7 @@ from flax import nnx
 
 from eval import cli, data
 from eval.allocator import active_allocator, reexec_with_tcmalloc
-from eval.data.formats import RawData, build_dataset, read_index
+from eval.data.formats import RawData, build_dataset, read_item_codes
 from llm_sft import data as sft_data
 from llm_sft.data import IGNORE
 from llm_sft.generate import generate
@@ -155,14 +155,13 @@ def bench_torch(
 
 def sid_examples(dataset: str | None, data_dir: str | None, semantic_ids: str | None, n: int):
     """Tokenized multi-task SID examples (at most `n`) and the tokenizer."""
-    from llm_sft.evaluate_sid import item_codes
     from llm_sft.sid_data import SIDTasks, task_examples, tokenize_tasks
     from llm_sft.sid_tokens import add_tokens, sid_vocabulary
 
     rng = np.random.default_rng(0)
     if dataset:
         ds = data.load(dataset, data_dir)
-        codes = item_codes(read_index(semantic_ids), ds, semantic_ids)
+        codes = read_item_codes(semantic_ids, ds)
     else:  # 2,000 users over 1,000 items with 3-level IDs, lengths 3..40
         users = [u for u in range(2000) for _ in range(rng.integers(3, 41))]
         raw = RawData([str(u) for u in users], [str(i) for i in rng.integers(1, 1001, len(users))])

@@ -25,8 +25,6 @@ import numpy as np
 from eval.data.dataset import Dataset, DropReport, EvalExamples, ItemTable, Ragged
 from eval.errors import DataFormatError, FlagError, MissingFileError
 
-__all__ = ["DataFormatError", "RawData", "build_dataset", "read_json"]
-
 
 @dataclasses.dataclass
 class RawData:
@@ -353,6 +351,29 @@ def read_index(path: str | pathlib.Path) -> np.ndarray:
     """A semantic-ID index file (`rqvae`'s `semantic_ids.json`, LC-Rec / LETTER
     `*.index.json`: `{item: ["<a_1>", "<b_2>", ...]}`) as [N, L] int codes."""
     return index_codes(read_json(path), source=str(path))
+
+
+def largest_code(codes: np.ndarray) -> str:
+    """`<c_250> (item 17)`: the largest code of [N, L] codes and the row holding it."""
+    item, level = np.unravel_index(int(codes.argmax()), codes.shape)
+    return f"<{chr(ord('a') + int(level))}_{codes.max()}> (item {item})"
+
+
+def read_item_codes(
+    path: str | pathlib.Path, ds: Dataset, codebook_size: int | None = None
+) -> np.ndarray:
+    """[N + 1, L] codes by dense item id (row 0 zeros) from an index file whose key k is
+    the data set's item k (dense id k + 1: `rqvae.train`'s row order, and the original id
+    for LC-Rec data); every code must be < `codebook_size` when it is given."""
+    codes = read_index(path)
+    if len(codes) != ds.num_items:
+        raise DataFormatError(f"{path}: {len(codes)} items, but {ds.name} has {ds.num_items}")
+    if codebook_size is not None and len(codes) and codes.max() >= codebook_size:
+        raise DataFormatError(
+            f"{path}: code {largest_code(codes)} is outside --codebook_size={codebook_size} "
+            "(a corrupted index, or the wrong --codebook_size)"
+        )
+    return np.concatenate([np.zeros_like(codes[:1]), codes])
 
 
 def read_recbole(data_dir: pathlib.Path) -> RawData:
