@@ -3,12 +3,17 @@
 A recommender is fitted on a `Split` and then either scores every item for a batch of
 evaluation examples (`score`) or returns ranked item lists (`rank`, for generative models).
 `evaluate` runs the data set's protocol on whichever the recommender provides.
+
+Packages never import each other, so one model that builds on another's output (the
+SID LLM on TIGER's semantic IDs) reads it from a file: a recommender names the models it
+`needs`, writes what others may read under its `workdir`, and finds theirs in `inputs`.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import pathlib
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -22,6 +27,14 @@ BUDGETS = ("demo", "full")
 
 class Recommender(abc.ABC):
     """Base class: implement `fit` and one of `score` / `rank`."""
+
+    needs: tuple[str, ...] = ()  # registered models whose `workdir` files `fit` reads
+
+    def __init__(
+        self, workdir: pathlib.Path | None = None, inputs: Mapping[str, pathlib.Path] | None = None
+    ):
+        self.workdir = workdir  # where `fit` writes files for later models (None: nowhere)
+        self.inputs = dict(inputs or {})  # {needed model: its workdir}
 
     @abc.abstractmethod
     def fit(self, ds: Dataset, split: Split, *, budget: str, seed: int) -> dict:

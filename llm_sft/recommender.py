@@ -1,4 +1,6 @@
-"""BIGRec (LLM fine-tuned on Alpaca prompts) as an `eval.recommender.Recommender`.
+"""The LLM recommenders of `tools.leaderboard`: BIGRec (titles) and the SID LLM (semantic IDs).
+
+BIGRec (LLM fine-tuned on Alpaca prompts):
 
 `fit` trains a byte-level BPE tokenizer on the data set's prompts and titles, builds a
 Qwen-architecture model from random init and fine-tunes all of it on BIGRec prompts
@@ -7,6 +9,11 @@ sample of the training prefixes, the loss on the response tokens only. `rank` ru
 trie-constrained beam search over the catalogue titles (`llm_sft.evaluate`), so every
 beam is a real title; a title shared by several items lists all of them, ascending, at
 that beam's position.
+
+The SID LLM (`llm_sft.train_sid` in one process): the same BPE, the `tiger` entry's
+semantic IDs (its `semantic_ids.json`) added as tokens, a random-init Qwen3-architecture
+model, stage 1 on the new token rows, stage 2 on every parameter, over the multi-task
+data (`llm_sft.sid_data`); `rank` is the trie-constrained beam search over the IDs.
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ import numpy as np
 
 from eval.data.dataset import Dataset, EvalExamples
 from eval.data.examples import ArraySource
+from eval.data.formats import read_item_codes
 from eval.data.splits import Split
+from eval.errors import MissingFileError
 from eval.recommender import Recommender
 from llm_sft import data as sft_data
 from llm_sft.evaluate import (
@@ -33,6 +42,10 @@ from llm_sft.evaluate import (
 )
 from llm_sft.model import ModelConfig
 from llm_sft.sharding import make_mesh
+from llm_sft.sid_data import SIDTasks, sequential_examples
+from llm_sft.sid_decode import beam_items
+from llm_sft.sid_tokens import expand_vocabulary
+from llm_sft.train_sid import train_stages, training_arrays
 from llm_sft.trainer import TrainConfig, Trainer, init_model
 
 
@@ -73,6 +86,23 @@ BUDGETS: dict[str, BigRecConfig] = {
 }  # fmt: skip
 
 
+def train_tokenizer(
+    ds: Dataset, histories, vocab_size: int, num_prompts: int, rng: np.random.Generator
+):
+    """Byte-level BPE on `num_prompts` sampled BIGRec training prompts plus every title response."""
+    titles, noun = ds.items.titles, sft_data.item_noun(ds.name)
+    rows = rng.choice(len(histories), min(num_prompts, len(histories)), replace=False)
+    prompts = [
+        sft_data.prompt_text(
+            *sft_data.instruction_and_input([titles[t] for t in histories[r]], noun), "alpaca", None
+        )
+        for r in rows
+    ]
+    corpus = prompts + [sft_data.response_text(t) for t in titles[1:]]
+    with tempfile.TemporaryDirectory() as folder:
+        return sft_data.train_bpe_tokenizer(corpus, vocab_size, folder)
+
+
 class BigRecRecommender(Recommender):
     """BIGRec: a Qwen-architecture LM fine-tuned to generate the next title; ranks by
     trie-constrained beam search."""
@@ -87,7 +117,9 @@ class BigRecRecommender(Recommender):
                 "BigRecRecommender.fit: the training split has no (history, next item) pair"
             )
         rng = np.random.default_rng(seed)
-        self.tokenizer = tok = self._train_tokenizer(ds, histories, rng)
+        self.tokenizer = tok = train_tokenizer(
+            ds, histories, cfg.vocab_size, cfg.tokenizer_prompts, rng
+        )
         if len(tok) > cfg.vocab_size:
             raise ValueError(f"tokenizer has {len(tok)} tokens > vocab_size={cfg.vocab_size}")
         train = dataclasses.replace(cfg.train, seed=seed)
@@ -136,24 +168,6 @@ class BigRecRecommender(Recommender):
             "prepare_s": round(prepared - start, 1),
         }
 
-    def _train_tokenizer(self, ds: Dataset, histories, rng: np.random.Generator):
-        """Byte-level BPE on a sample of training prompts plus every title response."""
-        cfg, titles = self.cfg, ds.items.titles
-        rows = rng.choice(len(histories), min(cfg.tokenizer_prompts, len(histories)), replace=False)
-        prompts = [
-            sft_data.prompt_text(
-                *sft_data.instruction_and_input(
-                    [titles[t] for t in histories[r]], sft_data.item_noun(ds.name)
-                ),
-                "alpaca",
-                None,
-            )  # fmt: skip
-            for r in rows
-        ]
-        corpus = prompts + [sft_data.response_text(t) for t in titles[1:]]
-        with tempfile.TemporaryDirectory() as folder:
-            return sft_data.train_bpe_tokenizer(corpus, cfg.vocab_size, folder)
-
     def rank(self, examples: EvalExamples, index: np.ndarray, k: int) -> np.ndarray:
         cfg, tok, depth = self.cfg, self.tokenizer, self.trie.depth
         prompts = prompts_for(
@@ -170,3 +184,100 @@ class BigRecRecommender(Recommender):
         )  # fmt: skip
         history = examples.history.take(np.asarray(index)) if cfg.filter_history else None
         return items_of_beams(out.titles, self.groups, k, history)
+
+
+@dataclasses.dataclass(frozen=True)
+class SidLLMConfig:
+    """One leaderboard budget of the SID LLM."""
+
+    model: dict  # ModelConfig fields of the random-init Qwen3-architecture model
+    stage1: TrainConfig  # the new token rows only
+    stage2: TrainConfig  # every parameter
+    tasks: SIDTasks = SIDTasks(max_history=10)
+    vocab_size: int = 4096  # the BPE's (as BIGRec's); the ID tokens come on top
+    tokenizer_prompts: int = 2000
+    max_length: int = 256  # packed row length
+    num_beams: int = 20
+    batch_size: int = 16  # prompts per beam-search call
+
+
+QWEN3 = dict(qkv_bias=False, qk_norm=True, model_type="qwen3")
+# `demo` (ml-100k, 2-core CPU, <= 5 minutes with the ranking; about 2.5): BIGRec's 1-layer,
+# 64-wide shape, 100 stage-1 steps, 600 stage-2 steps of 16 packed rows of 256 tokens over
+# text -> ID, co-purchase and a fifth of the sequential prefixes (without text -> ID and
+# co-purchase: NDCG@10 0.0230; a half of the prefixes and 900 steps: 0.0274; lr 1e-2: same),
+# 50 beams (history items are filtered out of the list, so 20 beams leave it short: 0.0234
+# vs 0.0332). `full`: a 4-layer model, every sequential prefix for one epoch.
+SID_BUDGETS: dict[str, SidLLMConfig] = {
+    "demo": SidLLMConfig(
+        model=dict(hidden_size=64, intermediate_size=192, num_layers=1, num_heads=4, num_kv_heads=1, head_dim=16),
+        stage1=TrainConfig(learning_rate=1e-2, schedule="constant", per_device_train_batch_size=16, max_steps=100, log_every=50),
+        stage2=TrainConfig(learning_rate=3e-3, warmup_steps=20, per_device_train_batch_size=16, max_steps=600, log_every=100),
+        tasks=SIDTasks(weights=dict(text_to_sid=1.0, sid_to_text=0.0, sequential=0.2, copurchase=1.0), max_history=10),
+        num_beams=50,
+    ),
+    "full": SidLLMConfig(
+        model=dict(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32),
+        stage1=TrainConfig(learning_rate=1e-3, schedule="constant", per_device_train_batch_size=64, max_steps=2000, log_every=100),
+        stage2=TrainConfig(learning_rate=1e-3, warmup_ratio=0.03, per_device_train_batch_size=32, num_epochs=1, log_every=100),
+        vocab_size=8192, tasks=SIDTasks(max_history=20), max_length=512,
+    ),
+}  # fmt: skip
+
+
+class SidLLMRecommender(Recommender):
+    """A Qwen3-architecture LM that answers with semantic IDs (the `tiger` entry's file);
+    ranks by trie-constrained beam search over the IDs."""
+
+    needs = ("tiger",)
+
+    def fit(self, ds: Dataset, split: Split, *, budget: str, seed: int) -> dict:
+        cfg = self.cfg = SID_BUDGETS[budget]
+        index = self.inputs.get("tiger")
+        path = index / "semantic_ids.json" if index else None
+        if path is None or not path.exists():
+            raise MissingFileError(
+                f"SidLLMRecommender: no semantic IDs at {path} (the tiger entry writes them)"
+            )
+        start = time.perf_counter()
+        codes = read_item_codes(path, ds)
+        rng = np.random.default_rng(seed)
+        histories, _ = sft_data.train_histories(split.train, cfg.tasks.max_history)
+        tok = train_tokenizer(ds, histories, cfg.vocab_size, cfg.tokenizer_prompts, rng)
+        config = ModelConfig(
+            vocab_size=len(tok), rope_theta=10_000.0, tie_word_embeddings=True, **QWEN3, **cfg.model
+        )
+        mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+        model, sid_ids = expand_vocabulary(
+            init_model(config, seed, mesh), tok, codes[1:], seed=seed
+        )
+        arrays, ex = training_arrays(
+            ds, split, codes, tok, cfg.tasks, template="chat", max_length=cfg.max_length,
+            pack=True, seed=seed,
+        )  # fmt: skip
+        prepared = time.perf_counter()
+        stage1, stage2 = (dataclasses.replace(c, seed=seed) for c in (cfg.stage1, cfg.stage2))
+        self.model, stages = train_stages(
+            model, sid_ids, arrays, None, stage1=stage1, stage2=stage2, lora_r=0, mesh=mesh,
+            max_length=cfg.max_length, progress=False,
+        )  # fmt: skip
+        self.tokenizer, self.codes, self.ds = tok, codes, ds
+        return {
+            "train_examples": len(ex),
+            "dropped_too_long": ex.dropped,
+            "sid_tokens": len(sid_ids),
+            "vocab": len(tok),
+            "prepare_s": round(prepared - start, 1),
+            **{name: {k: v for k, v in s.items() if v is not None} for name, s in stages.items()},
+        }
+
+    def rank(self, examples: EvalExamples, index: np.ndarray, k: int) -> np.ndarray:
+        cfg, index = self.cfg, np.asarray(index)
+        history, targets = examples.history.take(index), examples.targets[index]
+        noun = sft_data.item_noun(self.ds.name)
+        ex = sequential_examples(self.ds, self.codes, history, targets, cfg.tasks, noun)
+        items, _ = beam_items(
+            self.model, self.tokenizer, ex, self.codes, num_beams=max(cfg.num_beams, k),
+            batch_size=cfg.batch_size, k=k, exclude=history,
+        )  # fmt: skip
+        return items

@@ -2,9 +2,9 @@
 
 - `sid_trie`: the trie over every item's ID tokens (`<|sid_start|>` codes `<|sid_end|>` EOS);
   under it beam search (and greedy) only emits complete IDs of catalogue items.
-- `rank_items`: constrained beams for `sequential` prompts -> ranked item ids (items that
-  share an ID listed together, ascending, as TIGER's evaluation does) -> Recall / NDCG
-  over the full item set, through `eval.metrics`.
+- `beam_items`: constrained beams for `sequential` prompts -> ranked item ids (items that
+  share an ID listed together, ascending, as TIGER's evaluation does); `rank_items`: their
+  Recall / NDCG over the full item set, through `eval.metrics`.
 - `code_scores`: greedy (unconstrained) outputs against the expected IDs: first-code
   accuracy and full-ID exact match (the metrics a SID model card reports), and the share
   of outputs that are no item's ID.
@@ -37,28 +37,41 @@ def prompt_ids(ex: TaskExamples, tokenizer, template: str = "chat") -> list[list
     return tokenizer(texts, add_special_tokens=template == "alpaca")["input_ids"]
 
 
-def rank_items(
+def beam_items(
     model: Qwen, tokenizer, ex: TaskExamples, codes: np.ndarray, *, template: str = "chat",
-    num_beams: int = 20, batch_size: int = 8, ks: Sequence[int] = DEFAULT_KS,
-) -> dict:  # fmt: skip
-    """Item-level metrics of constrained beam search on `ex` (targets `ex.item`), plus
-    `items` [E, num_beams], `invalid` (returned beams that are no item's ID: 0 under the
-    trie) and `empty_slots` (beams left empty: fewer distinct IDs than beams)."""
-    if num_beams < max(ks):
-        raise ValueError(f"num_beams={num_beams} < the largest cutoff {max(ks)}")
+    num_beams: int = 20, batch_size: int = 8, k: int | None = None,
+    exclude: Sequence[Sequence[int]] | None = None,
+) -> tuple[np.ndarray, dict[str, int]]:  # fmt: skip
+    """Ranked item ids [E, k or num_beams] (0 = empty slot; `exclude[e]`: items left out of
+    row e) from constrained beam search on `ex`'s prompts, and the beam counts `invalid`
+    (returned beams that are no item's ID: 0 under the trie) and `empty_slots` (beams
+    left empty: fewer distinct IDs than beams)."""
     trie = sid_trie(codes, tokenizer)
     beams = decode_batched(
         model, prompt_ids(ex, tokenizer, template), batch_size=batch_size,
         pad_id=tokenizer.pad_token_id, method="beam", num_beams=num_beams,
         num_return_sequences=num_beams, trie=trie, max_new_tokens=trie.depth,
     )  # fmt: skip
-    items = items_of_beams(beams.titles, title_items(trie), num_beams)
-    metrics = metrics_from_ranks(ranks_from_lists(items, ex.item), ks)
+    items = items_of_beams(beams.titles, title_items(trie), k or num_beams, exclude)
     valid = _valid_ids(codes, tokenizer)
     width = len(next(iter(valid)))
     filled = beams.titles >= 0
     invalid = sum(tuple(seq[:width].tolist()) not in valid for seq in beams.sequences[filled])
-    return {**metrics, "items": items, "invalid": invalid, "empty_slots": int((~filled).sum())}
+    return items, {"invalid": invalid, "empty_slots": int((~filled).sum())}
+
+
+def rank_items(
+    model: Qwen, tokenizer, ex: TaskExamples, codes: np.ndarray, *, template: str = "chat",
+    num_beams: int = 20, batch_size: int = 8, ks: Sequence[int] = DEFAULT_KS,
+) -> dict:  # fmt: skip
+    """Item-level metrics of `beam_items` on `ex` (targets `ex.item`), plus `items`
+    [E, num_beams] and its beam counts."""
+    if num_beams < max(ks):
+        raise ValueError(f"num_beams={num_beams} < the largest cutoff {max(ks)}")
+    items, counts = beam_items(
+        model, tokenizer, ex, codes, template=template, num_beams=num_beams, batch_size=batch_size
+    )
+    return {**metrics_from_ranks(ranks_from_lists(items, ex.item), ks), "items": items, **counts}
 
 
 def _valid_ids(codes: np.ndarray, tokenizer) -> set[tuple[int, ...]]:

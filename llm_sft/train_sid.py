@@ -24,11 +24,13 @@ resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 from absl import flags, logging
 from flax import nnx
 
@@ -46,8 +48,10 @@ from eval.training.flags import (
     training_flag_values,
 )
 from llm_sft import data as sft_data
+from llm_sft.data import SFTExamples
 from llm_sft.evaluate_sid import evaluate, summary_line
 from llm_sft.lora import LoRAConfig, LoRAParam, apply_lora, merge_lora
+from llm_sft.model import Qwen
 from llm_sft.params import save_hf
 from llm_sft.rows import RowParam, apply_rows, merge_rows
 from llm_sft.sharding import make_mesh
@@ -83,10 +87,11 @@ STAGE1_FLAGS = {"max_steps": "stage1_steps", "learning_rate": "stage1_learning_r
 
 def _fit_stage(name, model, trainable, trains: str, train: TrainConfig, arrays, valid, rd, mesh,
                max_length, overwrite, progress):  # fmt: skip
-    """One stage in its own run folder `<out>/<name>` (`trains`: what it trains); returns
-    (model, its summary)."""
+    """One stage, in its own run folder `<rd>/<name>` unless `rd` is None (`trains`: what
+    it trains); returns (model, its summary)."""
     config = {"train": dataclasses.asdict(train), "trains": trains}
-    with RunDir(rd.path / name, "llm_sft.sid", config, overwrite=overwrite) as stage:
+    folder = RunDir(rd.path / name, "llm_sft.sid", config, overwrite=overwrite) if rd else None
+    with folder or contextlib.nullcontext() as stage:
         trainer = Trainer(model, mesh, train, len(arrays["input_ids"]), trainable)
         info = trainer.fit(
             ArraySource(arrays), valid, buckets=sft_data.buckets_for(max_length), run=stage,
@@ -96,9 +101,52 @@ def _fit_stage(name, model, trainable, trains: str, train: TrainConfig, arrays, 
             "steps": info.steps,
             "best_step": info.best_step,
             "valid_loss": info.valid.get("loss"),
+            "final_loss": float(np.mean(info.losses[-10:])) if info.losses else None,
         }
-        stage.write_result(summary)
+        if stage:
+            stage.write_result(summary)
     return trainer.model(), summary
+
+
+def train_stages(
+    model: Qwen, sid_ids: np.ndarray, arrays: dict[str, np.ndarray],
+    valid: dict[str, np.ndarray] | None, *, stage1: TrainConfig, stage2: TrainConfig,
+    lora_r: int, mesh, max_length: int, rd: RunDir | None = None, overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[Qwen, dict[str, dict]]:  # fmt: skip
+    """Stage 1 (rows `sid_ids` only), then stage 2 (everything, or LoRA r=`lora_r` + the
+    rows); returns the merged model and {"stage1", "stage2"} summaries."""
+    fit = dict(arrays=arrays, valid=valid, rd=rd, mesh=mesh, max_length=max_length,
+               overwrite=overwrite, progress=progress)  # fmt: skip
+    model, s1 = _fit_stage(
+        "stage1", apply_rows(model, sid_ids), RowParam, "new token rows", stage1, **fit
+    )
+    model = merge_rows(model)
+    trainable, trains = nnx.Param, "every parameter"
+    if lora_r:
+        lora = LoRAConfig(r=lora_r, alpha=2.0 * lora_r, target_modules=("q", "k", "v", "o"))
+        model = apply_lora(apply_rows(model, sid_ids), lora, rngs=nnx.Rngs(stage2.seed))
+        trainable, trains = nnx.Any(LoRAParam, RowParam), f"LoRA r={lora_r} + new token rows"
+    model, s2 = _fit_stage("stage2", model, trainable, trains, stage2, **fit)
+    if lora_r:
+        model = merge_rows(merge_lora(model))
+    return model, {"stage1": s1, "stage2": s2}
+
+
+def training_arrays(
+    ds: data.Dataset, split: data.Split, codes: np.ndarray, tokenizer, tasks: SIDTasks, *,
+    template: str, max_length: int, pack: bool, seed: int,
+) -> tuple[dict[str, np.ndarray], SFTExamples]:  # fmt: skip
+    """The multi-task training rows (packed, or one example per row) and their examples."""
+    noun = sft_data.item_noun(ds.name)
+    ex = tokenize_tasks(
+        task_examples(ds, split, codes, tasks, noun, seed), tokenizer, template=template,
+        max_length=max_length,
+    )  # fmt: skip
+    if not len(ex):
+        raise FlagError(f"--max_length={max_length}: no training example fits")
+    layout = sft_data.packed_arrays if pack else sft_data.padded_arrays
+    return layout(ex, max_length, tokenizer.pad_token_id), ex
 
 
 def run(
@@ -141,37 +189,21 @@ def run(
         model, sid_ids = expand_vocabulary(
             model, tokenizer, codes[1:], codebook_size, seed=stage1.seed
         )
-        noun = sft_data.item_noun(ds.name)
-        train_ex = tokenize_tasks(
-            task_examples(ds, split, codes, tasks, noun, stage2.seed), tokenizer, template=template,
-            max_length=max_length,
+        arrays, train_ex = training_arrays(
+            ds, split, codes, tokenizer, tasks, template=template, max_length=max_length,
+            pack=pack, seed=stage2.seed,
         )  # fmt: skip
-        if not len(train_ex):
-            raise FlagError(f"--max_length={max_length}: no training example fits")
         valid = sequential_examples(
-            ds, codes, split.valid.history, split.valid.targets, tasks, noun
-        )
-        valid = valid.sample(max_eval_examples, stage2.seed)
-        pad = tokenizer.pad_token_id
-        layout = sft_data.packed_arrays if pack else sft_data.padded_arrays
-        arrays = layout(train_ex, max_length, pad)
+            ds, codes, split.valid.history, split.valid.targets, tasks, sft_data.item_noun(ds.name)
+        ).sample(max_eval_examples, stage2.seed)
         valid_arrays = sft_data.padded_arrays(
-            tokenize_tasks(valid, tokenizer, template=template, max_length=max_length), max_length, pad
+            tokenize_tasks(valid, tokenizer, template=template, max_length=max_length), max_length,
+            tokenizer.pad_token_id,
         )  # fmt: skip
-        fit = dict(arrays=arrays, valid=valid_arrays, rd=rd, mesh=device_mesh, max_length=max_length,
-                   overwrite=overwrite, progress=progress)  # fmt: skip
-        model, s1 = _fit_stage(
-            "stage1", apply_rows(model, sid_ids), RowParam, "new token rows", stage1, **fit
-        )
-        model = merge_rows(model)
-        trainable, trains = nnx.Param, "every parameter"
-        if lora_r:
-            lora = LoRAConfig(r=lora_r, alpha=2.0 * lora_r, target_modules=("q", "k", "v", "o"))
-            model = apply_lora(apply_rows(model, sid_ids), lora, rngs=nnx.Rngs(stage2.seed))
-            trainable, trains = nnx.Any(LoRAParam, RowParam), f"LoRA r={lora_r} + new token rows"
-        model, s2 = _fit_stage("stage2", model, trainable, trains, stage2, **fit)
-        if lora_r:
-            model = merge_rows(merge_lora(model))
+        model, stages = train_stages(
+            model, sid_ids, arrays, valid_arrays, stage1=stage1, stage2=stage2, lora_r=lora_r,
+            mesh=device_mesh, max_length=max_length, rd=rd, overwrite=overwrite, progress=progress,
+        )  # fmt: skip
         with atomic_dir(rd.path / "hf") as tmp:
             save_hf(model, model.config, tmp)
             tokenizer.save_pretrained(str(tmp))
@@ -182,7 +214,7 @@ def run(
         )  # fmt: skip
         result = {
             "dataset": dataset, "semantic_ids": semantic_ids, "train_examples": len(train_ex),
-            "dropped_too_long": train_ex.dropped, "sid_tokens": len(sid_ids), "stage1": s1, "stage2": s2,
+            "dropped_too_long": train_ex.dropped, "sid_tokens": len(sid_ids), **stages,
             "test_examples": test.pop("examples"), **test, "export": str(rd.path / "hf"),
         }  # fmt: skip
         rd.write_result(result)

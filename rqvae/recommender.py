@@ -3,7 +3,9 @@
 `fit` runs the whole pipeline of the package: item texts -> all-MiniLM-L6-v2
 embeddings (`rqvae.embed`) -> RQ-VAE codes (`rqvae.train`) -> collision-free IDs
 (TIGER's extra level) -> TIGER trained on the split and selected on validation
-Recall@10 (`rqvae.tiger_trainer`). `rank` is the trie-constrained beam search.
+Recall@10 (`rqvae.tiger_trainer`). `rank` is the trie-constrained beam search. The IDs
+are written to `<workdir>/semantic_ids.json` (key k = item k + 1), the file `sid-llm`
+trains on.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from rqvae.stats import code_stats
 from rqvae.tiger import SemanticIndex, Tiger, TigerConfig
 from rqvae.tiger_trainer import TigerTrainConfig, as_semantic_index, fit_tiger, rank_items
 from rqvae.train import TrainConfig, train_rqvae
+
+INDEX_FILE = "semantic_ids.json"
 
 # Per leaderboard budget: the RQ-VAE and TIGER settings. `demo` (ml-100k, 2-core CPU,
 # <= 5 minutes for the pipeline): smaller codebooks for ~1.7k items, a narrower TIGER,
@@ -76,6 +80,9 @@ class TigerRecommender(Recommender):
         _, codes, _ = train_rqvae(x, rq_cfg)
         stats = code_stats(codes, rq_cfg.model.codebook_size)
         unique = ids.append_collision_level(codes)
+        if self.workdir is not None:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            ids.write_index(self.workdir / INDEX_FILE, unique)
         self.index: SemanticIndex = as_semantic_index(
             np.concatenate([np.zeros((1, unique.shape[1]), unique.dtype), unique]),
         )

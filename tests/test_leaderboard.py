@@ -3,11 +3,14 @@
 import json
 
 import numpy as np
-from tiny import tiny_bigrec_budget, tiny_tiger_budget, write_tiny_ml100k
+import pytest
+from tiny import tiny_bigrec_budget, tiny_sid_budget, tiny_tiger_budget, write_tiny_ml100k
 
 from eval import data
 from eval.baselines import MostPopular, Transitions
 from eval.data.dataset import ItemTable, Ragged
+from eval.data.formats import read_index
+from eval.errors import FlagError
 from eval.recommender import evaluate
 from tools import leaderboard
 
@@ -75,15 +78,22 @@ def test_leaderboard_writes_tables(tmp_path, monkeypatch):
     )
     monkeypatch.setitem(tiger_recommender.BUDGETS, "demo", tiny_tiger_budget())
     monkeypatch.setitem(llm_recommender.BUDGETS, "demo", tiny_bigrec_budget())
+    monkeypatch.setitem(llm_recommender.SID_BUDGETS, "demo", tiny_sid_budget())
     monkeypatch.setattr(
         tiger_recommender,
         "item_embeddings",
         lambda ds: np.random.default_rng(1).normal(size=(ds.num_items, 16)),
     )
     write_tiny_ml100k(tmp_path / "root" / "ml-100k")
-    results = leaderboard.run(
-        ["ml-100k"], list(leaderboard.RECOMMENDERS), "demo", 1, str(tmp_path / "root")
-    )
+    work = tmp_path / "out" / "work"
+    models = list(leaderboard.RECOMMENDERS)[::-1]  # sid-llm first: it still runs after tiger
+    results = leaderboard.run(["ml-100k"], models, "demo", 1, str(tmp_path / "root"), work=work)
+    ran = list(results["ml-100k"]["models"])
+    assert ran.index("tiger") < ran.index("sid-llm")
+    # sid-llm trained on the IDs tiger wrote: one token per code, per level, plus 2.
+    ids = read_index(work / "ml-100k" / "seed0" / "tiger" / "semantic_ids.json")
+    sid = results["ml-100k"]["models"]["sid-llm"]["runs"][0]
+    assert sid["sid_tokens"] == 2 + ids.shape[1] * (ids.max() + 1) and sid["stage2"]["steps"] == 2
     leaderboard.write(results, tmp_path / "out", "demo")
     table = (tmp_path / "out" / "leaderboard.md").read_text()
     assert all(f"| {name} |" in table for name in leaderboard.RECOMMENDERS) and "NDCG@20" in table
@@ -114,3 +124,16 @@ def test_leaderboard_seeds_mean_std_ties_and_notes(tmp_path):
     assert lines[-1] == "- best learned model: b, NDCG@10 +0.0010 vs transitions (+2%)."
     assert "0.0200 ± 0.0000" in leaderboard.render({"ml-100k": {**entry, "models": {
         "most-popular": {**fake(0.02, 0.0), "fit_s": 1.25}}}}, seeds=2)  # fmt: skip
+
+
+def test_leaderboard_runs_a_model_after_the_models_it_needs(tmp_path):
+    assert leaderboard.ordered(["sid-llm", "sasrec", "tiger"]) == ["tiger", "sid-llm", "sasrec"]
+    with pytest.raises(FlagError, match="sid-llm reads the files of tiger; add tiger"):
+        leaderboard.ordered(["sid-llm"])
+    from llm_sft.recommender import SidLLMRecommender
+
+    ds = tiny_dataset()
+    with pytest.raises(FileNotFoundError, match="no semantic IDs at .*semantic_ids.json"):
+        SidLLMRecommender(tmp_path / "sid", {"tiger": tmp_path / "tiger"}).fit(
+            ds, data.split(ds), budget="demo", seed=0
+        )

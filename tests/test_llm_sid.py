@@ -243,11 +243,13 @@ def test_constrained_beams_only_name_catalogue_items(tmp_path):
     assert set(scores) == {"sequential"} and 0 <= scores["sequential"]["invalid_share"] <= 1
 
 
-def test_train_sid_end_to_end_both_stages(tmp_path):
+@pytest.mark.parametrize("lora_r", [0, 2])
+def test_train_sid_end_to_end_both_stages(tmp_path, lora_r):
     from tiny import write_tiny_ml100k
 
     from llm_sft.train_sid import run
     from llm_sft.trainer import TrainConfig
+    from tools.compare_torch import compare
 
     folder = write_tiny_ml100k(tmp_path / "ml-100k", num_users=12, num_items=16, per_user=6)
     index = tmp_path / "ids.json"
@@ -264,6 +266,7 @@ def test_train_sid_end_to_end_both_stages(tmp_path):
         dataset="ml-100k", data_dir=str(folder), semantic_ids=str(index), out=str(tmp_path / "run"),
         stage1=stage, stage2=stage, model_config=str(config), max_length=160,
         max_eval_examples=6, num_beams=20, mesh="data:2,fsdp:2,tensor:2", progress=False,
+        lora_r=lora_r,
     )  # fmt: skip
     result = run(**kwargs)
     assert result["sid_tokens"] == 2 + 2 * 4 and result["stage1"]["steps"] == 4
@@ -274,4 +277,7 @@ def test_train_sid_end_to_end_both_stages(tmp_path):
     assert len(exported.tokenize(sid_text([1, 2]))) == 4  # the SID tokens ship with it
     for name in ("stage1", "stage2"):
         assert (tmp_path / "run" / name / "result.json").exists()
+    # The export (LoRA merged, with the new rows) is what HF transformers computes.
+    diff, agree, total = compare(tmp_path / "run" / "hf", prompt=sid_text([1, 2]), max_new_tokens=4)
+    assert diff <= 1e-4 and agree == total
     assert run(**kwargs) == result  # a finished run is left alone

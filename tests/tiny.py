@@ -152,6 +152,18 @@ def tiny_bigrec_budget():
     )  # fmt: skip
 
 
+def tiny_sid_budget():
+    """A `llm_sft.recommender.SID_BUDGETS` entry that runs in seconds on `write_tiny_ml100k`."""
+    from llm_sft.recommender import SidLLMConfig
+    from llm_sft.trainer import TrainConfig
+
+    step = TrainConfig(learning_rate=1e-2, per_device_train_batch_size=2, max_steps=2)
+    return SidLLMConfig(
+        model=dict(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8),
+        stage1=step, stage2=step, vocab_size=384, tokenizer_prompts=20, max_length=192,
+    )  # fmt: skip
+
+
 # -- a toy regression task for the loop ---------------------------------------------------
 def regression_data(n: int = 64, dim: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)

@@ -10,13 +10,16 @@ every learned model that does not beat the count baselines), `<out>/leaderboard.
 `<out>/leaderboard.png` (test NDCG@10 and HR@10 per model per data set) and
 `<out>/curves_<dataset>.png` (validation NDCG@10 against step, per trained model).
 `--seeds=N` trains every model N times (seeds 0..N-1) and reports mean ± std; differences
-within the spread are called ties.
+within the spread are called ties. A model that builds on another's files (`sid-llm` on
+`tiger`'s semantic IDs) runs after it; each run's files are kept under
+`<out>/work/<dataset>/seed<k>/<model>/`.
 """
 
 from __future__ import annotations
 
 import importlib
 import pathlib
+import tempfile
 import time
 
 import numpy as np
@@ -39,17 +42,35 @@ RECOMMENDERS: dict[str, str] = {
     "hstu": "hstu.recommender:HSTURecommender",
     "tiger": "rqvae.recommender:TigerRecommender",
     "bigrec": "llm_sft.recommender:BigRecRecommender",
+    "sid-llm": "llm_sft.recommender:SidLLMRecommender",
 }
 COUNT_BASELINES = ("most-popular", "transitions")
 KS = (5, 10, 20)  # the table's cutoffs
 
 
-def make(name: str) -> Recommender:
-    """Instantiate a registered recommender by name."""
+def recommender_class(name: str) -> type[Recommender]:
+    """The class of a registered recommender."""
     if name not in RECOMMENDERS:
         raise FlagError(f"--models: unknown {name!r}; registered: {sorted(RECOMMENDERS)}")
     module, cls = RECOMMENDERS[name].split(":")
-    return getattr(importlib.import_module(module), cls)()
+    return getattr(importlib.import_module(module), cls)
+
+
+def ordered(models: list[str]) -> list[str]:
+    """`models` in their order, except that each comes after the models it `needs`."""
+    done: list[str] = []
+
+    def visit(model: str) -> None:
+        for need in recommender_class(model).needs:
+            if need not in models:
+                raise FlagError(f"--models: {model} reads the files of {need}; add {need}")
+            visit(need)
+        if model not in done:
+            done.append(model)
+
+    for model in models:
+        visit(model)
+    return done
 
 
 def data_dir(name: str, root: str | None) -> pathlib.Path:
@@ -71,10 +92,15 @@ def _mean_std(runs: list[dict]) -> tuple[dict, dict]:
 
 
 def run(
-    datasets, models, budget: str, seeds: int, root: str | None, fmt: str | None = None
-) -> dict:
-    """{dataset: {"protocol", "split", "models": {name: {"test" (mean), "test_std", "runs"}}}}."""
-    results = {}
+    datasets, models, budget: str, seeds: int, root: str | None, fmt: str | None = None,
+    work: pathlib.Path | None = None,
+) -> dict:  # fmt: skip
+    """{dataset: {"protocol", "split", "models": {name: {"test" (mean), "test_std", "runs"}}}}.
+    `work`: where each run's files go (default: a temporary folder)."""
+    if work is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return run(datasets, models, budget, seeds, root, fmt, pathlib.Path(tmp))
+    models, results = ordered(list(models)), {}
     for name in datasets:
         ds = data.load(name, data_dir(name, root), fmt=fmt)
         sp = data.split(ds)
@@ -84,7 +110,9 @@ def run(
             runs = []
             for seed in range(seeds):
                 logging.info("%s / %s (seed %d): training", name, model, seed)
-                rec = make(model)
+                folder = work / name / f"seed{seed}"
+                cls = recommender_class(model)
+                rec = cls(folder / model, {need: folder / need for need in cls.needs})
                 start = time.perf_counter()
                 info = rec.fit(ds, sp, budget=budget, seed=seed)
                 fit_s = time.perf_counter() - start
@@ -225,8 +253,9 @@ def main(argv):
     del argv
     f = flags.FLAGS
     models = f.models or list(RECOMMENDERS)
-    results = run(f.datasets, models, f.budget, f.seeds, f.data_root, f.format)
-    print(write(results, pathlib.Path(f.out), f.budget, f.seeds))
+    out = pathlib.Path(f.out)
+    results = run(f.datasets, models, f.budget, f.seeds, f.data_root, f.format, out / "work")
+    print(write(results, out, f.budget, f.seeds))
 
 
 if __name__ == "__main__":
