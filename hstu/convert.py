@@ -1,14 +1,15 @@
-"""Convert PyTorch HSTU / SASRec state dicts to the Flax NNX models and back.
+"""Convert PyTorch HSTU / SASRec / RecGPT state dicts to the Flax NNX models and back.
 
 Torch names are those of the generative-recommenders research HSTU and of
-pmixer/SASRec.pytorch (see `tools/baselines/`). CLI:
+pmixer/SASRec.pytorch, and `tools.baselines.torch_recgpt` (see `tools/baselines/`). CLI:
 
     python -m hstu.convert --torch_state_dict=model.pt --preset=hstu-ml --out=/tmp/hstu_ckpt \
         [--num_blocks=.. --num_heads=.. --embedding_dim=.. --max_seq_len=.. --num_items=..] \
         [--check_inputs=inputs.npz --check_outputs=outputs.npy]
 
 `--out` writes `config.json` and an orbax checkpoint of `nnx.state(model)` under `state/`.
-`--check_inputs` (npz with `ids` [B,N] right-padded, `timestamps` [B,N], `lengths` [B]) runs
+`--check_inputs` (npz with `ids` [B,N] right-padded, `timestamps` [B,N], `lengths` [B]; RecGPT
+also `users` [B]) runs
 the converted model in eval mode and writes its per-position embeddings [B,N,D] to
 `--check_outputs`.
 """
@@ -30,6 +31,7 @@ from eval.errors import FlagError
 from eval.io import atomic_path, atomic_write_json
 from hstu.model import HSTUConfig
 from hstu.models import MODELS, build_model, config_from_preset, model_kind, preset
+from hstu.recgpt import RecGPTConfig
 from hstu.sasrec import SASRecConfig
 
 # (torch key, flax path, kind, chunk): kind is "copy", "linear" (transpose) or "conv"
@@ -85,9 +87,26 @@ def _sasrec_entries(cfg: SASRecConfig) -> Iterator[Entry]:
     yield from _layer_norm_entries("last_layernorm", ("last_norm",))
 
 
+def _recgpt_entries(cfg: RecGPTConfig) -> Iterator[Entry]:
+    yield "item_embeddings.weight", ("item_emb", "embedding"), "copy", None
+    yield "position_embeddings.weight", ("pos_emb", "embedding"), "copy", None
+    if cfg.user_buckets:
+        yield "user_embeddings.weight", ("user_emb", "embedding"), "copy", None
+    yield "segment_embeddings.weight", ("segment_emb", "embedding"), "copy", None
+    for i in range(cfg.num_blocks):
+        t, f = f"layers.{i}.", ("blocks", i)
+        for name in ("query", "key", "value", "out"):
+            yield from _linear_entries(t + f"attention.{name}_projection", (*f, name))
+        yield from _layer_norm_entries(t + "norm1", (*f, "attn_norm"))
+        yield from _linear_entries(t + "linear1", (*f, "ffn1"))
+        yield from _linear_entries(t + "linear2", (*f, "ffn2"))
+        yield from _layer_norm_entries(t + "norm2", (*f, "ffn_norm"))
+    yield from _linear_entries("output_layer", ("head",))
+
+
 def _entries(model: nnx.Module) -> list[Entry]:
     """The key table of a model's torch layout (one per registered model)."""
-    layouts = {"hstu": _hstu_entries, "sasrec": _sasrec_entries}
+    layouts = {"hstu": _hstu_entries, "sasrec": _sasrec_entries, "recgpt": _recgpt_entries}
     return list(layouts[model_kind(model.cfg)](model.cfg))
 
 
@@ -189,17 +208,21 @@ def load_checkpoint(out_dir: str) -> nnx.Module:
     return nnx.merge(graphdef, state)
 
 
+# (item table, position table, a per-layer key with {} for the layer) of each torch layout.
+_SIZE_KEYS = {
+    "hstu": (
+        "_embedding_module._item_emb.weight",
+        "_input_features_preproc._pos_emb.weight",
+        "_hstu._attention_layers.{}._uvqk",
+    ),
+    "sasrec": ("item_emb.weight", "pos_emb.weight", "attention_layers.{}.in_proj_weight"),
+    "recgpt": ("item_embeddings.weight", "position_embeddings.weight", "layers.{}.norm1.weight"),
+}
+
+
 def _infer_sizes(kind: str, arrays: dict[str, Any], num_heads: int) -> dict[str, int]:
     """Architecture sizes readable from a torch state dict's shapes."""
-    item, pos, layer = (
-        (
-            "_embedding_module._item_emb.weight",
-            "_input_features_preproc._pos_emb.weight",
-            "_hstu._attention_layers.{}._uvqk",
-        )
-        if kind == "hstu"
-        else ("item_emb.weight", "pos_emb.weight", "attention_layers.{}.in_proj_weight")
-    )
+    item, pos, layer = _SIZE_KEYS[kind]
     if item not in arrays or pos not in arrays or layer.format(0) not in arrays:
         return {}  # let torch_state_dict_to_flax report the missing keys
     sizes = {
@@ -214,6 +237,10 @@ def _infer_sizes(kind: str, arrays: dict[str, Any], num_heads: int) -> dict[str,
         sizes.update(
             linear_dim=hdv // num_heads, attention_dim=(uvqk_cols - 2 * hdv) // (2 * num_heads)
         )
+    if kind == "recgpt":
+        sizes["ffn_dim"] = arrays["layers.0.linear1.weight"].shape[0]
+        users = arrays.get("user_embeddings.weight")
+        sizes["user_buckets"] = 0 if users is None else users.shape[0]
     return {k: int(v) for k, v in sizes.items()}
 
 
@@ -257,6 +284,7 @@ def run(
             jnp.asarray(arrays["timestamps"]),
             jnp.asarray(arrays["lengths"]),
             deterministic=True,
+            users=jnp.asarray(arrays["users"]) if "users" in arrays else None,
         )
         with atomic_path(check_outputs.removesuffix(".npy") + ".npy") as tmp:
             np.save(tmp, np.asarray(outputs))

@@ -33,6 +33,7 @@ NegativeSampling = Literal["uniform", "popularity"]
 LossName = Literal["bce", "sampled_softmax", "gbce", "full_softmax"]
 LOSSES = ("bce", "sampled_softmax", "gbce", "full_softmax")
 MASKED = -5e4  # logit of a negative equal to the positive (an "accidental hit")
+NEGATIVE_TRIES = 8  # draws per negative for `negatives_not_in_sequence`
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -46,6 +47,9 @@ class LossConfig:
     temperature: float = 0.05
     gbce_t: float = 0.75  # gBCE calibration t in [0, 1] (0: plain BCE, 1: fully calibrated)
     softmax_chunk: int = 8192  # items per chunk of the full softmax
+    # BCE's negatives redrawn (up to NEGATIVE_TRIES times) until not in the training row,
+    # as kang205/SASRec and RecGPT sample them.
+    negatives_not_in_sequence: bool = False
 
 
 def popularity_constants(ids: np.ndarray, num_items: int) -> dict[str, np.ndarray]:
@@ -81,6 +85,19 @@ def sample_negatives(
         return jax.random.randint(rng, out_shape, 1, num_items + 1)
     u = jax.random.uniform(rng, out_shape, maxval=item_cdf[-1])
     return jnp.minimum(jnp.searchsorted(item_cdf, u, side="right"), num_items - 1) + 1
+
+
+def negatives_not_in(
+    rng: jax.Array, shape: tuple[int, int], ids: jax.Array, num_items: int,
+    tries: int = NEGATIVE_TRIES,
+) -> jax.Array:  # fmt: skip
+    """One uniform negative in [1, num_items] per position of `shape` [B, T], not among
+    row b of ids [B, N]: the first of `tries` draws that is not (the last if all are)."""
+    draws = jax.random.randint(rng, (*shape, tries), 1, num_items + 1)
+    seen = jnp.any(draws[..., None] == ids[:, None, None, :], axis=-1)  # [B, T, tries]
+    first_free = jnp.argmin(seen, axis=-1)  # 0 when every draw is seen: then the last
+    pick = jnp.where(jnp.all(seen, axis=-1), tries - 1, first_free)
+    return jnp.take_along_axis(draws, pick[..., None], axis=-1)[..., 0]
 
 
 def _negative_logits(query: jax.Array, negative_emb: jax.Array) -> jax.Array:
@@ -213,9 +230,14 @@ def next_item_loss(model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Arra
     """
     cfg = model.cfg
     drop_rng, neg_rng = jax.random.split(rng)
+    ids = batch["ids"]
+    if getattr(cfg, "positions", "start") == "end":
+        # The newest input, not the target, at max_seq_len - 1, as at query time.
+        ids = jnp.where(jnp.arange(ids.shape[1]) < batch["lengths"][:, None] - 1, ids, 0)
     out = model(
-        batch["ids"], batch["timestamps"], batch["lengths"], False, rngs=nnx.Rngs(dropout=drop_rng)
-    )[:, :-1]
+        ids, batch["timestamps"], batch["lengths"], False, rngs=nnx.Rngs(dropout=drop_rng),
+        users=batch.get("users"),
+    )[:, :-1]  # fmt: skip
     targets = batch["ids"][:, 1:]
     weights = (targets != 0).astype(out.dtype)
     if cfg.loss == "full_softmax":
@@ -228,9 +250,14 @@ def next_item_loss(model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Arra
     if popularity and "item_cdf" not in batch:
         raise ValueError("negative_sampling='popularity' needs the batch's popularity_constants")
     cdf = batch["item_cdf"] if popularity else None
+    if cfg.negatives_not_in_sequence and (cfg.loss != "bce" or popularity):
+        raise ValueError("negatives_not_in_sequence is for loss='bce' with uniform negatives")
     if cfg.loss == "bce":
-        negatives = sample_negatives(neg_rng, targets.shape, cfg.num_items, 1, item_cdf=cdf)
-        negatives = negatives[..., 0]
+        if cfg.negatives_not_in_sequence:
+            negatives = negatives_not_in(neg_rng, targets.shape, batch["ids"], cfg.num_items)
+        else:
+            negatives = sample_negatives(neg_rng, targets.shape, cfg.num_items, 1, item_cdf=cdf)
+            negatives = negatives[..., 0]
         loss = bce_loss(
             out,
             model.item_embeddings(targets),

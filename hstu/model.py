@@ -233,8 +233,10 @@ class HSTU(nnx.Module, ItemScores):
         deterministic: bool = True,
         *,
         rngs: nnx.Rngs | None = None,
+        users: jax.Array | None = None,
     ) -> jax.Array:
         """ids, timestamps [B, N] right-padded (0 = padding), lengths [B] -> [B, N, D]."""
+        del users  # no user features
         n = ids.shape[1]
         if n > self.cfg.max_seq_len:
             raise ValueError(f"HSTU: input length {n} exceeds max_seq_len {self.cfg.max_seq_len}")

@@ -8,25 +8,29 @@ package is one `MODELS` line plus its `PRESETS` beside its class.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from flax import nnx
 
 from eval.errors import FlagError
 from hstu import model as hstu_model
-from hstu import sasrec
+from hstu import recgpt, sasrec
+from hstu.losses import next_item_loss
 
 
 class ModelSpec(NamedTuple):
     module: type[nnx.Module]
     config: type
+    loss: Callable = next_item_loss  # (model, batch, rng) -> (loss, aux)
 
 
 MODELS: dict[str, ModelSpec] = {
     "hstu": ModelSpec(hstu_model.HSTU, hstu_model.HSTUConfig),
     "sasrec": ModelSpec(sasrec.SASRec, sasrec.SASRecConfig),
+    "recgpt": ModelSpec(recgpt.RecGPT, recgpt.RecGPTConfig, recgpt.loss),
 }
-PRESETS: dict[str, dict[str, Any]] = {**hstu_model.PRESETS, **sasrec.PRESETS}
+PRESETS: dict[str, dict[str, Any]] = {**hstu_model.PRESETS, **sasrec.PRESETS, **recgpt.PRESETS}
 
 
 def preset(name: str) -> dict[str, Any]:

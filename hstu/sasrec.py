@@ -97,6 +97,16 @@ class SASRecConfig(LossConfig):
     ffn_multiplier: int = 1  # LiGR's SwiGLU hidden width, in multiples of embedding_dim
 
 
+def position_ids(ids: jax.Array, max_seq_len: int, positions: Positions) -> jax.Array:
+    """Position of every slot of right-padded ids [B, N]: [N] from the start, or [B, N]
+    aligned so that each row's last item is at max_seq_len - 1 (padding clipped)."""
+    n = ids.shape[1]
+    if positions == "start":
+        return jnp.arange(n)
+    lengths = jnp.sum(ids != 0, axis=1, keepdims=True)
+    return jnp.clip(max_seq_len - lengths + jnp.arange(n), 0, max_seq_len - 1)
+
+
 def _linear(d: int, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(d, d, kernel_init=XAVIER, rngs=rngs)
 
@@ -219,15 +229,6 @@ class SASRec(nnx.Module, ItemScores):
         self.blocks = nnx.List([block(cfg, rngs=rngs) for _ in range(cfg.num_blocks)])
         self.last_norm = nnx.LayerNorm(d, epsilon=LN_EPS, rngs=rngs)
 
-    def position_ids(self, ids: jax.Array) -> jax.Array:
-        """[N] from the start, or [B, N] aligned so that each row's last item is at
-        max_seq_len - 1 (padding positions clipped; they are zeroed anyway)."""
-        n = ids.shape[1]
-        if self.cfg.positions == "start":
-            return jnp.arange(n)
-        lengths = jnp.sum(ids != 0, axis=1, keepdims=True)
-        return jnp.clip(self.cfg.max_seq_len - lengths + jnp.arange(n), 0, self.cfg.max_seq_len - 1)
-
     def __call__(
         self,
         ids: jax.Array,
@@ -236,15 +237,16 @@ class SASRec(nnx.Module, ItemScores):
         deterministic: bool = True,
         *,
         rngs: nnx.Rngs | None = None,
+        users: jax.Array | None = None,
     ) -> jax.Array:
         """ids [B, N] right-padded (0 = padding) -> [B, N, D]; padding is taken from ids."""
-        del timestamps, lengths
+        del timestamps, lengths, users  # no user or time features
         n = ids.shape[1]
         if n > self.cfg.max_seq_len:
             raise ValueError(f"SASRec: input length {n} exceeds max_seq_len {self.cfg.max_seq_len}")
         valid = (ids != 0)[..., None].astype(jnp.float32)
         x = self.item_emb(ids) * math.sqrt(self.cfg.embedding_dim) + self.pos_emb(
-            self.position_ids(ids)
+            position_ids(ids, self.cfg.max_seq_len, self.cfg.positions)
         )
         x = self.emb_dropout(x, deterministic=deterministic, rngs=rngs) * valid
         for block in self.blocks:

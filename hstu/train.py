@@ -17,11 +17,13 @@ from __future__ import annotations
 import math
 import pathlib
 import time
+from collections.abc import Sequence
 
 from absl import flags, logging
 
 from eval import cli, data
 from eval.allocator import reexec_with_tcmalloc
+from eval.errors import FlagError
 from eval.training import RunDir
 from eval.training.flags import (
     config_flag_values,
@@ -31,6 +33,8 @@ from eval.training.flags import (
 )
 from hstu.evaluate import print_metrics, test_metrics
 from hstu.models import MODELS, PRESETS
+from hstu.models import preset as preset_spec
+from hstu.recgpt_stages import fit_recgpt, print_ablation
 from hstu.trainer import TrainConfig, make_trainer
 
 _OVERRIDES: list[str] = []  # config fields settable by flag (`define_field_flags`)
@@ -42,20 +46,39 @@ def _define_flags() -> None:
     flags.DEFINE_enum(
         "protocol", None, ["full", "sampled"], "Validation protocol (default: the data set's)."
     )
+    flags.DEFINE_list(
+        "prompt_lengths", ["1", "2", "3"], "RecGPT: prompt-tuning runs, K generated items each."
+    )
+    flags.DEFINE_integer(
+        "prompt_max_steps",
+        None,
+        "RecGPT: steps of each prompt-tuning run (default: as pre-training).",
+    )
+    flags.DEFINE_list(
+        "recall_shares", ["0.9", "0.8", "0.5"],
+        "RecGPT two-stage recall: stage-1 share N/k of each cutoff k tried (N chosen on validation).",
+    )  # fmt: skip
     configs = [spec.config for spec in MODELS.values()]
-    _OVERRIDES.extend(define_field_flags(*configs, TrainConfig, skip=("num_items",)))
+    _OVERRIDES.extend(define_field_flags(*configs, TrainConfig, skip=("num_items", "prompt_items")))
 
 
 def train(dataset: str, data_dir: str, preset: str, overrides: dict, out: str | None = None,
           protocol: str | None = None, fmt: str | None = None, overwrite: bool = False,
-          progress: bool = True) -> dict:  # fmt: skip
+          progress: bool = True, prompt_lengths: Sequence[int] = (1, 2, 3),
+          recall_shares: Sequence[float] = (0.9, 0.8, 0.5),
+          prompt_max_steps: int | None = None) -> dict:  # fmt: skip
     """Trains with validation selection, evaluates the selected model on test; returns the
-    result (also `<out>/result.json`). A finished `out` returns its stored result."""
+    result (also `<out>/result.json`). A finished `out` returns its stored result.
+    RecGPT presets run every stage (`hstu.recgpt_stages`; `prompt_lengths`, `recall_shares`)."""
     overrides = {k: v for k, v in overrides.items() if v is not None}  # None: the preset's
+    recgpt = preset_spec(preset)["model"] == "recgpt"
     config = {
         "dataset": dataset, "data_dir": str(pathlib.Path(data_dir).absolute()), "format": fmt,
         "preset": preset, "protocol": protocol, "overrides": overrides,
     }  # fmt: skip
+    if recgpt:
+        config |= {"prompt_lengths": list(prompt_lengths), "recall_shares": list(recall_shares),
+                   "prompt_max_steps": prompt_max_steps}  # fmt: skip
     run = RunDir(out, "hstu", config, overwrite=overwrite) if out else None
     try:
         if run is not None and run.result is not None:
@@ -66,12 +89,25 @@ def train(dataset: str, data_dir: str, preset: str, overrides: dict, out: str | 
         protocol = (
             protocol or data.DATASETS[ds.name].protocol if ds.name in data.DATASETS else "full"
         )
-        trainer = make_trainer(preset, ds.num_items, overrides)
         start = time.perf_counter()
-        info = trainer.fit(ds, split, run, protocol, progress=progress)
+        if recgpt:
+            trainer, stages = fit_recgpt(
+                ds, split, overrides, preset=preset, protocol=protocol,
+                prompt_lengths=prompt_lengths, recall_shares=recall_shares,
+                prompt_overrides={"max_steps": prompt_max_steps} if prompt_max_steps else None,
+                out=run.path if run else None, config=config, overwrite=overwrite,
+                progress=progress,
+            )  # fmt: skip
+            best = stages["stages"][f"prompt_k{stages['ablation']['best_K']}"]
+            info = {k: best[k] for k in ("steps", "best_step", "stopped_early", "valid")}
+            info |= {"ablation": stages["ablation"], "recall_n": stages["recall_n"]}
+        else:
+            trainer = make_trainer(preset, ds.num_items, overrides)
+            fitted = trainer.fit(ds, split, run, protocol, progress=progress)
+            info = {"steps": fitted.steps, "best_step": fitted.best_step,
+                    "stopped_early": fitted.stopped_early, "valid": fitted.valid}  # fmt: skip
         result = {
-            "train_s": time.perf_counter() - start, "steps": info.steps, "best_step": info.best_step,
-            "stopped_early": info.stopped_early, "valid": info.valid,
+            "train_s": time.perf_counter() - start, **info,
             "test": test_metrics(trainer, ds, split.test),
         }  # fmt: skip
         if run is not None:
@@ -82,6 +118,16 @@ def train(dataset: str, data_dir: str, preset: str, overrides: dict, out: str | 
             run.close()
 
 
+def _numbers(name: str, cast: type) -> list:
+    """The comma-separated numbers of list flag `name` (FlagError naming it otherwise)."""
+    try:
+        return [cast(v) for v in getattr(flags.FLAGS, name)]
+    except ValueError:
+        raise FlagError(
+            f"--{name}={','.join(getattr(flags.FLAGS, name))}: not {cast.__name__}s"
+        ) from None
+
+
 def main(argv):
     del argv
     f = flags.FLAGS
@@ -90,8 +136,11 @@ def main(argv):
     overrides |= {k: getattr(f, k) for k in _OVERRIDES}
     result = train(
         shared["dataset"], shared["data_dir"], f.preset, overrides, shared["out"], f.protocol,
-        shared["format"], shared["overwrite"],
+        shared["format"], shared["overwrite"], prompt_lengths=_numbers("prompt_lengths", int),
+        recall_shares=_numbers("recall_shares", float), prompt_max_steps=f.prompt_max_steps,
     )  # fmt: skip
+    if "ablation" in result:
+        print_ablation(result["ablation"])
     print_metrics(result["test"])
     best = result["valid"].get("NDCG@10", math.nan)
     print(f"steps={result['steps']} best_step={result['best_step']} train_s={result['train_s']:.1f} "

@@ -25,13 +25,13 @@ from eval import data, protocols
 from eval.data import examples as ex_lib
 from eval.data.dataset import EvalExamples
 from eval.errors import FlagError
-from eval.metrics import DEFAULT_KS
+from eval.metrics import DEFAULT_KS, history_mask
 from eval.training import FitResult, LoopConfig, RunDir, Task, TrainState, fit, step_key
 from eval.training.flags import eval_every_steps, total_steps
 from eval.training.optim import OptimizerConfig, make_optimizer
-from hstu.losses import next_item_loss, popularity_constants
+from hstu.losses import popularity_constants
 from hstu.model import scatter_target_timestamps
-from hstu.models import build_model, config_fields, config_from_preset, model_kind, preset
+from hstu.models import MODELS, build_model, config_fields, config_from_preset, model_kind, preset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +84,7 @@ def training_source(
     ts = split.train_timestamps
     return ex_lib.ArraySource(
         {
+            "users": users.astype(np.int32),
             "ids": ex_lib.pad_windows(train.values, first + starts, first + ends, max_len, "right"),
             "timestamps": ex_lib.pad_windows(
                 ts.values, first + starts, first + ends, max_len, "right"
@@ -106,7 +107,14 @@ def query_inputs(examples: EvalExamples, index: np.ndarray, max_len: int) -> dic
         target_ts = examples.target_timestamps[index]
     else:
         ts, target_ts = np.zeros_like(ids, np.int64), np.zeros(len(index), np.int64)
-    return {"ids": ids, "timestamps": ts, "lengths": lengths, "target_ts": target_ts}
+    users = examples.users[index].astype(np.int32)
+    return {
+        "ids": ids,
+        "timestamps": ts,
+        "lengths": lengths,
+        "target_ts": target_ts,
+        "users": users,
+    }
 
 
 def stochastic_length(
@@ -160,9 +168,7 @@ def item_table_shardings(mesh: Mesh, shard_items: bool):
 def _query_scores(graphdef, params, frozen, rest, inputs):
     model = nnx.merge(graphdef, params, frozen, rest)
     ts = scatter_target_timestamps(inputs["timestamps"], inputs["lengths"], inputs["target_ts"])
-    out = model(inputs["ids"], ts, inputs["lengths"], True)
-    query = out[jnp.arange(out.shape[0]), jnp.maximum(inputs["lengths"] - 1, 0)]
-    return model.item_scores(query)
+    return model.query_scores({**inputs, "timestamps": ts})
 
 
 class Trainer:
@@ -173,6 +179,9 @@ class Trainer:
         """`mesh` (axes 'data', 'model'): batches are split over 'data'; parameters are
         replicated, except the item table, split over 'model' rows when `shard_items`."""
         self.kind, self.model_cfg, self.cfg = model_kind(model_cfg), model_cfg, train_cfg
+        self.loss = MODELS[self.kind].loss
+        # Two-stage recall's stage-1 share N (RecGPT); None = one query per example.
+        self.recall_n: int | None = None
         opt = OptimizerConfig(
             learning_rate=train_cfg.learning_rate, b1=train_cfg.b1, b2=train_cfg.b2,
             weight_decay=train_cfg.weight_decay,
@@ -185,7 +194,7 @@ class Trainer:
     def train_step(self, batch: dict[str, np.ndarray], step: int) -> jax.Array:
         """One optimizer step (as `fit` takes it: rng `fold_in(key(seed), step)`); the loss."""
         key = step_key(self.cfg.seed, step)
-        return self.state.train_step(next_item_loss, batch, key)["loss"]
+        return self.state.train_step(self.loss, batch, key)["loss"]
 
     def loss_constants(self, source: ex_lib.ArraySource) -> dict[str, jax.Array]:
         """What the loss reads beside the batch: training popularity for popularity-sampled
@@ -201,9 +210,19 @@ class Trainer:
         s = self.state
         return _query_scores(s.eval_def, s.params, s.frozen, s.rest, inputs)
 
-    def scores(self, examples: EvalExamples, index: np.ndarray) -> jax.Array:
-        """Scores [len(index), N+1] over all items for examples `index` (eval mode)."""
-        return self.query_scores(query_inputs(examples, index, self.model_cfg.max_seq_len))
+    def scores(
+        self, examples: EvalExamples, index: np.ndarray, filter_history: bool = True
+    ) -> jax.Array:
+        """Scores [len(index), N+1] over all items for examples `index` (eval mode); with
+        `recall_n`, the history is left out of stage 1 when `filter_history`."""
+        inputs = query_inputs(examples, index, self.model_cfg.max_seq_len)
+        if self.recall_n is not None:
+            inputs["recall_n"] = np.int32(self.recall_n)
+            if filter_history:
+                inputs["mask"] = history_mask(
+                    examples.history, self.model_cfg.num_items, rows=index
+                )
+        return self.query_scores(inputs)
 
     def evaluate(self, ds: data.Dataset, examples: EvalExamples, protocol: str = "full",
                  filter_history: bool = True, ks=DEFAULT_KS, seed: int = 0) -> dict[str, float]:  # fmt: skip
@@ -211,7 +230,7 @@ class Trainer:
         bs = self.cfg.eval_batch_size
         if protocol == "full":
             return protocols.full_ranking(
-                lambda idx: self.scores(examples, idx),
+                lambda idx: self.scores(examples, idx, filter_history),
                 examples,
                 ds.num_items,
                 ks,
@@ -261,7 +280,7 @@ class Trainer:
             source, min(cfg.batch_size, len(source)), buckets=self.buckets()
         )
         task = Task(
-            loss=next_item_loss,
+            loss=self.loss,
             batches=functools.partial(self.batches, source),
             validate=(lambda _: self.evaluate(ds, split.valid, protocol)) if len(split.valid) else None,
             constants=self.loss_constants(source),

@@ -76,6 +76,12 @@ def test_leaderboard_writes_tables(tmp_path, monkeypatch):
     monkeypatch.setitem(
         recommender.BUDGETS, "demo", dict(max_seq_len=8, num_epochs=2, embedding_dim=8)
     )
+    monkeypatch.setitem(
+        recommender.RecGPTRecommender.prompt_budgets,
+        "demo",
+        dict(prompt_lengths=(1,), prompt_overrides={"num_epochs": 1},
+             arch={"ffn_dim": 8, "negatives_not_in_sequence": False}),
+    )  # fmt: skip
     monkeypatch.setitem(tiger_recommender.BUDGETS, "demo", tiny_tiger_budget())
     monkeypatch.setitem(llm_recommender.BUDGETS, "demo", tiny_bigrec_budget())
     monkeypatch.setitem(llm_recommender.SID_BUDGETS, "demo", tiny_sid_budget())
@@ -103,6 +109,8 @@ def test_leaderboard_writes_tables(tmp_path, monkeypatch):
     results = json.loads((tmp_path / "out" / "leaderboard.json").read_text())
     test = results["ml-100k"]["models"]["transitions"]["test"]
     assert test["num_examples"] == 20 and 0 <= test["NDCG@10"] <= test["HR@10"] <= 1
+    recgpt = results["ml-100k"]["models"]["recgpt"]["runs"][0]
+    assert recgpt["recall_n"] in (5, 8, 9) and recgpt["pretrain_valid_NDCG@10"] >= 0
     curve = results["ml-100k"]["models"]["sasrec"]["runs"][0]["curve"]
     assert [step for step, _ in curve] == sorted(step for step, _ in curve) and curve
 

@@ -1,9 +1,11 @@
-r"""Training and evaluation throughput of HSTU / SASRec: JAX vs the PyTorch baselines.
+r"""Training and evaluation throughput of HSTU / SASRec / RecGPT: JAX vs the PyTorch baselines.
 
-  python -m tools.bench_hstu [--models=hstu,sasrec] [--batch_size=128] [--max_seq_len=200]
+  python -m tools.bench_hstu [--models=hstu,sasrec,recgpt] [--batch_size=128] [--max_seq_len=200]
 
-Same model, sizes, batch and loss in both frameworks (sampled softmax, 128 uniform
-negatives shared across the batch, AdamW); random right-padded batches. Prints medians
+Same model, sizes, batch and loss in both frameworks (HSTU / SASRec: sampled softmax, 128
+uniform negatives shared across the batch; RecGPT, the `recgpt` preset's model: its
+pre-training BCE with one uniform negative per position; AdamW); random right-padded
+batches. Prints medians
 over repeats of training samples/s and evaluation users/s (full catalogue scores) and
 the JAX/PyTorch ratio, with the devices named.
 """
@@ -29,6 +31,7 @@ def _batch(rng, batch_size, max_len, num_items):
         "ids": ids.astype(np.int32),
         "timestamps": ts.astype(np.int64),
         "lengths": lengths.astype(np.int32),
+        "users": rng.integers(0, 10_000, batch_size).astype(np.int32),
     }
 
 
@@ -37,11 +40,14 @@ def _median_rate(fn, items_per_call: int, calls: int, repeats: int) -> float:
 
 
 def bench_jax(model: str, batch, num_items: int, calls: int, repeats: int) -> tuple[float, float]:
-    preset = {"hstu": "hstu-ml", "sasrec": "sasrec-ml"}[model]
     n = batch["ids"].shape[1]
-    tr = make_trainer(
-        preset, num_items, dict(max_seq_len=n, negatives_shared="batch", dropout_rate=0.2)
-    )
+    if model == "recgpt":
+        tr = make_trainer("recgpt", num_items, dict(max_seq_len=n, negatives_not_in_sequence=False))
+    else:
+        preset = {"hstu": "hstu-ml", "sasrec": "sasrec-ml"}[model]
+        tr = make_trainer(
+            preset, num_items, dict(max_seq_len=n, negatives_shared="batch", dropout_rate=0.2)
+        )
     step = [0]
 
     def train(k):
@@ -63,7 +69,71 @@ def bench_jax(model: str, batch, num_items: int, calls: int, repeats: int) -> tu
     return _median_rate(train, b, calls, repeats), _median_rate(evaluate, b, calls, repeats)
 
 
+def _torch_rates(net, opt, loss, scores, batch_size: int, calls: int, repeats: int):
+    """(train samples/s, eval users/s) of a PyTorch model: `loss()` steps, `scores()` calls."""
+    import torch
+
+    def train(k):
+        net.train()
+        for _ in range(k):
+            value = loss()
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+
+    def evaluate(k):
+        net.eval()
+        with torch.no_grad():
+            for _ in range(k):
+                scores()
+
+    train(2)
+    evaluate(2)
+    return (
+        _median_rate(train, batch_size, calls, repeats),
+        _median_rate(evaluate, batch_size, calls, repeats),
+    )
+
+
+def bench_torch_recgpt(batch, num_items: int, calls: int, repeats: int) -> tuple[float, float]:
+    """The `recgpt` preset's model and pre-training step in PyTorch (Adam, BCE)."""
+    import torch
+    import torch.nn.functional as F
+
+    from hstu.recgpt import PRESETS
+    from tools.baselines.torch_recgpt import RecGPT
+
+    torch.set_num_threads(cpu_threads())
+    arch = PRESETS["recgpt"]["arch"]
+    sizes = ("embedding_dim", "num_blocks", "num_heads", "ffn_dim", "dropout_rate")
+    n = batch["ids"].shape[1]
+    net = RecGPT(num_items, max_seq_len=n, **{k: arch[k] for k in sizes})
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
+    ids, lengths, users = (
+        torch.from_numpy(batch[k].astype(np.int64)) for k in ("ids", "lengths", "users")
+    )
+    inputs = ids.masked_fill(torch.arange(n)[None, :] >= lengths[:, None] - 1, 0)
+
+    def loss():
+        out = net(inputs, users)[:, :-1]
+        targets = ids[:, 1:]
+        negatives = torch.randint(1, num_items + 1, targets.shape)
+        table = net.item_embeddings.weight
+        pos = (out * table[targets]).sum(-1)
+        neg = (out * table[negatives]).sum(-1)
+        w = (targets != 0).float()
+        return ((F.softplus(-pos) * w).sum() + (F.softplus(neg) * w).sum()) / w.sum()
+
+    def scores():
+        out = net(ids, users)
+        return out[torch.arange(len(ids)), lengths - 1] @ net.item_embeddings.weight.T
+
+    return _torch_rates(net, opt, loss, scores, len(ids), calls, repeats)
+
+
 def bench_torch(model: str, batch, num_items: int, calls: int, repeats: int) -> tuple[float, float]:
+    if model == "recgpt":
+        return bench_torch_recgpt(batch, num_items, calls, repeats)
     import torch
     import torch.nn.functional as F
 
@@ -101,39 +171,27 @@ def bench_torch(model: str, batch, num_items: int, calls: int, repeats: int) -> 
     )
     args = (ids, ts, lengths) if model == "hstu" else (ids,)
 
-    def train(k):
-        net.train()
-        for _ in range(k):
-            out = F.normalize(net(*args)[:, :-1], dim=-1)
-            targets = ids[:, 1:]
-            negatives = torch.randint(1, num_items + 1, (128,))
-            emb = F.normalize(table(), dim=-1)
-            pos = (out * emb[targets]).sum(-1, keepdim=True)
-            neg = out @ emb[negatives].T
-            neg = neg.masked_fill(negatives[None, None, :] == targets[..., None], -5e4)
-            nll = -F.log_softmax(torch.cat([pos, neg], -1) / 0.05, -1)[..., 0]
-            w = (targets != 0).float()
-            loss = (nll * w).sum() / w.sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    def loss():
+        out = F.normalize(net(*args)[:, :-1], dim=-1)
+        targets = ids[:, 1:]
+        negatives = torch.randint(1, num_items + 1, (128,))
+        emb = F.normalize(table(), dim=-1)
+        pos = (out * emb[targets]).sum(-1, keepdim=True)
+        neg = out @ emb[negatives].T
+        neg = neg.masked_fill(negatives[None, None, :] == targets[..., None], -5e4)
+        nll = -F.log_softmax(torch.cat([pos, neg], -1) / 0.05, -1)[..., 0]
+        w = (targets != 0).float()
+        return (nll * w).sum() / w.sum()
 
-    def evaluate(k):
-        net.eval()
-        with torch.no_grad():
-            for _ in range(k):
-                out = net(*args)
-                query = F.normalize(out[torch.arange(len(ids)), lengths - 1], dim=-1)
-                query @ F.normalize(table(), dim=-1).T
+    def scores():
+        query = F.normalize(net(*args)[torch.arange(len(ids)), lengths - 1], dim=-1)
+        return query @ F.normalize(table(), dim=-1).T
 
-    train(2)
-    evaluate(2)
-    b = len(ids)
-    return _median_rate(train, b, calls, repeats), _median_rate(evaluate, b, calls, repeats)
+    return _torch_rates(net, opt, loss, scores, len(ids), calls, repeats)
 
 
 def _define_flags() -> None:
-    flags.DEFINE_list("models", ["hstu", "sasrec"], "Models to time.")
+    flags.DEFINE_list("models", ["hstu", "sasrec", "recgpt"], "Models to time.")
     flags.DEFINE_integer("batch_size", 128, "Training / evaluation batch.")
     flags.DEFINE_integer("max_seq_len", 200, "Sequence length N.")
     flags.DEFINE_integer("num_items", 3706, "Catalogue size (ML-1M's by default).")

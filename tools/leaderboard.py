@@ -40,6 +40,7 @@ RECOMMENDERS: dict[str, str] = {
     "transitions": "eval.baselines:Transitions",
     "sasrec": "hstu.recommender:SASRecRecommender",
     "hstu": "hstu.recommender:HSTURecommender",
+    "recgpt": "hstu.recommender:RecGPTRecommender",
     "tiger": "rqvae.recommender:TigerRecommender",
     "bigrec": "llm_sft.recommender:BigRecRecommender",
     "sid-llm": "llm_sft.recommender:SidLLMRecommender",
