@@ -41,10 +41,10 @@ class ItemScores:
             return (query @ self.item_table().T).at[..., 0].set(-jnp.inf)
         return jnp.einsum("...d,...cd->...c", query, self.item_embeddings(item_ids))
 
-    def query_scores(self, inputs: dict[str, jax.Array]) -> jax.Array:
+    def query_scores(self, inputs: dict[str, jax.Array], recall_n: int | None = None) -> jax.Array:
         """Scores [B, num_items + 1] of `hstu.trainer.query_inputs` rows: the encoder's
         output at each row's last item against the item table (eval mode)."""
-        if "recall_n" in inputs:
+        if recall_n is not None:
             raise ValueError(f"{type(self).__name__} has no two-stage recall")
         lengths = inputs["lengths"]
         out = self(inputs["ids"], inputs["timestamps"], lengths, True)

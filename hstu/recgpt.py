@@ -20,7 +20,7 @@ Stages (`prompt_items` K of the config): K = 0 pre-trains with `hstu.losses.next
 prompt-tunes (`prompt_loss`): the model being tuned generates K items (greedy top-1 of the
 head, no gradient, on every batch) that replace the last K input slots or follow every
 real item (`prompt_placement`), marked by segment 1; full-catalogue cross-entropy of the
-head, labels always real items. Two-stage recall (`query_scores` with a `recall_n`): the
+head, labels always real items. Two-stage recall (`query_scores(..., recall_n=N)`): the
 top N of the history, then one generated item appended and the rest of the list from
 that second query.
 """
@@ -249,11 +249,11 @@ class RecGPT(nnx.Module, ItemScores):
             return self.head_logits(h)
         return self.item_scores(h)
 
-    def query_scores(self, inputs: dict[str, jax.Array]) -> jax.Array:
+    def query_scores(self, inputs: dict[str, jax.Array], recall_n: int | None = None) -> jax.Array:
         """Scores [B, num_items + 1] of `hstu.trainer.query_inputs` rows (eval mode).
 
-        With `inputs["recall_n"]` = N (a scalar: one compiled program for every N),
-        two-stage recall (the code's `infer_GPT_recall_2`): stage 1 ranks the history's
+        With `recall_n` = N (static: a top-N, where ranking the whole catalogue would cost
+        a sort per row), two-stage recall (the code's `infer_GPT_recall_2`): stage 1 ranks the history's
         query; its top N (history items excluded by `inputs["mask"]`, when given) come
         first, in order. The greedy generated item is then appended (segment 1; the oldest
         item dropped from a full window) and the second query's scores order every other
@@ -262,7 +262,7 @@ class RecGPT(nnx.Module, ItemScores):
         ids, lengths, users = inputs["ids"], inputs["lengths"], inputs["users"]
         h1 = last_position(self(ids, users=users), lengths)
         s1 = self.ranking_scores(h1)
-        if "recall_n" not in inputs:
+        if recall_n is None:
             return s1
         generated = jnp.argmax(self.generation_logits(h1), axis=-1)
         n = ids.shape[1]
@@ -277,9 +277,13 @@ class RecGPT(nnx.Module, ItemScores):
         )
         if "mask" in inputs:
             s1 = jnp.where(inputs["mask"], -jnp.inf, s1)
-        rank = jnp.argsort(jnp.argsort(-s1, axis=-1, stable=True), axis=-1, stable=True)
-        recall_n = inputs["recall_n"]
-        return jnp.where(rank < recall_n, RECALL_BONUS + (recall_n - rank).astype(s2.dtype), s2)
+        _, top = jax.lax.top_k(s1, recall_n)
+        bonus = (
+            jnp.zeros_like(s2)
+            .at[jnp.arange(len(ids))[:, None], top]
+            .set(RECALL_BONUS + jnp.arange(recall_n, 0, -1, dtype=s2.dtype))
+        )
+        return jnp.where(bonus > 0, bonus, s2)
 
 
 def head_from_items(model: RecGPT) -> None:

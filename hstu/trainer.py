@@ -164,11 +164,11 @@ def item_table_shardings(mesh: Mesh, shard_items: bool):
     return lambda tree: jax.tree.map_with_path(spec, tree)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _query_scores(graphdef, params, frozen, rest, inputs):
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _query_scores(graphdef, params, frozen, rest, inputs, recall_n):
     model = nnx.merge(graphdef, params, frozen, rest)
     ts = scatter_target_timestamps(inputs["timestamps"], inputs["lengths"], inputs["target_ts"])
-    return model.query_scores({**inputs, "timestamps": ts})
+    return model.query_scores({**inputs, "timestamps": ts}, recall_n)
 
 
 class Trainer:
@@ -208,7 +208,7 @@ class Trainer:
     def query_scores(self, inputs: dict[str, np.ndarray]) -> jax.Array:
         """Scores [B, N+1] over all items of `query_inputs` rows (eval mode)."""
         s = self.state
-        return _query_scores(s.eval_def, s.params, s.frozen, s.rest, inputs)
+        return _query_scores(s.eval_def, s.params, s.frozen, s.rest, inputs, self.recall_n)
 
     def scores(
         self, examples: EvalExamples, index: np.ndarray, filter_history: bool = True
@@ -216,12 +216,8 @@ class Trainer:
         """Scores [len(index), N+1] over all items for examples `index` (eval mode); with
         `recall_n`, the history is left out of stage 1 when `filter_history`."""
         inputs = query_inputs(examples, index, self.model_cfg.max_seq_len)
-        if self.recall_n is not None:
-            inputs["recall_n"] = np.int32(self.recall_n)
-            if filter_history:
-                inputs["mask"] = history_mask(
-                    examples.history, self.model_cfg.num_items, rows=index
-                )
+        if self.recall_n is not None and filter_history:
+            inputs["mask"] = history_mask(examples.history, self.model_cfg.num_items, rows=index)
         return self.query_scores(inputs)
 
     def evaluate(self, ds: data.Dataset, examples: EvalExamples, protocol: str = "full",

@@ -129,7 +129,7 @@ def test_two_stage_recall_lists_stage_one_then_stage_two():
     mask = np.zeros((3, NUM_ITEMS + 1), bool)
     mask[0, [3, 4, 5, 6, 7]] = True
     s1 = np.asarray(model.query_scores(inputs))
-    scores = np.asarray(model.query_scores({**inputs, "mask": jnp.asarray(mask), "recall_n": 4}))
+    scores = np.asarray(model.query_scores({**inputs, "mask": jnp.asarray(mask)}, recall_n=4))
     order = np.argsort(-scores, axis=1, kind="stable")
     first = np.argsort(-np.where(mask, -np.inf, s1), axis=1, kind="stable")[:, :4]
     np.testing.assert_array_equal(order[:, :4], first)
