@@ -214,10 +214,14 @@ class Trainer:
         self, examples: EvalExamples, index: np.ndarray, filter_history: bool = True
     ) -> jax.Array:
         """Scores [len(index), N+1] over all items for examples `index` (eval mode); with
-        `recall_n`, the history is left out of stage 1 when `filter_history`."""
+        `recall_n`, the history (not the target) is left out of stage 1 when `filter_history`."""
         inputs = query_inputs(examples, index, self.model_cfg.max_seq_len)
         if self.recall_n is not None and filter_history:
-            inputs["mask"] = history_mask(examples.history, self.model_cfg.num_items, rows=index)
+            # Stage 1 draws from what the protocol ranks: the history out, the target in
+            # (`eval.protocols.full_ranking` never excludes a target seen before).
+            mask = history_mask(examples.history, self.model_cfg.num_items, rows=index)
+            mask[np.arange(len(index)), examples.targets[index]] = False
+            inputs["mask"] = mask
         return self.query_scores(inputs)
 
     def evaluate(self, ds: data.Dataset, examples: EvalExamples, protocol: str = "full",

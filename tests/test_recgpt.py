@@ -219,3 +219,25 @@ def test_every_recgpt_setting_has_a_train_flag():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     fields = {f.name for f in dataclasses.fields(RecGPTConfig)} - {"num_items", "prompt_items"}
     assert fields <= set(json.loads(out.stdout)), fields - set(json.loads(out.stdout))
+
+
+def test_two_stage_equals_one_stage_up_to_n_even_for_repeated_targets():
+    """With N >= k, two-stage HR / NDCG @k equal the one-stage ones under the protocol
+    (history filtered, the target kept), here with every target repeated from its history."""
+    from tiny import ring_split
+
+    from eval.data.dataset import EvalExamples
+    from hstu.trainer import make_trainer
+
+    ds, sp = ring_split()
+    tr = make_trainer("recgpt", ds.num_items, {**TINY, "prompt_items": 1, "user_buckets": 64})
+    h = sp.test.history
+    repeated = EvalExamples(sp.test.users, h, h.values[h.offsets[1:] - 1])
+    for examples in (sp.test, repeated):
+        one = tr.evaluate(ds, examples, "full", True, (1, 5))
+        tr.recall_n = 5
+        two = tr.evaluate(ds, examples, "full", True, (1, 5))
+        tr.recall_n = None
+        assert two["HR@5"] == pytest.approx(one["HR@5"]) and two["NDCG@5"] == pytest.approx(
+            one["NDCG@5"]
+        )
