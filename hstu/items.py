@@ -18,6 +18,11 @@ def l2_normalize(x: jax.Array, eps: float = L2_EPS) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
+def last_position(out: jax.Array, lengths: jax.Array) -> jax.Array:
+    """out [B, N, ...] at each row's last real position (lengths - 1)."""
+    return out[jnp.arange(out.shape[0]), jnp.maximum(lengths - 1, 0)]
+
+
 class ItemScores:
     """Mixin for a model with an `item_emb` table (`nnx.Embed`, row 0 = padding) whose
     items are L2-normalised when `normalize_items` is True."""
@@ -46,6 +51,5 @@ class ItemScores:
         output at each row's last item against the item table (eval mode)."""
         if recall_n is not None:
             raise ValueError(f"{type(self).__name__} has no two-stage recall")
-        lengths = inputs["lengths"]
-        out = self(inputs["ids"], inputs["timestamps"], lengths, True)
-        return self.item_scores(out[jnp.arange(out.shape[0]), jnp.maximum(lengths - 1, 0)])
+        out = self(inputs["ids"], inputs["timestamps"], inputs["lengths"], True)
+        return self.item_scores(last_position(out, inputs["lengths"]))

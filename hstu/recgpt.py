@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hstu.dropout import Dropout
-from hstu.items import ItemScores
+from hstu.items import ItemScores, last_position
 from hstu.losses import LossConfig, LossName, chunked_softmax_loss, next_item_loss
 from hstu.sasrec import Positions, position_ids
 
@@ -178,11 +178,6 @@ class GPTBlock(nnx.Module):
         ffn = self.ffn2(jax.nn.gelu(self.ffn1(x), approximate=False))
         x = self.ffn_norm(x + self.dropout(ffn, deterministic=deterministic, rngs=rngs))
         return x.reshape(b, n, d)
-
-
-def last_position(out: jax.Array, lengths: jax.Array) -> jax.Array:
-    """out [B, N, ...] at each row's last real position (lengths - 1)."""
-    return out[jnp.arange(out.shape[0]), jnp.maximum(lengths - 1, 0)]
 
 
 class RecGPT(nnx.Module, ItemScores):
