@@ -29,14 +29,20 @@ class ItemScores:
 
     normalize_items: bool
 
-    def item_embeddings(self, item_ids: jax.Array) -> jax.Array:
-        """Item embeddings [..., D] (L2-normalised when `normalize_items`)."""
-        emb = self.item_emb(item_ids)
+    def item_rows(self, item_ids: jax.Array, table: jax.Array | None = None) -> jax.Array:
+        """Raw rows [..., D] of `table` (training's dropped table) or of `item_emb`."""
+        return self.item_emb(item_ids) if table is None else table[item_ids]
+
+    def item_embeddings(self, item_ids: jax.Array, table: jax.Array | None = None) -> jax.Array:
+        """Item embeddings [..., D] (L2-normalised when `normalize_items`), from `table`
+        when given."""
+        emb = self.item_rows(item_ids, table)
         return l2_normalize(emb) if self.normalize_items else emb
 
-    def item_table(self) -> jax.Array:
-        """The whole item table [num_items + 1, D] (L2-normalised when `normalize_items`)."""
-        table = self.item_emb.embedding[...]
+    def item_table(self, table: jax.Array | None = None) -> jax.Array:
+        """The whole item table [num_items + 1, D] (`table` when given), L2-normalised
+        when `normalize_items`."""
+        table = self.item_emb.embedding[...] if table is None else table
         return l2_normalize(table) if self.normalize_items else table
 
     def item_scores(self, query: jax.Array, item_ids: jax.Array | None = None) -> jax.Array:

@@ -234,14 +234,17 @@ class HSTU(nnx.Module, ItemScores):
         *,
         rngs: nnx.Rngs | None = None,
         users: jax.Array | None = None,
+        item_table: jax.Array | None = None,
     ) -> jax.Array:
-        """ids, timestamps [B, N] right-padded (0 = padding), lengths [B] -> [B, N, D]."""
+        """ids, timestamps [B, N] right-padded (0 = padding), lengths [B] -> [B, N, D];
+        inputs are rows of `item_table` when given (training's dropped table)."""
         del users  # no user features
         n = ids.shape[1]
         if n > self.cfg.max_seq_len:
             raise ValueError(f"HSTU: input length {n} exceeds max_seq_len {self.cfg.max_seq_len}")
         valid = (ids != 0)[..., None]
-        x = self.item_emb(ids) * math.sqrt(self.cfg.embedding_dim) + self.pos_emb(jnp.arange(n))
+        x = self.item_rows(ids, item_table) * math.sqrt(self.cfg.embedding_dim)
+        x = x + self.pos_emb(jnp.arange(n))
         x = self.emb_dropout(x, deterministic=deterministic, rngs=rngs) * valid
         for layer in self.layers:
             x = layer(x, timestamps, lengths, deterministic=deterministic, rngs=rngs)

@@ -209,16 +209,19 @@ class RecGPT(nnx.Module, ItemScores):
         *,
         rngs: nnx.Rngs | None = None,
         users: jax.Array | None = None,
+        item_table: jax.Array | None = None,
         segments: jax.Array | None = None,
     ) -> jax.Array:
-        """ids [B, N] right-padded (0 = padding), users [B], segments [B, N] -> [B, N, D]."""
+        """ids [B, N] right-padded (0 = padding), users [B], segments [B, N] -> [B, N, D];
+        inputs are rows of `item_table` when given (training's dropped table)."""
         del timestamps, lengths
         cfg = self.cfg
         if ids.shape[1] > cfg.max_seq_len:
             raise ValueError(
                 f"RecGPT: input length {ids.shape[1]} exceeds max_seq_len {cfg.max_seq_len}"
             )
-        x = self.item_emb(ids) + self.pos_emb(position_ids(ids, cfg.max_seq_len, cfg.positions))
+        x = self.item_rows(ids, item_table)
+        x = x + self.pos_emb(position_ids(ids, cfg.max_seq_len, cfg.positions))
         x = x + self.segment_emb(jnp.zeros_like(ids) if segments is None else segments)
         if self.user_emb is not None:
             if users is None:

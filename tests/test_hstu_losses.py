@@ -165,6 +165,35 @@ def test_every_loss_trains_both_models(kind, loss):
     assert np.all(np.isfinite(values)) and np.mean(values[-5:]) < np.mean(values[:5]), values
 
 
+@pytest.mark.parametrize("kind", ["sasrec", "hstu", "recgpt"])
+def test_item_dropout_drops_one_table_that_inputs_and_scores_both_read(kind):
+    """The loss with `item_dropout` equals the undropped loss of a model whose item table is
+    the dropped one (same step key): one mask per step, shared by inputs and scores."""
+    extra = dict(user_buckets=0) if kind == "recgpt" else {}
+    cfg = MODELS[kind].config(
+        num_items=NUM_ITEMS, max_seq_len=10, embedding_dim=D, num_blocks=1, dropout_rate=0.0,
+        loss="bce", item_dropout=0.5, **extra,
+    )  # fmt: skip
+    model = build_model(cfg, 0)
+    batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+    key = jax.random.key(7)
+    dropped, _ = losses.next_item_loss(model, batch, key)
+    table = model.item_emb.embedding[...]
+    mask = losses.Dropout(0.5)(
+        table, deterministic=False,
+        rngs=nnx.Rngs(dropout=jax.random.fold_in(key, losses.ITEM_DROPOUT_STREAM)),
+    )  # fmt: skip
+    assert 0.4 < float(jnp.mean(mask == 0)) < 0.6
+    plain, _ = losses.next_item_loss(model, batch, key)
+    assert float(plain) == float(dropped)  # the mask is a function of the key only
+    undropped = build_model(dataclasses.replace(cfg, item_dropout=0.0), 0)
+    full, _ = losses.next_item_loss(undropped, batch, key)
+    undropped.item_emb.embedding[...] = mask
+    same, _ = losses.next_item_loss(undropped, batch, key)
+    np.testing.assert_allclose(float(same), float(dropped), rtol=1e-6)
+    assert abs(float(full) - float(dropped)) > 1e-3
+
+
 def test_popularity_sampling_without_its_constants_is_refused():
     cfg = SASRecConfig(
         num_items=NUM_ITEMS,

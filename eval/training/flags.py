@@ -75,7 +75,9 @@ RANGES: dict[str, Range] = {
          "stochastic_length_alpha"),
         _NON_NEGATIVE,
     ),
-    **dict.fromkeys(("dropout_rate", "dropout", "lora_dropout", "b1", "b2"), _FRACTION),
+    **dict.fromkeys(
+        ("dropout_rate", "dropout", "lora_dropout", "item_dropout", "b1", "b2"), _FRACTION
+    ),
     **dict.fromkeys(("gbce_t", "warmup_ratio", "final_lr_ratio"), Range(0, 1)),
     **dict.fromkeys(
         ("max_train_examples", "max_examples", "max_valid_examples"), Range(1, all_value=-1)
