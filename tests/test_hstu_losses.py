@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from hstu import losses
+from hstu.dropout import Dropout
 from hstu.model import HSTUConfig
 from hstu.models import MODELS, build_model
 from hstu.sasrec import SASRecConfig, position_ids
@@ -178,17 +179,16 @@ def test_item_dropout_drops_one_table_that_inputs_and_scores_both_read(kind):
     batch = {k: jnp.asarray(v) for k, v in _batch().items()}
     key = jax.random.key(7)
     dropped, _ = losses.next_item_loss(model, batch, key)
-    table = model.item_emb.embedding[...]
-    mask = losses.Dropout(0.5)(
-        table, deterministic=False,
+    dropped_table = Dropout(0.5)(
+        model.item_emb.embedding[...], deterministic=False,
         rngs=nnx.Rngs(dropout=jax.random.fold_in(key, losses.ITEM_DROPOUT_STREAM)),
     )  # fmt: skip
-    assert 0.4 < float(jnp.mean(mask == 0)) < 0.6
-    plain, _ = losses.next_item_loss(model, batch, key)
-    assert float(plain) == float(dropped)  # the mask is a function of the key only
+    assert 0.4 < float(jnp.mean(dropped_table == 0)) < 0.6
+    again, _ = losses.next_item_loss(model, batch, key)
+    assert float(again) == float(dropped)  # the mask is a function of the key only
     undropped = build_model(dataclasses.replace(cfg, item_dropout=0.0), 0)
     full, _ = losses.next_item_loss(undropped, batch, key)
-    undropped.item_emb.embedding[...] = mask
+    undropped.item_emb.embedding[...] = dropped_table
     same, _ = losses.next_item_loss(undropped, batch, key)
     np.testing.assert_allclose(float(same), float(dropped), rtol=1e-6)
     assert abs(float(full) - float(dropped)) > 1e-3
