@@ -3,7 +3,8 @@
     error: data/u.data:17: expected an integer, got '3.x': '1\t3.x\t4\t881250949'
 
 on stderr with exit status 2, no traceback; `--traceback` (or `LLM4REC_TRACEBACK=1`)
-re-raises for developers. A flag absl rejects while parsing (a value out of its range,
+re-raises for developers. A process of a multi-process run that fails exits at once,
+so that the others are not left waiting for it. A flag absl rejects while parsing (a value out of its range,
 an unknown flag) is reported the same way. Programming errors are not caught.
 """
 
@@ -12,10 +13,12 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import traceback
 from collections.abc import Callable
 
 from absl import app, flags
 
+from eval.distributed import initialize_from_flags
 from eval.errors import UserError
 from eval.training.flags import validate_ranges
 
@@ -33,7 +36,13 @@ def _guarded(main: Callable[[list[str]], object]) -> Callable[[list[str]], objec
     @functools.wraps(main)
     def guarded(argv: list[str]) -> object:
         try:
-            return main(argv)
+            joined = initialize_from_flags()
+            try:
+                return main(argv)
+            except BaseException as e:
+                if joined:  # the others would wait for this process at jax's shutdown
+                    _exit_now(e)
+                raise
         except UserError as e:
             if flags.FLAGS.traceback or os.environ.get("LLM4REC_TRACEBACK"):
                 raise
@@ -41,6 +50,21 @@ def _guarded(main: Callable[[list[str]], object]) -> Callable[[list[str]], objec
             sys.exit(EXIT_USER_ERROR)
 
     return guarded
+
+
+def _exit_now(error: BaseException) -> None:
+    """Ends a process of a multi-process run at once (no atexit), reporting `error`."""
+    if isinstance(error, UserError) and not flags.FLAGS.traceback:
+        report(error)
+        code = EXIT_USER_ERROR
+    elif isinstance(error, SystemExit):
+        code = error.code if isinstance(error.code, int) else 1
+    else:
+        traceback.print_exception(error)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -53,6 +77,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def run(main: Callable[[list[str]], object]) -> None:
     """`app.run(main)`; flags range-checked (`eval.training.flags.RANGES`), bad flags and
-    user errors as one line (see module doc)."""
+    user errors as one line (see module doc); a multi-process run joined first
+    (`eval.distributed`)."""
     validate_ranges()
     app.run(_guarded(main), flags_parser=_parse_flags)

@@ -81,6 +81,20 @@ def full_ranking(
     return _summary(np.concatenate(ranks), ks)
 
 
+def full_ranking_by_ranks(
+    rank_fn: Callable[[np.ndarray], np.ndarray | jax.Array],
+    examples: EvalExamples,
+    ks: Sequence[int] = DEFAULT_KS,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """`full_ranking` for a model that ranks the catalogue itself (e.g. per shard of a
+    split item table, `eval.sharded_ranking`): `rank_fn(index)` -> the targets' ranks [B]."""
+    ranks = []
+    for index, n in _padded_batches(len(examples), batch_size):
+        ranks.append(np.asarray(rank_fn(index))[:n])
+    return _summary(np.concatenate(ranks), ks)
+
+
 def _draw_items(rng: np.random.Generator, num_items: int, probs: np.ndarray | None, size):
     """Item ids in 1..N, uniform (probs None) or with probabilities `probs` [N+1]."""
     if probs is None:

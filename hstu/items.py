@@ -57,5 +57,9 @@ class ItemScores:
         output at each row's last item against the item table (eval mode)."""
         if recall_n is not None:
             raise ValueError(f"{type(self).__name__} has no two-stage recall")
+        return self.item_scores(self.query_embeddings(inputs))
+
+    def query_embeddings(self, inputs: dict[str, jax.Array]) -> jax.Array:
+        """The encoder's output [B, D] at each `query_inputs` row's last item (eval mode)."""
         out = self(inputs["ids"], inputs["timestamps"], inputs["lengths"], True)
-        return self.item_scores(last_position(out, inputs["lengths"]))
+        return last_position(out, inputs["lengths"])

@@ -10,6 +10,12 @@ negatives). `--out` is an `eval.training` run folder: `run.json` (data set, pres
 overrides: what `python -m hstu.evaluate --run=<out>` rebuilds the model from),
 `metrics.jsonl`, `checkpoints/{latest,best}`, `result.json`. Rerunning the same command
 resumes from the last checkpoint; a finished run prints its result and leaves it alone.
+
+`--mesh=data:8` (axes `data`, `model`) splits each batch over the devices of the run;
+`--shard_items` splits the item table's rows over `model`. A multi-process run
+(`eval.distributed`, `python -m tools.launch`) spans every process's devices, by default
+all over `data`. The mesh is not part of the run's flags: a run written by N processes
+resumes on M.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ import pathlib
 import time
 from collections.abc import Sequence
 
+import jax
 from absl import flags, logging
 
 from eval import cli, data
 from eval.allocator import reexec_with_tcmalloc
+from eval.distributed import make_mesh, parse_mesh
 from eval.errors import FlagError
 from eval.training import RunDir
 from eval.training.flags import (
@@ -58,6 +66,13 @@ def _define_flags() -> None:
         "recall_shares", ["0.9", "0.8", "0.5"],
         "RecGPT two-stage recall: stage-1 share N/k of each cutoff k tried (N chosen on validation).",
     )  # fmt: skip
+    flags.DEFINE_string(
+        "mesh", None, "Device mesh over axes data, model, e.g. data:4,model:2 (default: one "
+        "device; every device over data in a multi-process run).",
+    )  # fmt: skip
+    flags.DEFINE_bool(
+        "shard_items", False, "Split the item table's rows over the mesh's model axis."
+    )
     configs = [spec.config for spec in MODELS.values()]
     _OVERRIDES.extend(define_field_flags(*configs, TrainConfig, skip=("num_items", "prompt_items")))
 
@@ -66,10 +81,12 @@ def train(dataset: str, data_dir: str, preset: str, overrides: dict, out: str | 
           protocol: str | None = None, fmt: str | None = None, overwrite: bool = False,
           progress: bool = True, prompt_lengths: Sequence[int] = (1, 2, 3),
           recall_shares: Sequence[float] = (0.9, 0.8, 0.5),
-          prompt_max_steps: int | None = None) -> dict:  # fmt: skip
+          prompt_max_steps: int | None = None, mesh: str | None = None,
+          shard_items: bool = False) -> dict:  # fmt: skip
     """Trains with validation selection, evaluates the selected model on test; returns the
     result (also `<out>/result.json`). A finished `out` returns its stored result.
-    RecGPT presets run every stage (`hstu.recgpt_stages`; `prompt_lengths`, `recall_shares`)."""
+    RecGPT presets run every stage (`hstu.recgpt_stages`; `prompt_lengths`, `recall_shares`).
+    `mesh`: `--mesh` (see module doc)."""
     overrides = {k: v for k, v in overrides.items() if v is not None}  # None: the preset's
     recgpt = preset_spec(preset)["model"] == "recgpt"
     config = {
@@ -79,7 +96,14 @@ def train(dataset: str, data_dir: str, preset: str, overrides: dict, out: str | 
     if recgpt:
         config |= {"prompt_lengths": list(prompt_lengths), "recall_shares": list(recall_shares),
                    "prompt_max_steps": prompt_max_steps}  # fmt: skip
-    run = RunDir(out, "hstu", config, overwrite=overwrite) if out else None
+    if mesh is None and jax.process_count() > 1:
+        mesh = "data:-1"
+    if recgpt and (mesh or shard_items):
+        raise FlagError(f"--preset={preset}: RecGPT runs on one device (no --mesh, --shard_items)")
+    device_mesh = make_mesh(parse_mesh(mesh, ("data", "model"))) if mesh else None
+    info = {"mesh": dict(device_mesh.shape) if device_mesh else None, "shard_items": shard_items,
+            "processes": jax.process_count()}  # fmt: skip
+    run = RunDir(out, "hstu", config, info=info, overwrite=overwrite) if out else None
     try:
         if run is not None and run.result is not None:
             logging.info("--out=%s is a finished run; its result.json is kept", run.path)
@@ -102,7 +126,7 @@ def train(dataset: str, data_dir: str, preset: str, overrides: dict, out: str | 
             info = {k: best[k] for k in ("steps", "best_step", "stopped_early", "valid")}
             info |= {"ablation": stages["ablation"], "recall_n": stages["recall_n"]}
         else:
-            trainer = make_trainer(preset, ds.num_items, overrides)
+            trainer = make_trainer(preset, ds.num_items, overrides, device_mesh, shard_items)
             fitted = trainer.fit(ds, split, run, protocol, progress=progress)
             info = {"steps": fitted.steps, "best_step": fitted.best_step,
                     "stopped_early": fitted.stopped_early, "valid": fitted.valid}  # fmt: skip
@@ -138,6 +162,7 @@ def main(argv):
         shared["dataset"], shared["data_dir"], f.preset, overrides, shared["out"], f.protocol,
         shared["format"], shared["overwrite"], prompt_lengths=_numbers("prompt_lengths", int),
         recall_shares=_numbers("recall_shares", float), prompt_max_steps=f.prompt_max_steps,
+        mesh=f.mesh, shard_items=f.shard_items,
     )  # fmt: skip
     if "ablation" in result:
         print_ablation(result["ablation"])

@@ -26,6 +26,7 @@ from eval.data import examples as ex_lib
 from eval.data.dataset import EvalExamples
 from eval.errors import FlagError
 from eval.metrics import DEFAULT_KS, history_mask
+from eval.sharded_ranking import ranks_and_top_k
 from eval.training import FitResult, LoopConfig, RunDir, Task, TrainState, fit, step_key
 from eval.training.flags import eval_every_steps, total_steps
 from eval.training.optim import OptimizerConfig, make_optimizer
@@ -171,6 +172,23 @@ def _query_scores(graphdef, params, frozen, rest, inputs, recall_n):
     return model.query_scores({**inputs, "timestamps": ts}, recall_n)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _queries_and_table(graphdef, params, frozen, rest, inputs):
+    model = nnx.merge(graphdef, params, frozen, rest)
+    ts = scatter_target_timestamps(inputs["timestamps"], inputs["lengths"], inputs["target_ts"])
+    return model.query_embeddings({**inputs, "timestamps": ts}), model.item_table()
+
+
+def padded_history(examples: EvalExamples, index: np.ndarray) -> np.ndarray:
+    """History item ids [len(index), longest history of `examples`], 0-padded (a static
+    width for every batch of one example set)."""
+    width = max(int(examples.history.lengths.max(initial=0)), 1)
+    rows = examples.history.take(index)
+    out = np.zeros((len(index), width), np.int32)
+    out[np.arange(width)[None, :] < rows.lengths[:, None]] = rows.values
+    return out
+
+
 class Trainer:
     """One HSTU / SASRec model, its optimizer state, scoring and `fit` (the shared loop)."""
 
@@ -190,6 +208,12 @@ class Trainer:
             build_model(model_cfg, train_cfg.seed), make_optimizer(opt, 1), mesh=mesh,
             shardings=item_table_shardings(mesh, shard_items) if mesh is not None else None,
         )  # fmt: skip
+        # Full ranking per shard of the item table (`eval.sharded_ranking`) when it is split.
+        self.sharded_table = (
+            shard_items
+            and mesh is not None
+            and (model_cfg.num_items + 1) % mesh.shape["model"] == 0
+        )
 
     def train_step(self, batch: dict[str, np.ndarray], step: int) -> jax.Array:
         """One optimizer step (as `fit` takes it: rng `fold_in(key(seed), step)`); the loss."""
@@ -224,10 +248,29 @@ class Trainer:
             inputs["mask"] = mask
         return self.query_scores(inputs)
 
+    def sharded_ranks(self, examples: EvalExamples, index: np.ndarray,
+                      filter_history: bool = True) -> jax.Array:  # fmt: skip
+        """Target ranks [len(index)] (full ranking) computed per shard of the split item
+        table: no [batch, num_items] array on one device."""
+        s = self.state
+        inputs = query_inputs(examples, index, self.model_cfg.max_seq_len)
+        queries, table = _queries_and_table(s.eval_def, s.params, s.frozen, s.rest, inputs)
+        history = (
+            padded_history(examples, index)
+            if filter_history
+            else np.zeros((len(index), 1), np.int32)
+        )
+        targets = examples.targets[index].astype(np.int32)
+        return ranks_and_top_k(queries, table, targets, history, k=1, mesh=s.mesh)[0]
+
     def evaluate(self, ds: data.Dataset, examples: EvalExamples, protocol: str = "full",
                  filter_history: bool = True, ks=DEFAULT_KS, seed: int = 0) -> dict[str, float]:  # fmt: skip
         """Metrics on `examples`: full ranking (history filtered or not) or 100 sampled negatives."""
         bs = self.cfg.eval_batch_size
+        if protocol == "full" and self.sharded_table and self.recall_n is None:
+            return protocols.full_ranking_by_ranks(
+                lambda idx: self.sharded_ranks(examples, idx, filter_history), examples, ks, bs
+            )
         if protocol == "full":
             return protocols.full_ranking(
                 lambda idx: self.scores(examples, idx, filter_history),

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from eval import distributed
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -21,21 +22,7 @@ Spec = Sequence[str | tuple[str, ...] | None]
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
     """Builds a ('data', 'fsdp', 'tensor') mesh with Auto axes; one size may be -1 (fill)."""
-    devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, tensor]
-    if sizes.count(-1) > 1:
-        raise ValueError(f"make_mesh: at most one axis size may be -1, got {sizes}")
-    if -1 in sizes:
-        known = int(np.prod([s for s in sizes if s != -1]))
-        if len(devices) % known:
-            raise ValueError(f"make_mesh: {len(devices)} devices not divisible by {known}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
-        raise ValueError(
-            f"make_mesh: mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs "
-            f"{int(np.prod(sizes))} devices, have {len(devices)}"
-        )
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    return distributed.make_mesh(dict(zip(MESH_AXES, (data, fsdp, tensor), strict=True)), devices)
 
 
 def mesh_active() -> bool:

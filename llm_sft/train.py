@@ -29,6 +29,7 @@ from flax import nnx
 from eval import cli, data
 from eval.allocator import reexec_with_tcmalloc
 from eval.data.examples import ArraySource
+from eval.distributed import parse_mesh
 from eval.errors import ConfigError, FlagError, MissingFileError
 from eval.io import atomic_dir
 from eval.training import RunDir
@@ -49,17 +50,6 @@ from llm_sft.trainer import TrainConfig, Trainer, init_model
 RUN_OUTPUTS = ("tokenizer", "adapter", "hf")  # besides eval.training's, removed by --overwrite
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MAX_HISTORY = 10  # history items per prompt (BIGRec), see llm_sft.data.tokenize_examples
-
-
-def parse_mesh(spec: str) -> dict[str, int]:
-    """``"data:2,fsdp:2,tensor:2"`` -> {'data': 2, 'fsdp': 2, 'tensor': 2} (missing axes 1)."""
-    sizes = dict.fromkeys(MESH_AXES, 1)
-    for part in filter(None, spec.split(",")):
-        name, _, size = part.partition(":")
-        if name not in sizes or not size.lstrip("-").isdigit():
-            raise FlagError(f"--mesh={spec!r}: expected 'axis:size,...' over {MESH_AXES}")
-        sizes[name] = int(size)
-    return sizes
 
 
 def parse_targets(flag: str) -> tuple[str, ...] | str:
@@ -170,7 +160,7 @@ def run(
         if rd.result is not None:
             logging.info("--out=%s is a finished run; its result.json is kept", rd.path)
             return rd.result
-        device_mesh = make_mesh(**parse_mesh(mesh))
+        device_mesh = make_mesh(**parse_mesh(mesh, MESH_AXES))
         compute = DTYPES[dtype]
         # LoRA keeps the frozen base in the compute dtype; full fine-tuning stores fp32 masters.
         param_dtype = compute if lora else jnp.float32

@@ -38,6 +38,7 @@ from eval import cli, data
 from eval.allocator import reexec_with_tcmalloc
 from eval.data.examples import ArraySource
 from eval.data.formats import read_item_codes
+from eval.distributed import parse_mesh
 from eval.errors import FlagError
 from eval.io import atomic_dir
 from eval.training import RunDir
@@ -54,7 +55,7 @@ from llm_sft.lora import LoRAConfig, LoRAParam, apply_lora, merge_lora
 from llm_sft.model import Qwen
 from llm_sft.params import save_hf
 from llm_sft.rows import RowParam, apply_rows, merge_rows
-from llm_sft.sharding import make_mesh
+from llm_sft.sharding import MESH_AXES, make_mesh
 from llm_sft.sid_data import (
     TASKS,
     SIDTasks,
@@ -67,7 +68,6 @@ from llm_sft.train import (
     define_model_flags,
     load_model,
     model_source,
-    parse_mesh,
     resolve_tokenizer,
 )
 from llm_sft.trainer import TrainConfig, Trainer
@@ -176,7 +176,7 @@ def run(
         if rd.result is not None:
             logging.info("--out=%s is a finished run; its result.json is kept", rd.path)
             return rd.result
-        device_mesh = make_mesh(**parse_mesh(mesh))
+        device_mesh = make_mesh(**parse_mesh(mesh, MESH_AXES))
         ds = data.load(dataset, data_dir, fmt=fmt)
         split = data.split(ds)
         codes = read_item_codes(semantic_ids, ds, codebook_size)

@@ -150,6 +150,13 @@ def test_data_parallel_matches_single_device():
         a, b = single.train_step(batch, step), multi.train_step(batch, step)
         assert float(a) == pytest.approx(float(b), abs=1e-5)
     np.testing.assert_allclose(flat_params(single), flat_params(multi), atol=1e-5)
+    assert multi.sharded_table  # full ranking per shard: the same metrics
+    for filtered in (True, False):
+        a, b = (
+            single.evaluate(ds, sp.valid, filter_history=filtered),
+            multi.evaluate(ds, sp.valid, filter_history=filtered),
+        )
+        assert b == pytest.approx(a, abs=1e-6), filtered
 
 
 def test_training_windows_cover_every_target_once():

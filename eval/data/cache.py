@@ -4,11 +4,15 @@ The cache holds `data.npz` (sequences, timestamps, ratings, evaluation examples)
 `items.json` (the item table and drop report) and `manifest.json` (source hashes, options).
 It is rebuilt whenever a source file or an option changes, and (with a warning) when an
 entry cannot be read. Every file is written atomically, the manifest last: it marks a complete
-entry.
+entry. A build holds an exclusive lock (`<cache>/locks/<entry>.lock`), so processes loading the same entry
+at once (the processes of one multi-process run, two runs side by side) build it once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -65,21 +69,51 @@ def load(
     }
     key = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
     folder = pathlib.Path(cache_dir or default_cache_dir()) / "processed" / f"{name}-{key}"
-    if use_cache and (folder / _MANIFEST).exists():
-        try:
-            if json.loads((folder / _MANIFEST).read_text()) != manifest:
-                raise ValueError(f"{_MANIFEST} does not match the sources and options")
-            return _read(folder, name)
-        except _DAMAGED as e:
+    build = functools.partial(
+        build_dataset, name, min_rating=min_rating, k_core=k_core, duplicates=duplicates
+    )
+    if not use_cache:
+        return build(spec.read(data_dir))
+    cached = _cached(folder, name, manifest, warn=False)
+    if cached is not None:
+        return cached
+    with _locked(folder):
+        cached = _cached(folder, name, manifest, warn=True)  # built while we waited?
+        if cached is not None:
+            return cached
+        ds = build(spec.read(data_dir))
+        _write(folder, ds, manifest)
+    return ds
+
+
+def _cached(folder: pathlib.Path, name: str, manifest: dict, warn: bool) -> Dataset | None:
+    """The complete entry in `folder` made from `manifest`, else None (`warn`: say why a
+    damaged one is rebuilt)."""
+    if not (folder / _MANIFEST).exists():
+        return None
+    try:
+        if json.loads((folder / _MANIFEST).read_text()) != manifest:
+            raise ValueError(f"{_MANIFEST} does not match the sources and options")
+        return _read(folder, name)
+    except _DAMAGED as e:
+        if warn:
             logging.warning(
                 "data cache %s is damaged (%s: %s); rebuilding it", folder, type(e).__name__, e
             )
-    ds = build_dataset(
-        name, spec.read(data_dir), min_rating=min_rating, k_core=k_core, duplicates=duplicates
-    )
-    if use_cache:
-        _write(folder, ds, manifest)
-    return ds
+        return None
+
+
+@contextlib.contextmanager
+def _locked(folder: pathlib.Path):
+    """Holds the exclusive build lock of cache entry `folder` (released if the process dies)."""
+    locks = folder.parent.parent / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{folder.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _sha256(path: pathlib.Path) -> str:

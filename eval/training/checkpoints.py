@@ -188,12 +188,6 @@ class MemoryCheckpoints:
     def latest_step(self) -> None:
         return None
 
-    def latest_meta(self) -> dict:
-        """The JSON meta of the last `latest` step (without reading its state)."""
-        step = self.latest_step()
-        restored = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return restored["meta"]
-
     def discard_best_after(self, step: int | None) -> None:
         del step
 

@@ -12,7 +12,8 @@ validation function and hooks. The loop owns the rest:
   state, non-finite metrics never win), the `best` checkpoint when improved, then the
   `latest` checkpoint (the resumable state, after `task.after_eval`);
 * train records every `log_every` steps and at each evaluation (means of the step
-  metrics), `metrics.jsonl` + TensorBoard, a progress bar with ETA on a terminal;
+  metrics), `metrics.jsonl` + TensorBoard, a progress bar with ETA on a terminal (all by
+  process 0 of a multi-process run);
 * a non-finite loss or gradient norm stops the run with `NonFiniteError` naming the
   step and the last good checkpoint; the check runs on the host at every log point (no
   per-step sync), always before a checkpoint is written, so no non-finite state is saved;
@@ -36,6 +37,7 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
+from eval.distributed import is_primary
 from eval.errors import FlagError, UserError
 from eval.training.checkpoints import Checkpoints, MemoryCheckpoints
 from eval.training.metrics_log import NullLogger, RunLogger
@@ -162,15 +164,16 @@ def fit(state: TrainState, task: Task, config: LoopConfig, run: RunDir | None = 
             selection.load(meta["selection"])
             finished, stopped = meta["finished"], meta["stopped_early"]
         ckpt.discard_best_after(selection.best_step)
-        logger = RunLogger(run.path, resume_step=step) if run else NullLogger()
-        if run and (step or logger.dropped):
+        logger = RunLogger(run.path, resume_step=step) if run and run.primary else NullLogger()
+        if run and run.primary and (step or logger.dropped):
             logging.warning(
                 "%s: resuming at step %d (%s); %d metric records after it dropped (they are redone)",
                 run.path, step, ckpt.describe_latest(), logger.dropped,
             )  # fmt: skip
         key = jax.random.key(config.seed)
-        show = config.progress and sys.stderr.isatty() and not finished
-        lines = config.progress and not show
+        progress = config.progress and is_primary()
+        show = progress and sys.stderr.isatty() and not finished
+        lines = progress and not show
         start = (step, time.perf_counter())
         bar = tqdm(total=config.total_steps, initial=step, disable=not show, desc=config.desc)
         batches = task.batches(step) if not finished else iter(())

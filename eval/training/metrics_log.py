@@ -77,7 +77,9 @@ class RunLogger:
 
 
 class NullLogger:
-    """The logger of a run without a folder: records nothing."""
+    """The logger of a run without a folder (or of a process other than 0): records nothing."""
+
+    dropped = 0
 
     def log(self, step: int, split: str, metrics: dict[str, Any]) -> None:
         del step, split, metrics

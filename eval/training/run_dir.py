@@ -11,6 +11,8 @@
 dies), so two runs cannot write one folder. Reopening a folder compares the new `config`
 with `run.json` and refuses differing flags by name; `overwrite=True` starts over. A
 folder with `result.json` is a finished run: its result is returned, never rewritten.
+In a multi-process run (`eval.distributed`) process 0 does all of this; the others wait
+for it, then read `run.json` and write nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pathlib
 import shutil
 from typing import Any
 
+from eval.distributed import barrier, is_primary
 from eval.errors import MissingFileError, UserError
 from eval.io import atomic_write_json
 from eval.training.metrics_log import METRICS_FILE, plain
@@ -92,6 +95,13 @@ class RunDir:
         """`config`: compared with run.json on reopening; `info`: recorded, not compared;
         `outputs`: the package's own files / folders, deleted with the run by `overwrite`."""
         self.path = pathlib.Path(path).absolute()
+        self.package, self.config = package, _normalised(config)
+        self.primary = is_primary()
+        if not self.primary:
+            barrier(f"run folder {self.path}")  # process 0 has checked and set it up
+            self._lock = None
+            self.info = json.loads((self.path / RUN_FILE).read_text())["info"]
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = open(self.path / LOCK_FILE, "a+")  # noqa: SIM115 (closed in close())
         try:
@@ -115,7 +125,6 @@ class RunDir:
                     shutil.rmtree(target)
                 elif target.exists():
                     target.unlink()
-        self.package, self.config = package, _normalised(config)
         run_file = self.path / RUN_FILE
         if run_file.is_file():
             old = json.loads(run_file.read_text())
@@ -131,9 +140,12 @@ class RunDir:
         else:
             self.info = dict(info or {})
         self.write_run()
+        barrier(f"run folder {self.path}")
 
     def write_run(self) -> None:
-        """(Re)writes run.json with the current `info`."""
+        """(Re)writes run.json with the current `info` (process 0 only)."""
+        if not self.primary:
+            return
         write_json(
             self.path / RUN_FILE,
             {"package": self.package, "config": self.config, "info": self.info},
@@ -146,10 +158,11 @@ class RunDir:
         return json.loads(file.read_text()) if file.is_file() else None
 
     def write_result(self, result: dict[str, Any]) -> None:
-        write_json(self.path / RESULT_FILE, result)
+        if self.primary:
+            write_json(self.path / RESULT_FILE, result)
 
     def close(self) -> None:
-        if not self._lock.closed:
+        if self._lock is not None and not self._lock.closed:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
 

@@ -28,6 +28,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from eval.distributed import global_array
+
 LossFn = Callable[[nnx.Module, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
 AfterUpdate = Callable[[nnx.Module, dict], None]
 
@@ -176,7 +178,8 @@ class TrainState:
     # -- the step -------------------------------------------------------------------------
     def put_batch(self, batch: Mapping[str, np.ndarray], accumulation: int = 1) -> dict:
         """Host batch [rows, ...] -> device arrays, [accumulation, rows / accumulation, ...]
-        when accumulating, split over the mesh's data axes."""
+        when accumulating, split over the mesh's data axes (the global batch: each process
+        of a multi-process run copies its devices' rows)."""
         if accumulation > 1:
             rows = len(next(iter(batch.values())))
             if rows % accumulation:
@@ -185,7 +188,10 @@ class TrainState:
         if self.mesh is None:
             return dict(batch)
         spec = P(None, self.data_axes) if accumulation > 1 else P(self.data_axes)
-        return jax.device_put(dict(batch), NamedSharding(self.mesh, spec))
+        sharding = NamedSharding(self.mesh, spec)
+        if jax.process_count() > 1:
+            return {k: global_array(v, sharding) for k, v in batch.items()}
+        return jax.device_put(dict(batch), sharding)
 
     def train_step(
         self,

@@ -1,0 +1,144 @@
+"""Multi-process runs (`eval.distributed`, `tools.launch`): 2 processes x 4 CPU devices on
+127.0.0.1 against 1 process x 8 devices, a 2-process checkpoint resumed by 1 process."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from tiny import REPO, TINY_HSTU, train_losses, write_tiny_ml100k
+
+from eval import distributed
+from eval.errors import FlagError
+from eval.training import read_records
+from hstu import train
+from tools import launch
+
+OVERRIDES = {**TINY_HSTU, "max_steps": 5, "eval_every": 1}
+
+
+def _launch_hstu(folder, out, env=None):
+    args = [sys.executable, "-m", "hstu.train", "--dataset=ml-100k", f"--data_dir={folder}",
+            "--preset=hstu-ml", f"--out={out}", *(f"--{k}={v}" for k, v in OVERRIDES.items())]  # fmt: skip
+    cmd = [sys.executable, "-m", "tools.launch", "--num_processes=2", "--devices_per_process=4",
+           "--", *args]  # fmt: skip
+    return subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+
+
+def _valid(out):
+    return [r["NDCG@10"] for r in read_records(out) if r["split"] == "valid"]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """The uninterrupted 2-process run: (data folder, run folder)."""
+    tmp = tmp_path_factory.mktemp("mp")
+    folder = write_tiny_ml100k(tmp / "ml-100k")
+    done = _launch_hstu(folder, tmp / "two", {"LLM4REC_CACHE": str(tmp / "cache")})
+    assert done.returncode == 0, done.stdout[-3000:]
+    return folder, tmp / "two"
+
+
+def test_two_processes_of_four_devices_match_one_of_eight(two_processes, tmp_path):
+    folder, two = two_processes
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices")
+    one = train.train("ml-100k", str(folder), "hstu-ml", OVERRIDES, str(tmp_path / "one"),
+                      progress=False, mesh="data:8")  # fmt: skip
+    result = json.loads((two / "result.json").read_text())
+    assert json.loads((two / "run.json").read_text())["info"]["processes"] == 2
+    assert train_losses(two) == pytest.approx(train_losses(tmp_path / "one"), abs=1e-5)
+    assert len(train_losses(two)) == 5
+    assert _valid(two) == pytest.approx(_valid(tmp_path / "one"), abs=1e-6)
+    for protocol, metrics in one["test"].items():
+        assert result["test"][protocol] == pytest.approx(metrics, abs=1e-6), protocol
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(two_processes, tmp_path):
+    folder, two = two_processes
+    killed = _launch_hstu(folder, tmp_path / "run", {"LLM4REC_KILL_AT": "after:2"})
+    assert killed.returncode == 128 + 9, killed.stdout[-3000:]  # SIGKILL, as a shell reports it
+    assert not (tmp_path / "run" / "result.json").exists()
+    resumed = train.train("ml-100k", str(folder), "hstu-ml", OVERRIDES, str(tmp_path / "run"),
+                          progress=False)  # fmt: skip
+    assert train_losses(tmp_path / "run") == pytest.approx(train_losses(two), abs=1e-5)
+    uninterrupted = json.loads((two / "result.json").read_text())["test"]
+    for protocol, metrics in uninterrupted.items():
+        assert resumed["test"][protocol] == pytest.approx(metrics, abs=1e-6), protocol
+
+
+def test_one_failing_process_stops_the_others_with_its_status():
+    fail_second = (
+        "import sys, time\nsys.exit(3) if '--process_id=1' in sys.argv else time.sleep(120)"
+    )
+    start = time.perf_counter()
+    assert launch.launch([sys.executable, "-c", fail_second], num_processes=2) == 3
+    assert time.perf_counter() - start < 60
+    with pytest.raises(Exception, match="no command"):
+        launch.launch([], num_processes=2)
+
+
+def test_distributed_flags_and_meshes_are_checked():
+    with pytest.raises(FlagError, match="--num_processes, --process_id"):
+        distributed.initialize("127.0.0.1:1234", None, None)
+    with pytest.raises(FlagError, match="--process_id=2: must be < --num_processes=2"):
+        distributed.initialize("127.0.0.1:1234", 2, 2)
+    assert distributed.initialize(None, None, None) is False  # one process: nothing joined
+    assert distributed.parse_mesh("data:-1", ("data", "model")) == {"data": -1, "model": 1}
+    with pytest.raises(FlagError, match="--mesh='rows:2'"):
+        distributed.parse_mesh("rows:2", ("data", "model"))
+    with pytest.raises(FlagError, match="needs 3 devices"):
+        distributed.make_mesh({"data": 3, "model": 1}, jax.devices()[:2])
+    with pytest.raises(FlagError, match="not divisible by 3"):
+        distributed.make_mesh({"data": -1, "model": 3}, jax.devices()[:2])
+
+
+def test_processes_loading_one_data_set_at_once_build_its_cache_once(tmp_path):
+    folder = write_tiny_ml100k(tmp_path / "ml-100k")
+    code = f"from eval import data; print(data.load('ml-100k', {str(folder)!r}).num_items)"
+    env = {**os.environ, "LLM4REC_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]  # fmt: skip
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    assert len({o[0] for o in outs}) == 1
+    (entry,) = [p for p in (tmp_path / "cache" / "processed").iterdir() if p.is_dir()]
+    assert sorted(p.name for p in entry.iterdir()) == ["data.npz", "items.json", "manifest.json"]
+
+
+def test_sharded_full_ranking_equals_the_unsharded_one():
+    from eval import metrics
+    from eval.data.dataset import Ragged
+    from eval.sharded_ranking import ranks_and_top_k
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices")
+    rng = np.random.default_rng(0)
+    num_items, batch, k = 63, 16, 10  # 64 table rows: 8 per shard
+    table = rng.normal(size=(num_items + 1, 8)).astype(np.float32)
+    queries = rng.normal(size=(batch, 8)).astype(np.float32)
+    history = Ragged.from_rows([rng.choice(np.arange(1, 64), rng.integers(0, 12), replace=False)
+                                for _ in range(batch)])  # fmt: skip
+    targets = rng.integers(1, num_items + 1, size=batch)
+    targets[0] = history[0][0] if len(history[0]) else targets[0]  # a seen target counts
+    padded = np.zeros((batch, 12), np.int32)
+    for i in range(batch):
+        padded[i, : len(history[i])] = history[i]
+    mesh = distributed.make_mesh({"data": 1, "model": 8})
+    sharded_table = jax.device_put(table, jax.NamedSharding(mesh, jax.P("model", None)))
+    ranks, top, _ = ranks_and_top_k(queries, sharded_table, targets, padded, k=k, mesh=mesh)
+    scores = queries @ table.T
+    mask = metrics.history_mask(history, num_items, rows=np.arange(batch))
+    mask[np.arange(batch), targets] = False
+    expected = metrics.target_ranks_jax(scores, targets, mask)
+    np.testing.assert_array_equal(np.asarray(ranks), np.asarray(expected))
+    ranked = np.where(mask, -np.inf, scores)
+    ranked[:, 0] = -np.inf
+    np.testing.assert_array_equal(
+        np.asarray(top), np.argsort(-ranked, axis=1, kind="stable")[:, :k]
+    )
