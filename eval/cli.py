@@ -3,9 +3,9 @@
     error: data/u.data:17: expected an integer, got '3.x': '1\t3.x\t4\t881250949'
 
 on stderr with exit status 2, no traceback; `--traceback` (or `LLM4REC_TRACEBACK=1`)
-re-raises for developers. A process of a multi-process run that fails exits at once,
-so that the others are not left waiting for it. A flag absl rejects while parsing (a value out of its range,
-an unknown flag) is reported the same way. Programming errors are not caught.
+re-raises for developers. A flag absl rejects while parsing (a value out of its range,
+an unknown flag) is reported the same way. Programming errors are not caught. A process
+of a multi-process run that fails exits at once, so the others are not left waiting.
 """
 
 from __future__ import annotations

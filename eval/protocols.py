@@ -70,15 +70,14 @@ def full_ranking(
         target itself is never excluded).
     """
     targets = check_targets(examples.targets, len(examples), num_items + 1, "full_ranking")
-    ranks = []
-    for index, n in _padded_batches(len(examples), batch_size):
+
+    def rank_fn(index: np.ndarray) -> jax.Array:
         scores = score_fn(index)
         _check_scores(scores, (len(index), num_items + 1), "full_ranking")
         mask = history_mask(examples.history, num_items, rows=index) if filter_history else None
-        ranks.append(
-            np.asarray(target_ranks_jax(scores, targets[index].astype(np.int32), mask))[:n]
-        )
-    return _summary(np.concatenate(ranks), ks)
+        return target_ranks_jax(scores, targets[index].astype(np.int32), mask)
+
+    return full_ranking_by_ranks(rank_fn, examples, ks, batch_size)
 
 
 def full_ranking_by_ranks(

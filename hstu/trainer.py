@@ -173,16 +173,20 @@ def _query_scores(graphdef, params, frozen, rest, inputs, recall_n):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _queries_and_table(graphdef, params, frozen, rest, inputs):
+def _query_embeddings(graphdef, params, frozen, rest, inputs):
     model = nnx.merge(graphdef, params, frozen, rest)
     ts = scatter_target_timestamps(inputs["timestamps"], inputs["lengths"], inputs["target_ts"])
-    return model.query_embeddings({**inputs, "timestamps": ts}), model.item_table()
+    return model.query_embeddings({**inputs, "timestamps": ts})
 
 
-def padded_history(examples: EvalExamples, index: np.ndarray) -> np.ndarray:
-    """History item ids [len(index), longest history of `examples`], 0-padded (a static
-    width for every batch of one example set)."""
-    width = max(int(examples.history.lengths.max(initial=0)), 1)
+@functools.partial(jax.jit, static_argnums=0)
+def _item_table(graphdef, params, frozen, rest):
+    return nnx.merge(graphdef, params, frozen, rest).item_table()
+
+
+def padded_history(examples: EvalExamples, index: np.ndarray, width: int) -> np.ndarray:
+    """History item ids [len(index), width] of examples `index`, 0-padded (`width`: the
+    longest history of the example set, one static shape for all its batches)."""
     rows = examples.history.take(index)
     out = np.zeros((len(index), width), np.int32)
     out[np.arange(width)[None, :] < rows.lengths[:, None]] = rows.values
@@ -248,29 +252,33 @@ class Trainer:
             inputs["mask"] = mask
         return self.query_scores(inputs)
 
-    def sharded_ranks(self, examples: EvalExamples, index: np.ndarray,
-                      filter_history: bool = True) -> jax.Array:  # fmt: skip
-        """Target ranks [len(index)] (full ranking) computed per shard of the split item
-        table: no [batch, num_items] array on one device."""
+    def sharded_ranking(self, examples: EvalExamples, ks=DEFAULT_KS,
+                        filter_history: bool = True) -> dict[str, float]:  # fmt: skip
+        """Full-ranking metrics computed per shard of the split item table
+        (`eval.sharded_ranking`): no [batch, num_items] array on one device."""
         s = self.state
-        inputs = query_inputs(examples, index, self.model_cfg.max_seq_len)
-        queries, table = _queries_and_table(s.eval_def, s.params, s.frozen, s.rest, inputs)
-        history = (
-            padded_history(examples, index)
-            if filter_history
-            else np.zeros((len(index), 1), np.int32)
-        )
-        targets = examples.targets[index].astype(np.int32)
-        return ranks_and_top_k(queries, table, targets, history, k=1, mesh=s.mesh)[0]
+        table = _item_table(s.eval_def, s.params, s.frozen, s.rest)  # once per evaluation
+        width = max(int(examples.history.lengths.max(initial=0)), 1) if filter_history else 1
+
+        def ranks(index: np.ndarray) -> jax.Array:
+            inputs = query_inputs(examples, index, self.model_cfg.max_seq_len)
+            queries = _query_embeddings(s.eval_def, s.params, s.frozen, s.rest, inputs)
+            history = (
+                padded_history(examples, index, width)
+                if filter_history
+                else np.zeros((len(index), 1), np.int32)
+            )
+            targets = examples.targets[index].astype(np.int32)
+            return ranks_and_top_k(queries, table, targets, history, k=1, mesh=s.mesh)[0]
+
+        return protocols.full_ranking_by_ranks(ranks, examples, ks, self.cfg.eval_batch_size)
 
     def evaluate(self, ds: data.Dataset, examples: EvalExamples, protocol: str = "full",
                  filter_history: bool = True, ks=DEFAULT_KS, seed: int = 0) -> dict[str, float]:  # fmt: skip
         """Metrics on `examples`: full ranking (history filtered or not) or 100 sampled negatives."""
         bs = self.cfg.eval_batch_size
         if protocol == "full" and self.sharded_table and self.recall_n is None:
-            return protocols.full_ranking_by_ranks(
-                lambda idx: self.sharded_ranks(examples, idx, filter_history), examples, ks, bs
-            )
+            return self.sharded_ranking(examples, ks, filter_history)
         if protocol == "full":
             return protocols.full_ranking(
                 lambda idx: self.scores(examples, idx, filter_history),

@@ -4,8 +4,8 @@ The cache holds `data.npz` (sequences, timestamps, ratings, evaluation examples)
 `items.json` (the item table and drop report) and `manifest.json` (source hashes, options).
 It is rebuilt whenever a source file or an option changes, and (with a warning) when an
 entry cannot be read. Every file is written atomically, the manifest last: it marks a complete
-entry. A build holds an exclusive lock (`<cache>/locks/<entry>.lock`), so processes loading the same entry
-at once (the processes of one multi-process run, two runs side by side) build it once.
+entry. A build holds an exclusive lock (`<cache>/locks/<entry>.lock`), so processes loading
+the same entry at once (those of one multi-process run, two runs side by side) build it once.
 """
 
 from __future__ import annotations
