@@ -92,6 +92,21 @@ def global_array(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
+def replicate(tree, mesh: Mesh):
+    """Every leaf of `tree` (host or device arrays, the same on every process) whole on
+    every device of `mesh`."""
+    sharding = jax.NamedSharding(mesh, jax.P())
+    return jax.tree.map(lambda leaf: global_array(np.asarray(leaf), sharding), tree)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of `x` as a host array. When its shards span processes this is a
+    collective: every process of the run calls it, in the same order."""
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
 def parse_mesh(spec: str, axes: Sequence[str]) -> dict[str, int]:
     """`"data:2,model:4"` -> {axis: size} over `axes` (missing axes 1, one may be -1)."""
     sizes = dict.fromkeys(axes, 1)
@@ -101,6 +116,14 @@ def parse_mesh(spec: str, axes: Sequence[str]) -> dict[str, int]:
             raise FlagError(f"--mesh={spec!r}: expected 'axis:size,...' over {tuple(axes)}")
         sizes[name] = int(size)
     return sizes
+
+
+def run_mesh(spec: str | None, axes: Sequence[str]) -> Mesh | None:
+    """The mesh of a `--mesh` flag over `axes`; unset, none in one process and every
+    device on the first axis (data parallel) in a multi-process run."""
+    if spec is None and jax.process_count() > 1:
+        spec = f"{axes[0]}:-1"
+    return make_mesh(parse_mesh(spec, axes)) if spec else None
 
 
 def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -30,7 +30,7 @@ from absl import flags, logging
 
 from eval import cli, data
 from eval.allocator import reexec_with_tcmalloc
-from eval.distributed import make_mesh, parse_mesh
+from eval.distributed import run_mesh
 from eval.errors import FlagError
 from eval.training import RunDir
 from eval.training.flags import (
@@ -96,11 +96,9 @@ def train(dataset: str, data_dir: str, preset: str, overrides: dict, out: str | 
     if recgpt:
         config |= {"prompt_lengths": list(prompt_lengths), "recall_shares": list(recall_shares),
                    "prompt_max_steps": prompt_max_steps}  # fmt: skip
-    if mesh is None and jax.process_count() > 1:
-        mesh = "data:-1"
-    if recgpt and (mesh or shard_items):
+    device_mesh = run_mesh(mesh, ("data", "model"))
+    if recgpt and (device_mesh is not None or shard_items):
         raise FlagError(f"--preset={preset}: RecGPT runs on one device (no --mesh, --shard_items)")
-    device_mesh = make_mesh(parse_mesh(mesh, ("data", "model"))) if mesh else None
     info = {"mesh": dict(device_mesh.shape) if device_mesh else None, "shard_items": shard_items,
             "processes": jax.process_count()}  # fmt: skip
     run = RunDir(out, "hstu", config, info=info, overwrite=overwrite) if out else None
@@ -129,7 +127,8 @@ def train(dataset: str, data_dir: str, preset: str, overrides: dict, out: str | 
             trainer = make_trainer(preset, ds.num_items, overrides, device_mesh, shard_items)
             fitted = trainer.fit(ds, split, run, protocol, progress=progress)
             info = {"steps": fitted.steps, "best_step": fitted.best_step,
-                    "stopped_early": fitted.stopped_early, "valid": fitted.valid}  # fmt: skip
+                    "stopped_early": fitted.stopped_early, "valid": fitted.valid,
+                    "item_table_split": trainer.sharded_table}  # fmt: skip
         result = {
             "train_s": time.perf_counter() - start, **info,
             "test": test_metrics(trainer, ds, split.test),

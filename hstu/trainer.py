@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -218,6 +219,12 @@ class Trainer:
             and mesh is not None
             and (model_cfg.num_items + 1) % mesh.shape["model"] == 0
         )
+        if shard_items and not self.sharded_table:
+            logging.warning(
+                "--shard_items: %d item-table rows do not split evenly over the mesh's %s "
+                "'model' devices; the table stays whole on every device",
+                model_cfg.num_items + 1, mesh.shape["model"] if mesh is not None else "(no mesh)",
+            )  # fmt: skip
 
     def train_step(self, batch: dict[str, np.ndarray], step: int) -> jax.Array:
         """One optimizer step (as `fit` takes it: rng `fold_in(key(seed), step)`); the loss."""

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from eval.distributed import to_host
 from llm_sft.model import Qwen
 from llm_sft.sharding import mesh_active
 
@@ -158,10 +159,11 @@ def merge_lora(model: Qwen) -> Qwen:
     return model
 
 
-def export_peft(
-    model: Qwen, config: LoRAConfig, out_dir: str | Path, base_model_name_or_path: str = ""
-) -> Path:
-    """Writes ``adapter_config.json`` + ``adapter_model.safetensors`` in PEFT's layout.
+def peft_files(
+    model: Qwen, config: LoRAConfig, base_model_name_or_path: str = ""
+) -> tuple[dict[str, np.ndarray], dict]:
+    """(tensors, adapter_config) of ``model``'s adapters in PEFT's layout, gathered to this
+    host (in a multi-process run every process calls it: `eval.distributed.to_host`).
 
     Weights are transposed to torch's [out, in] (``lora_A.weight`` [r, in],
     ``lora_B.weight`` [out, r]). ``target_modules`` is the list of projection names when
@@ -169,17 +171,14 @@ def export_peft(
     """
     adapters = _adapters(model)
     if not adapters:
-        raise ValueError("export_peft: the model has no LoRA adapters (see apply_lora)")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+        raise ValueError("peft_files: the model has no LoRA adapters (see apply_lora)")
     tensors = {}
     for i, proj, adapter in adapters:
         prefix = f"base_model.model.{hf_module_path(i, proj)}"
-        a = np.asarray(jax.device_get(adapter.lora_a[...]), np.float32)
-        b = np.asarray(jax.device_get(adapter.lora_b[...]), np.float32)
-        tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a.T)
-        tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b.T)
-    save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+        for name, weight in (("lora_A", adapter.lora_a), ("lora_B", adapter.lora_b)):
+            tensors[f"{prefix}.{name}.weight"] = np.ascontiguousarray(
+                to_host(weight[...]).T, np.float32
+            )
     names = sorted({proj for _, proj, _ in adapters})
     if len(adapters) == len(names) * model.config.num_layers:
         targets = names
@@ -201,8 +200,24 @@ def export_peft(
         "modules_to_save": None,
         "inference_mode": True,
     }
+    return tensors, adapter_config
+
+
+def write_peft(tensors: dict[str, np.ndarray], adapter_config: dict, out_dir: str | Path) -> Path:
+    """Writes `peft_files`' output as ``adapter_model.safetensors`` + ``adapter_config.json``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
     (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
     return out_dir
+
+
+def export_peft(
+    model: Qwen, config: LoRAConfig, out_dir: str | Path, base_model_name_or_path: str = ""
+) -> Path:
+    """Writes ``model``'s adapter folder that ``peft.PeftModel.from_pretrained`` loads
+    (`peft_files`, then `write_peft`)."""
+    return write_peft(*peft_files(model, config, base_model_name_or_path), out_dir)
 
 
 def load_peft(model: Qwen, adapter_dir: str | Path) -> Qwen:

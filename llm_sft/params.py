@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from safetensors.numpy import save_file
 
+from eval.distributed import to_host
 from eval.errors import MissingFileError
 from llm_sft.model import ModelConfig, Qwen
 from llm_sft.sharding import named_sharding
@@ -153,22 +154,28 @@ def load_hf(
     return nnx.merge(graphdef, state), config
 
 
-def save_hf(
-    model: Qwen, config: ModelConfig, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30
-) -> Path:
-    """Writes ``model`` as an HF checkpoint (safetensors, sharded above ``max_shard_bytes``,
-    plus config.json from ``config``) that ``transformers`` loads with ``from_pretrained``.
+def hf_tensors(model: Qwen, config: ModelConfig) -> dict[str, np.ndarray]:
+    """{HF tensor name: array in torch's layout} of ``model``, gathered to this host; in a
+    multi-process run every process calls it (`eval.distributed.to_host`)."""
+    variables = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    tensors = {}
+    for name, (state_path, transpose) in hf_key_table(config).items():
+        array = to_host(variables[state_path][...])
+        tensors[name] = np.ascontiguousarray(array.T if transpose else array)
+    return tensors
 
-    Parameters are gathered to this host, so this is for single-host runs.
-    """
+
+def write_hf(
+    tensors: dict[str, np.ndarray], config: ModelConfig, out_dir: str | Path,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:  # fmt: skip
+    """Writes ``tensors`` (`hf_tensors`) as an HF checkpoint (safetensors, sharded above
+    ``max_shard_bytes``, plus config.json from ``config``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    variables = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     shards: list[dict[str, np.ndarray]] = [{}]
     shard_bytes = 0
-    for name, (state_path, transpose) in hf_key_table(config).items():
-        array = np.asarray(jax.device_get(variables[state_path][...]))
-        array = np.ascontiguousarray(array.T if transpose else array)
+    for name, array in tensors.items():
         if shards[-1] and shard_bytes + array.nbytes > max_shard_bytes:
             shards.append({})
             shard_bytes = 0
@@ -190,3 +197,11 @@ def save_hf(
         (out_dir / _INDEX).write_text(json.dumps(index, indent=2))
     (out_dir / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
     return out_dir
+
+
+def save_hf(
+    model: Qwen, config: ModelConfig, out_dir: str | Path, max_shard_bytes: int = 5 * 2**30
+) -> Path:
+    """Writes ``model`` as an HF checkpoint that ``transformers`` loads with
+    ``from_pretrained`` (`hf_tensors`, then `write_hf`)."""
+    return write_hf(hf_tensors(model, config), config, out_dir, max_shard_bytes)

@@ -29,7 +29,7 @@ from flax import nnx
 from eval import cli, data
 from eval.allocator import reexec_with_tcmalloc
 from eval.data.examples import ArraySource
-from eval.distributed import parse_mesh
+from eval.distributed import barrier, is_primary, parse_mesh
 from eval.errors import ConfigError, FlagError, MissingFileError
 from eval.io import atomic_dir
 from eval.training import RunDir
@@ -41,9 +41,9 @@ from eval.training.flags import (
 )
 from eval.training.optim import SCHEDULES
 from llm_sft import data as sft_data
-from llm_sft.lora import LoRAConfig, LoRAParam, apply_lora, export_peft
+from llm_sft.lora import LoRAConfig, LoRAParam, apply_lora, peft_files, write_peft
 from llm_sft.model import ModelConfig, Qwen
-from llm_sft.params import load_hf, save_hf
+from llm_sft.params import hf_tensors, load_hf, write_hf
 from llm_sft.sharding import MESH_AXES, make_mesh
 from llm_sft.trainer import TrainConfig, Trainer, init_model
 
@@ -100,17 +100,20 @@ def load_model(
 
 def resolve_tokenizer(tokenizer_dir, hf_checkpoint, ds: data.Dataset, vocab_size: int, out: Path):
     """`--tokenizer_dir`'s, else the checkpoint's, else a BPE trained on the data set's
-    titles (saved under `out/tokenizer`, so a resumed run reuses it)."""
-    trained = out / "tokenizer"
-    for folder in (tokenizer_dir, hf_checkpoint, trained):  # a resumed run reuses its BPE
+    titles (saved under `out/tokenizer` by the primary process; a resumed run reuses it)."""
+    for folder in (tokenizer_dir, hf_checkpoint):
         if folder and (Path(folder) / "tokenizer_config.json").exists():
             return sft_data.load_tokenizer(folder)
     if tokenizer_dir:
         raise MissingFileError(f"--tokenizer_dir={tokenizer_dir}: no tokenizer_config.json")
-    noun = sft_data.item_noun(ds.name)
-    titles = ds.items.titles[1:]
-    corpus = [sft_data.ALPACA_TEMPLATE, *sft_data.instruction_and_input(titles[:20], noun)]
-    return sft_data.train_bpe_tokenizer(corpus * 10 + list(titles), vocab_size, trained)
+    trained = out / "tokenizer"
+    if is_primary() and not (trained / "tokenizer_config.json").exists():
+        noun = sft_data.item_noun(ds.name)
+        titles = ds.items.titles[1:]
+        corpus = [sft_data.ALPACA_TEMPLATE, *sft_data.instruction_and_input(titles[:20], noun)]
+        sft_data.train_bpe_tokenizer(corpus * 10 + list(titles), vocab_size, trained)
+    barrier("llm_sft.tokenizer")
+    return sft_data.load_tokenizer(trained)
 
 
 def _path(p: str | None) -> str | None:
@@ -217,12 +220,17 @@ def run(
         )  # fmt: skip
         final = trainer.model()
         export_dir = rd.path / ("adapter" if lora else "hf")
-        with atomic_dir(export_dir) as tmp:  # weights + tokenizer, renamed into place together
-            if lora:
-                export_peft(final, lora, tmp, hf_checkpoint or "")
-            else:
-                save_hf(final, model_cfg, tmp)
-            tokenizer.save_pretrained(str(tmp))
+        # Every process gathers the weights (a collective); the primary writes them.
+        files = (
+            peft_files(final, lora, hf_checkpoint or "") if lora else hf_tensors(final, model_cfg)
+        )
+        if rd.primary:
+            with atomic_dir(export_dir) as tmp:  # weights + tokenizer, renamed into place together
+                if lora:
+                    write_peft(*files, tmp)
+                else:
+                    write_hf(files, model_cfg, tmp)
+                tokenizer.save_pretrained(str(tmp))
         rd.info["export"] = str(export_dir.resolve())
         rd.write_run()
         summary = {

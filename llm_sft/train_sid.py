@@ -53,7 +53,7 @@ from llm_sft.data import SFTExamples
 from llm_sft.evaluate_sid import evaluate, summary_line
 from llm_sft.lora import LoRAConfig, LoRAParam, apply_lora, merge_lora
 from llm_sft.model import Qwen
-from llm_sft.params import save_hf
+from llm_sft.params import hf_tensors, write_hf
 from llm_sft.rows import RowParam, apply_rows, merge_rows
 from llm_sft.sharding import MESH_AXES, make_mesh
 from llm_sft.sid_data import (
@@ -204,9 +204,11 @@ def run(
             model, sid_ids, arrays, valid_arrays, stage1=stage1, stage2=stage2, lora_r=lora_r,
             mesh=device_mesh, max_length=max_length, rd=rd, overwrite=overwrite, progress=progress,
         )  # fmt: skip
-        with atomic_dir(rd.path / "hf") as tmp:
-            save_hf(model, model.config, tmp)
-            tokenizer.save_pretrained(str(tmp))
+        tensors = hf_tensors(model, model.config)  # every process gathers (a collective)
+        if rd.primary:
+            with atomic_dir(rd.path / "hf") as tmp:
+                write_hf(tensors, model.config, tmp)
+                tokenizer.save_pretrained(str(tmp))
         test = evaluate(
             model, tokenizer, ds, split, codes, tasks=tasks, template=template,
             max_examples=max_eval_examples, num_beams=num_beams, batch_size=eval_batch_size,

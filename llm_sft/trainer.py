@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from eval.data.examples import ArraySource, batches
 from eval.errors import FlagError
@@ -205,16 +205,13 @@ class Trainer:
         """Mean token loss over every row of ``arrays`` (eval mode, no dropout)."""
         n, b = len(arrays["input_ids"]), self.micro_batch
         _check_label_tokens(arrays["labels"], self.config.max_label_tokens)
-        s, sharding = self.state, NamedSharding(self.mesh, PartitionSpec(DATA_AXES))
+        s, defs = self.state, (self.state.eval_def, self.config.max_label_tokens)
         sums = []
         for start in range(0, n, b):
             chunk = _pad_rows({k: v[start : start + b] for k, v in arrays.items()}, b)
             chunk = trim_to_bucket(chunk, buckets, padding_side)
             with jax.set_mesh(self.mesh):
-                defs = (s.eval_def, self.config.max_label_tokens)
-                sums.append(
-                    _eval_sums(defs, s.params, s.frozen, s.rest, jax.device_put(chunk, sharding))
-                )
+                sums.append(_eval_sums(defs, s.params, s.frozen, s.rest, s.put_batch(chunk)))
         total, count = np.sum(jax.device_get(sums), axis=0)
         return float(total / max(count, 1))
 

@@ -9,6 +9,10 @@ Selects the state with the best validation Recall@10 and reports test Recall/NDC
 `eval.training` run folder (`run.json`, `metrics.jsonl`, `checkpoints/{latest,best}`,
 `result.json`); rerunning the command resumes, a finished run is left alone, and
 `python -m rqvae.evaluate --run=<out>` reloads the best checkpoint and re-evaluates.
+
+`--mesh=data:8` trains data parallel over the devices of the run and splits each
+evaluation batch over them; a multi-process run (`eval.distributed`, `python -m
+tools.launch`) spans every process's devices (by default all over `data`).
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ import pathlib
 import time
 from typing import Any
 
+import jax
 from absl import flags, logging
+from jax.sharding import Mesh
 
 from eval import cli, data
 from eval.allocator import reexec_with_tcmalloc
+from eval.distributed import run_mesh
 from eval.training import RunDir, load_run_checkpoint, read_run
 from eval.training.flags import (
     config_defaults,
@@ -72,9 +79,10 @@ def load_run(run_dir: str | pathlib.Path, which: str = "best", data_dir: str | N
 
 
 def evaluate_splits(
-    model: Tiger, split: data.Split, si: SemanticIndex, config: TigerTrainConfig
-) -> dict:
-    kw = dict(beam_size=config.beam_size, batch_size=config.eval_batch_size)
+    model: Tiger, split: data.Split, si: SemanticIndex, config: TigerTrainConfig,
+    mesh: Mesh | None = None,
+) -> dict:  # fmt: skip
+    kw = dict(beam_size=config.beam_size, batch_size=config.eval_batch_size, mesh=mesh)
     return {
         name: evaluate_tiger(model, getattr(split, name), si, KS, **kw)
         for name in ("valid", "test")
@@ -91,11 +99,15 @@ def result_line(dataset: str, semantic_ids: str, test: dict) -> str:
 
 
 def run(dataset: str, data_dir: str, semantic_ids: str, out: str, config: TigerTrainConfig,
-        fmt: str | None = None, overwrite: bool = False, progress: bool = True) -> dict:  # fmt: skip
-    """Trains, selects on validation, evaluates on test; returns (and writes) the result."""
-    with RunDir(
-        out, "tiger", run_config(dataset, data_dir, fmt, semantic_ids, config), overwrite=overwrite
-    ) as rd:
+        fmt: str | None = None, overwrite: bool = False, progress: bool = True,
+        mesh: str | None = None) -> dict:  # fmt: skip
+    """Trains, selects on validation, evaluates on test; returns (and writes) the result.
+    `mesh`: `--mesh` (see module doc; not part of the run's config: N processes resume on M)."""
+    device_mesh = run_mesh(mesh, ("data",))
+    info = {"mesh": dict(device_mesh.shape) if device_mesh else None,
+            "processes": jax.process_count()}  # fmt: skip
+    config_json = run_config(dataset, data_dir, fmt, semantic_ids, config)
+    with RunDir(out, "tiger", config_json, info=info, overwrite=overwrite) as rd:
         if rd.result is not None:
             logging.info("--out=%s is a finished run; its result.json is kept", rd.path)
             return rd.result
@@ -105,11 +117,11 @@ def run(dataset: str, data_dir: str, semantic_ids: str, out: str, config: TigerT
             load_index(semantic_ids, ds, config.codebook_size), config.codebook_size
         )
         start = time.time()
-        model = fit_tiger(ds, split, si, config, rd, progress)
+        model = fit_tiger(ds, split, si, config, rd, progress, device_mesh)
         result = {
             "model": "TIGER", "dataset": dataset, "semantic_ids": str(semantic_ids), "num_ids": len(si.ids),
             "colliding_items": si.num_collisions, "train_seconds": time.time() - start,
-            **evaluate_splits(model, split, si, config),
+            **evaluate_splits(model, split, si, config, device_mesh),
         }  # fmt: skip
         rd.write_result(result)
         return result
@@ -141,6 +153,10 @@ def _define_flags() -> None:
     flags.DEFINE_float("dropout", d.dropout, "Dropout rate.")
     flags.DEFINE_integer("num_user_buckets", d.num_user_buckets, "Hashed user tokens.")
     flags.DEFINE_integer("max_items", d.max_items, "History items read by the encoder.")
+    flags.DEFINE_string(
+        "mesh", None, "Device mesh over axis data, e.g. data:8 (default: one device; every "
+        "device in a multi-process run).",
+    )  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
@@ -157,7 +173,7 @@ def main(argv: list[str]) -> None:
         **config_flag_values(),
     )  # fmt: skip
     result = run(shared["dataset"], shared["data_dir"], f.semantic_ids, shared["out"], config,
-                 shared["format"], shared["overwrite"])  # fmt: skip
+                 shared["format"], shared["overwrite"], mesh=f.mesh)  # fmt: skip
     print(result_line(shared["dataset"], f.semantic_ids, result["test"]))
 
 

@@ -24,11 +24,13 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from jax.sharding import Mesh
 
 from eval.data.dataset import Dataset, EvalExamples
 from eval.data.examples import batches, pad, prefix_source
 from eval.data.formats import largest_code, read_item_codes
 from eval.data.splits import Split
+from eval.distributed import global_array, replicate, to_host
 from eval.metrics import DEFAULT_KS, metrics_from_ranks, ranks_from_lists
 from eval.training import LoopConfig, RunDir, Task, TrainState, fit
 from eval.training.flags import eval_every_steps, total_steps
@@ -119,23 +121,31 @@ def _rank_batch(
 
 def rank_items(
     model: Tiger, examples: EvalExamples, index: Index, k: int, *, beam_size: int = 20, batch_size: int = 256,
-    rows: np.ndarray | None = None,
+    rows: np.ndarray | None = None, mesh: Mesh | None = None,
 ) -> np.ndarray:  # fmt: skip
     """Top-k distinct items [E, k] (0 = empty slot) for examples `rows` (default all).
 
     Beam search over the valid IDs (beam_size >= k recommended); items sharing an ID are
-    listed at that ID's position in ascending item id order.
+    listed at that ID's position in ascending item id order. With `mesh` (the model
+    replicated over it) each batch's rows are split over its 'data' axis, across the
+    processes of a multi-process run, and the lists gathered.
     """
     cfg = model.cfg
     rows = np.arange(len(examples)) if rows is None else np.asarray(rows)
     si = as_semantic_index(index, cfg.codebook_size)
     if si.num_levels != cfg.num_levels:
         raise ValueError(f"index has {si.num_levels} levels, the model {cfg.num_levels}")
-    item_tokens, id_items = _item_tokens(si), jnp.asarray(si.id_items)
-    trie = si.trie.arrays()
+    tables = (_item_tokens(si), si.trie.arrays(), jnp.asarray(si.id_items))
     history = pad(examples.history, cfg.max_items, "left")
     users = user_buckets(examples.users, cfg.num_user_buckets)
     batch_size = min(batch_size, max(len(rows), 1))
+    put = jnp.asarray
+    if mesh is not None:
+        batch_size = -(-batch_size // mesh.shape["data"]) * mesh.shape["data"]
+        tables = replicate(tables, mesh)
+        rows_sharding = jax.NamedSharding(mesh, jax.P("data"))
+        put = functools.partial(global_array, sharding=rows_sharding)
+    item_tokens, trie, id_items = tables
     out = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -143,27 +153,29 @@ def rank_items(
         lists = _rank_batch(
             model,
             item_tokens,
-            jnp.asarray(users[padded]),
-            jnp.asarray(history[padded]),
+            put(users[padded]),
+            put(history[padded]),
             trie,
             si.trie.max_fanout,
             id_items,
             beam_size,
             k,
         )
-        out.append(np.asarray(lists)[: len(chunk)])
+        out.append(to_host(lists)[: len(chunk)])
     return np.concatenate(out) if out else np.zeros((0, k), np.int32)
 
 
 def evaluate_tiger(
     model: Tiger, examples: EvalExamples, index: Index, ks=DEFAULT_KS, *, beam_size: int = 20, batch_size: int = 256,
-    rows: np.ndarray | None = None,
+    rows: np.ndarray | None = None, mesh: Mesh | None = None,
 ) -> dict[str, float]:  # fmt: skip
-    """Item-level HR(=Recall)/NDCG/MRR@ks over the full item set, from beam-search lists."""
+    """Item-level HR(=Recall)/NDCG/MRR@ks over the full item set, from beam-search lists
+    (`rank_items`; `mesh`: as there)."""
     rows = np.arange(len(examples)) if rows is None else np.asarray(rows)
     lists = rank_items(
-        model, examples, index, max(ks), beam_size=beam_size, batch_size=batch_size, rows=rows
-    )
+        model, examples, index, max(ks), beam_size=beam_size, batch_size=batch_size, rows=rows,
+        mesh=mesh,
+    )  # fmt: skip
     return {
         **metrics_from_ranks(ranks_from_lists(lists, examples.targets[rows]), ks),
         "num_examples": len(rows),
@@ -177,8 +189,11 @@ def model_config(config: TigerTrainConfig, index: SemanticIndex) -> TigerConfig:
     )
 
 
-def init_state(config: TigerTrainConfig, index: SemanticIndex, total: int = 1) -> TrainState:
-    """A fresh TIGER model (seeded) and AdamW with linear warm-up, split for the loop."""
+def init_state(
+    config: TigerTrainConfig, index: SemanticIndex, total: int = 1, mesh: Mesh | None = None
+) -> TrainState:
+    """A fresh TIGER model (seeded) and AdamW with linear warm-up, split for the loop;
+    with `mesh`, replicated over it and each batch split over its 'data' axis."""
     model = Tiger(
         model_config(config, index), rngs=nnx.Rngs(jax.random.split(jax.random.key(config.seed))[0])
     )
@@ -187,14 +202,15 @@ def init_state(config: TigerTrainConfig, index: SemanticIndex, total: int = 1) -
         weight_decay=config.weight_decay,
         warmup_steps=config.warmup_steps,
     )
-    return TrainState(model, make_optimizer(opt, total))
+    return TrainState(model, make_optimizer(opt, total), mesh=mesh)
 
 
 def fit_tiger(
     ds: Dataset, split: Split, index: Index, config: TigerTrainConfig = TigerTrainConfig(),
-    run: RunDir | None = None, progress: bool = False,
+    run: RunDir | None = None, progress: bool = False, mesh: Mesh | None = None,
 ) -> Tiger:  # fmt: skip
-    """Trains TIGER on `split.train`; returns the model with the best validation Recall@10."""
+    """Trains TIGER on `split.train`; returns the model with the best validation Recall@10.
+    `mesh` (axis 'data'): data parallel over its devices, every process's of the run."""
     si = as_semantic_index(index)
     if si.item_codes.shape[0] != ds.num_items + 1:
         raise ValueError(
@@ -208,7 +224,7 @@ def fit_tiger(
     batch_size = min(config.batch_size, len(source))
     steps_per_epoch = len(source) // batch_size
     total = total_steps(steps_per_epoch, config.num_epochs, config.max_steps)
-    state = init_state(config, si, total)
+    state = init_state(config, si, total, mesh)
     valid_rows = np.arange(len(split.valid))
     if config.max_valid is not None and config.max_valid < len(valid_rows):
         valid_rows = np.sort(
@@ -221,7 +237,7 @@ def fit_tiger(
     def validate(model: Tiger) -> dict:
         return evaluate_tiger(
             model, split.valid, si, (1, 5, 10, 20), beam_size=config.beam_size,
-            batch_size=config.eval_batch_size, rows=valid_rows,
+            batch_size=config.eval_batch_size, rows=valid_rows, mesh=mesh,
         )  # fmt: skip
 
     task = Task(

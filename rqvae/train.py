@@ -251,7 +251,13 @@ def load_run(run_dir: str | pathlib.Path, which: str = "best") -> tuple[RQVAE, n
 
 def train_run(embeddings: str, out: str, config: TrainConfig, dedup: str = "none",
               overwrite: bool = False, progress: bool = True) -> dict[str, Any]:  # fmt: skip
-    """`python -m rqvae.train`: trains into the run folder `out`, writes the index files."""
+    """`python -m rqvae.train`: trains into the run folder `out`, writes the index files.
+    One process: an item catalogue's embeddings train on one device in minutes."""
+    if jax.process_count() > 1:
+        raise FlagError(
+            f"rqvae.train runs in one process, not {jax.process_count()}: train the semantic "
+            "IDs on one host, then hand the index file to the multi-process run"
+        )
     emb = np.load(embeddings)
     if emb.ndim != 2:
         raise FlagError(f"--embeddings={embeddings}: expected a 2-D array, got {emb.shape}")

@@ -1,6 +1,7 @@
 """Multi-process runs (`eval.distributed`, `tools.launch`): 2 processes x 4 CPU devices on
 127.0.0.1 against 1 process x 8 devices, a 2-process checkpoint resumed by 1 process."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,7 +11,15 @@ import time
 import jax
 import numpy as np
 import pytest
-from tiny import REPO, TINY_HSTU, train_losses, write_tiny_ml100k
+from tiny import (
+    REPO,
+    TINY_HSTU,
+    sft_args,
+    tiger_config,
+    tiger_run_args,
+    train_losses,
+    write_tiny_ml100k,
+)
 
 from eval import distributed
 from eval.errors import FlagError
@@ -19,26 +28,33 @@ from hstu import train
 from tools import launch
 
 OVERRIDES = {**TINY_HSTU, "max_steps": 5, "eval_every": 1}
+MESH = "data:2,model:4"  # the item table's 32 rows split over 'model', across processes
 
 
-def _launch_hstu(folder, out, env=None):
-    args = [sys.executable, "-m", "hstu.train", "--dataset=ml-100k", f"--data_dir={folder}",
-            "--preset=hstu-ml", f"--out={out}", *(f"--{k}={v}" for k, v in OVERRIDES.items())]  # fmt: skip
+def _launch(args, env=None):
+    """`args` (a `python -m ...` command line) as 2 processes x 4 fake CPU devices."""
     cmd = [sys.executable, "-m", "tools.launch", "--num_processes=2", "--devices_per_process=4",
-           "--", *args]  # fmt: skip
+           "--", sys.executable, *args]  # fmt: skip
     return subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
 
 
-def _valid(out):
-    return [r["NDCG@10"] for r in read_records(out) if r["split"] == "valid"]
+def _launch_hstu(folder, out, env=None):
+    args = ["-m", "hstu.train", "--dataset=ml-100k", f"--data_dir={folder}", "--preset=hstu-ml",
+            f"--out={out}", f"--mesh={MESH}", "--shard_items",
+            *(f"--{k}={v}" for k, v in OVERRIDES.items())]  # fmt: skip
+    return _launch(args, env)
+
+
+def _valid(out, metric="NDCG@10"):
+    return [r[metric] for r in read_records(out) if r["split"] == "valid"]
 
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     """The uninterrupted 2-process run: (data folder, run folder)."""
     tmp = tmp_path_factory.mktemp("mp")
-    folder = write_tiny_ml100k(tmp / "ml-100k")
+    folder = write_tiny_ml100k(tmp / "ml-100k", num_items=31)
     done = _launch_hstu(folder, tmp / "two", {"LLM4REC_CACHE": str(tmp / "cache")})
     assert done.returncode == 0, done.stdout[-3000:]
     return folder, tmp / "two"
@@ -49,9 +65,10 @@ def test_two_processes_of_four_devices_match_one_of_eight(two_processes, tmp_pat
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 (fake) devices")
     one = train.train("ml-100k", str(folder), "hstu-ml", OVERRIDES, str(tmp_path / "one"),
-                      progress=False, mesh="data:8")  # fmt: skip
+                      progress=False, mesh=MESH, shard_items=True)  # fmt: skip
     result = json.loads((two / "result.json").read_text())
     assert json.loads((two / "run.json").read_text())["info"]["processes"] == 2
+    assert result["item_table_split"] and one["item_table_split"]  # ranked per shard
     assert train_losses(two) == pytest.approx(train_losses(tmp_path / "one"), abs=1e-5)
     assert len(train_losses(two)) == 5
     assert _valid(two) == pytest.approx(_valid(tmp_path / "one"), abs=1e-6)
@@ -142,3 +159,90 @@ def test_sharded_full_ranking_equals_the_unsharded_one():
     np.testing.assert_array_equal(
         np.asarray(top), np.argsort(-ranked, axis=1, kind="stable")[:, :k]
     )
+
+
+def test_sft_two_processes_of_four_devices_match_one_of_eight(tmp_path):
+    """Full fine-tuning over mesh data:2,fsdp:2,tensor:2: the same losses, validation loss
+    and exported weights (gathered across processes, written by process 0 only)."""
+    from safetensors.numpy import load_file
+
+    from llm_sft.train import run
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices")
+    args, kwargs, config = sft_args(tmp_path, tmp_path / "two")
+    done = _launch(args)
+    assert done.returncode == 0, done.stdout[-3000:]
+    one = run(out=str(tmp_path / "one"), train=config, **kwargs)
+    two = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert train_losses(tmp_path / "two") == pytest.approx(train_losses(tmp_path / "one"), abs=1e-5)
+    assert len(train_losses(tmp_path / "two")) == 6
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-6)
+    weights = [load_file(tmp_path / d / "hf" / "model.safetensors") for d in ("two", "one")]
+    assert weights[0].keys() == weights[1].keys()
+    for name, array in weights[1].items():
+        np.testing.assert_allclose(weights[0][name], array, atol=1e-5, err_msg=name)
+
+
+def test_tiger_two_processes_of_four_devices_match_one_of_eight(tmp_path):
+    """Data-parallel TIGER: the same losses; the beam-search evaluation, its batches split
+    over the processes and gathered, gives the same metrics."""
+    from rqvae import tiger_train
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices")
+    folder, index, flags, args = tiger_run_args(tmp_path, tmp_path / "two", max_steps=5,
+                                                eval_every=1)  # fmt: skip
+    done = _launch(args)
+    assert done.returncode == 0, done.stdout[-3000:]
+    config = dataclasses.replace(tiger_config(flags), max_steps=5, eval_every=1)
+    one = tiger_train.run("ml-100k", str(folder), str(index), str(tmp_path / "one"), config,
+                          mesh="data:8", progress=False)  # fmt: skip
+    two = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["info"]["processes"] == 2
+    assert train_losses(tmp_path / "two") == pytest.approx(train_losses(tmp_path / "one"), abs=1e-5)
+    assert len(train_losses(tmp_path / "two")) == 5
+    for split in ("valid", "test"):
+        assert two[split] == pytest.approx(one[split], abs=1e-9), split
+    assert _valid(tmp_path / "two", "HR@10") == _valid(tmp_path / "one", "HR@10")
+
+
+def test_the_split_item_table_is_never_gathered_by_the_train_step():
+    """Inputs, targets and sampled negatives looked up in a row-split table: each device
+    gathers its own rows and an all-reduce sums the looked-up rows; no collective carries
+    the table (the data-parallel gradient all-reduce carries one shard)."""
+    import re
+
+    from hstu.trainer import make_trainer
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices")
+    num_items, dim, rows = 255, 16, 8
+    mesh = distributed.make_mesh({"data": 2, "model": 4})
+    tr = make_trainer("hstu-amazon", num_items, {**TINY_HSTU, "embedding_dim": dim,
+                      "attention_dim": dim, "linear_dim": dim, "batch_size": rows}, mesh, True)  # fmt: skip
+    rng = np.random.default_rng(0)
+    batch = {"users": np.arange(rows, dtype=np.int32),
+             "ids": rng.integers(1, num_items + 1, (rows, 12)).astype(np.int32),
+             "timestamps": np.zeros((rows, 12), np.int64), "lengths": np.full(rows, 12, np.int32)}  # fmt: skip
+    hlo = tr.state.lower_train_step(tr.loss, batch, jax.random.key(0)).compile().as_text()
+    ops = r" (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\("
+    collectives = [(line.split(" = ", 1)[1][: m.start()], m[1]) for line in hlo.splitlines()
+                   if " = " in line and (m := re.search(ops, line.split(" = ", 1)[1]))]  # fmt: skip
+    shapes = [
+        shape for outputs, _ in collectives for shape in re.findall(r"\w+\[[\d,]*\]", outputs)
+    ]
+    assert {op for _, op in collectives} == {"all-reduce"}, collectives
+    assert f"f32[{num_items + 1},{dim}]" not in shapes  # the whole table never moves
+    assert f"f32[{(num_items + 1) // 4},{dim}]" in shapes  # its shard's gradient, over 'data'
+    table = tr.state.params["item_emb"]["embedding"]
+    assert table.sharding.spec == jax.P("model", None)
+
+
+def test_rqvae_refuses_a_multi_process_run(tmp_path):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32))
+    done = _launch(["-m", "rqvae.train", f"--embeddings={tmp_path / 'x.npy'}",
+                    f"--out={tmp_path / 'run'}"])  # fmt: skip
+    assert done.returncode != 0
+    assert "rqvae.train runs in one process, not 2" in done.stdout, done.stdout[-2000:]
+    assert not (tmp_path / "run" / "result.json").exists()

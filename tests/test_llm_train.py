@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from tiny import sft_args
 
 from eval.data import Ragged
 from eval.data.examples import ArraySource
@@ -228,32 +229,12 @@ def test_run_end_to_end_on_tiny_movielens(tmp_path):
     assert sft.load_tokenizer(adapter).eos_token == "<|im_end|>"
 
 
-def _sft_args(tmp_path, out, **extra):
-    from tiny import write_tiny_ml100k
-
-    folder = write_tiny_ml100k(tmp_path / "ml-100k")
-    config = tmp_path / "config.json"
-    hf_config = dict(model_type="qwen2", vocab_size=384, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                     num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)  # fmt: skip
-    config.write_text(json.dumps(hf_config))
-    flags = dict(max_steps=6, eval_every=2, log_every=1, per_device_train_batch_size=1, learning_rate=1e-2,
-                 max_length=256, max_eval_examples=4, mesh="data:2,fsdp:2,tensor:2", **extra)  # fmt: skip
-    args = ["-m", "llm_sft.train", "--dataset=ml-100k", f"--data_dir={folder}", f"--out={out}", "--init=random",
-            f"--model_config={config}", "--nolora", *(f"--{k}={v}" for k, v in flags.items())]  # fmt: skip
-    kwargs = dict(dataset="ml-100k", data_dir=str(folder), lora=None, model_config=str(config),
-                  max_length=256, max_eval_examples=4, mesh=flags["mesh"], progress=False)  # fmt: skip
-    train = TrainConfig(
-        max_steps=6, eval_every=2, log_every=1, per_device_train_batch_size=1, learning_rate=1e-2
-    )
-    return args, kwargs, train
-
-
 def test_kill_9_after_second_checkpoint_then_rerun_matches(tmp_path):
     from tiny import kill_and_resume, train_losses
 
     from llm_sft.train import run
 
-    args, kwargs, train = _sft_args(tmp_path, tmp_path / "killed")
+    args, kwargs, train = sft_args(tmp_path, tmp_path / "killed")
     full = run(out=str(tmp_path / "full"), train=train, **kwargs)
     resumed = kill_and_resume(
         args, tmp_path / "killed", lambda out: run(out=str(out), train=train, **kwargs)
@@ -270,7 +251,7 @@ def test_absurd_learning_rate_stops_with_an_error_and_exports_nothing(tmp_path):
     from eval.training import NonFiniteError
     from llm_sft.train import run
 
-    _, kwargs, train = _sft_args(tmp_path, tmp_path / "run")
+    _, kwargs, train = sft_args(tmp_path, tmp_path / "run")
     bad = dataclasses.replace(train, learning_rate=1e38, max_grad_norm=0.0)
     with pytest.raises(NonFiniteError, match=r"step \d+: non-finite .*Last good checkpoint"):
         run(out=str(tmp_path / "run"), train=bad, **kwargs)
@@ -283,6 +264,6 @@ def test_max_length_that_drops_every_example_is_a_flag_error(tmp_path):
     from eval.errors import FlagError
     from llm_sft.train import run
 
-    _, kwargs, train = _sft_args(tmp_path, tmp_path / "run")
+    _, kwargs, train = sft_args(tmp_path, tmp_path / "run")
     with pytest.raises(FlagError, match=r"--max_length=8: no training example fits \(\d+ dropped"):
         run(out=str(tmp_path / "run"), train=train, **{**kwargs, "max_length": 8})

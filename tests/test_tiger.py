@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny import tiger_config, tiger_run_args
 
 from rqvae import tiger
 
@@ -190,44 +191,16 @@ def test_load_index_keys_are_item_rows(tmp_path):
         tiger_trainer.load_index(tmp_path / "short.json", ds)
 
 
-def _tiger_run_args(tmp_path, out, **extra):
-    from tiny import write_tiny_ml100k
-
-    from rqvae import ids
-
-    folder = write_tiny_ml100k(tmp_path / "ml-100k")
-    index = tmp_path / "ids.json"
-    if not index.exists():
-        ids.write_index(index, np.random.default_rng(0).integers(0, 4, (30, 3)))
-    flags = dict(d_model=8, num_layers=1, num_heads=2, head_dim=4, d_ff=16, max_items=4, num_user_buckets=3,
-                 num_epochs=4, batch_size=16, beam_size=5, warmup_steps=2, learning_rate=1e-2, **extra)  # fmt: skip
-    args = ["-m", "rqvae.tiger_train", "--dataset=ml-100k", f"--data_dir={folder}", f"--semantic_ids={index}",
-            f"--out={out}", *(f"--{k}={v}" for k, v in flags.items())]  # fmt: skip
-    return folder, index, flags, args
-
-
-def _tiger_config(flags):
-    from rqvae.tiger_trainer import TigerTrainConfig
-
-    model = tiger.TigerConfig(
-        d_model=flags["d_model"], encoder_layers=flags["num_layers"], decoder_layers=flags["num_layers"],
-        num_heads=flags["num_heads"], head_dim=flags["head_dim"], d_ff=flags["d_ff"], max_items=flags["max_items"],
-        num_user_buckets=flags["num_user_buckets"],
-    )  # fmt: skip
-    keys = ("num_epochs", "batch_size", "beam_size", "warmup_steps", "learning_rate")
-    return TigerTrainConfig(model=model, **{k: flags[k] for k in keys})
-
-
 def test_kill_9_after_second_checkpoint_then_rerun_matches(tmp_path):
     from tiny import kill_and_resume, train_losses
 
     from rqvae import evaluate, tiger_train
 
-    folder, index, flags, args = _tiger_run_args(tmp_path, tmp_path / "killed")
+    folder, index, flags, args = tiger_run_args(tmp_path, tmp_path / "killed")
     full = tiger_train.run(
-        "ml-100k", str(folder), str(index), str(tmp_path / "full"), _tiger_config(flags)
+        "ml-100k", str(folder), str(index), str(tmp_path / "full"), tiger_config(flags)
     )
-    config = _tiger_config(flags)
+    config = tiger_config(flags)
     resumed = kill_and_resume(
         args, tmp_path / "killed",
         lambda out: tiger_train.run("ml-100k", str(folder), str(index), str(out), config),
@@ -243,8 +216,8 @@ def test_absurd_learning_rate_stops_with_an_error(tmp_path):
     from eval.training import NonFiniteError
     from rqvae import tiger_train
 
-    folder, index, flags, _ = _tiger_run_args(tmp_path, tmp_path / "run")
-    config = dataclasses.replace(_tiger_config(flags), learning_rate=1e38, eval_every=1)
+    folder, index, flags, _ = tiger_run_args(tmp_path, tmp_path / "run")
+    config = dataclasses.replace(tiger_config(flags), learning_rate=1e38, eval_every=1)
     with pytest.raises(NonFiniteError, match=r"step \d+: non-finite .*Last good checkpoint"):
         tiger_train.run("ml-100k", str(folder), str(index), str(tmp_path / "run"), config)
     assert not (tmp_path / "run" / "result.json").exists()

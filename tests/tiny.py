@@ -290,3 +290,55 @@ if __name__ == "__main__":
     assert kind == "regression", kind
     kwargs = {k: json.loads(v) for k, v in (p.split("=", 1) for p in pairs)}
     print(json.dumps(regression_fit(out, **kwargs)[0]))
+
+
+def sft_args(tmp_path, out, **extra):
+    """(CLI args, `llm_sft.train.run` kwargs, TrainConfig) of a 6-step full fine-tune of a
+    random tiny Qwen on `write_tiny_ml100k` over mesh data:2,fsdp:2,tensor:2."""
+    from llm_sft.trainer import TrainConfig
+
+    folder = write_tiny_ml100k(tmp_path / "ml-100k")
+    config = tmp_path / "config.json"
+    hf_config = dict(model_type="qwen2", vocab_size=384, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)  # fmt: skip
+    config.write_text(json.dumps(hf_config))
+    flags = dict(max_steps=6, eval_every=2, log_every=1, per_device_train_batch_size=1, learning_rate=1e-2,
+                 max_length=256, max_eval_examples=4, mesh="data:2,fsdp:2,tensor:2", **extra)  # fmt: skip
+    args = ["-m", "llm_sft.train", "--dataset=ml-100k", f"--data_dir={folder}", f"--out={out}", "--init=random",
+            f"--model_config={config}", "--nolora", *(f"--{k}={v}" for k, v in flags.items())]  # fmt: skip
+    kwargs = dict(dataset="ml-100k", data_dir=str(folder), lora=None, model_config=str(config),
+                  max_length=256, max_eval_examples=4, mesh=flags["mesh"], progress=False)  # fmt: skip
+    train = TrainConfig(
+        max_steps=6, eval_every=2, log_every=1, per_device_train_batch_size=1, learning_rate=1e-2
+    )
+    return args, kwargs, train
+
+
+def tiger_run_args(tmp_path, out, **extra):
+    """(data folder, index file, flags, CLI args) of a 4-epoch tiny `rqvae.tiger_train` run
+    on `write_tiny_ml100k` with a random 3-level index."""
+    from rqvae import ids
+
+    folder = write_tiny_ml100k(tmp_path / "ml-100k")
+    index = tmp_path / "ids.json"
+    if not index.exists():
+        ids.write_index(index, np.random.default_rng(0).integers(0, 4, (30, 3)))
+    flags = dict(d_model=8, num_layers=1, num_heads=2, head_dim=4, d_ff=16, max_items=4, num_user_buckets=3,
+                 num_epochs=4, batch_size=16, beam_size=5, warmup_steps=2, learning_rate=1e-2, **extra)  # fmt: skip
+    args = ["-m", "rqvae.tiger_train", "--dataset=ml-100k", f"--data_dir={folder}", f"--semantic_ids={index}",
+            f"--out={out}", *(f"--{k}={v}" for k, v in flags.items())]  # fmt: skip
+    return folder, index, flags, args
+
+
+def tiger_config(flags):
+    """The `TigerTrainConfig` of `tiger_run_args` flags."""
+    from rqvae import tiger
+    from rqvae.tiger_trainer import TigerTrainConfig
+
+    model = tiger.TigerConfig(
+        d_model=flags["d_model"], encoder_layers=flags["num_layers"], decoder_layers=flags["num_layers"],
+        num_heads=flags["num_heads"], head_dim=flags["head_dim"], d_ff=flags["d_ff"], max_items=flags["max_items"],
+        num_user_buckets=flags["num_user_buckets"],
+    )  # fmt: skip
+    keys = ("num_epochs", "batch_size", "beam_size", "warmup_steps", "learning_rate")
+    return TigerTrainConfig(model=model, **{k: flags[k] for k in keys})

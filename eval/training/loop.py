@@ -177,6 +177,7 @@ def fit(state: TrainState, task: Task, config: LoopConfig, run: RunDir | None = 
         start = (step, time.perf_counter())
         bar = tqdm(total=config.total_steps, initial=step, disable=not show, desc=config.desc)
         batches = task.batches(step) if not finished else iter(())
+        constants = state.put_constants(task.constants)
         pending: list[dict[str, jax.Array]] = []
         losses: list[float] = []
         curve: list[tuple[int, float]] = []
@@ -184,7 +185,7 @@ def fit(state: TrainState, task: Task, config: LoopConfig, run: RunDir | None = 
             while not finished and step < config.total_steps:
                 metrics = state.train_step(
                     task.loss, next(batches), step_key(key, step),
-                    constants=task.constants, accumulation=config.gradient_accumulation_steps,
+                    constants=constants, accumulation=config.gradient_accumulation_steps,
                     after_update=task.after_update,
                 )  # fmt: skip
                 pending.append(metrics)

@@ -16,6 +16,7 @@ Otherwise each micro-batch loss is a mean and the step averages them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -28,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from eval.distributed import global_array
+from eval.distributed import global_array, replicate
 
 LossFn = Callable[[nnx.Module, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
 AfterUpdate = Callable[[nnx.Module, dict], None]
@@ -193,6 +194,13 @@ class TrainState:
             return {k: global_array(v, sharding) for k, v in batch.items()}
         return jax.device_put(dict(batch), sharding)
 
+    def put_constants(self, constants: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """A task's constants (`Task.constants`) as the step reads them: whole on every
+        device of the mesh (once per fit, not per step)."""
+        if self.mesh is None:
+            return jax.device_put(dict(constants))
+        return replicate(dict(constants), self.mesh)
+
     def train_step(
         self,
         loss_fn: LossFn,
@@ -204,18 +212,28 @@ class TrainState:
         after_update: AfterUpdate | None = None,
     ) -> dict[str, jax.Array]:
         """One optimizer step; returns device scalars (loss, grad_norm, scalar aux)."""
+        args = self._step_args(loss_fn, batch, key, constants, accumulation, after_update)
+        with self._on_mesh():
+            self.params, self.rest, self.opt_state, metrics = _train_step(*args)
+        return metrics
+
+    def lower_train_step(self, loss_fn: LossFn, batch: Mapping[str, np.ndarray],
+                         key: jax.Array, **options) -> jax.stages.Lowered:  # fmt: skip
+        """The step `train_step` (same arguments) would run, lowered, not run: for its HLO,
+        collectives and memory (`.compile().as_text()`, `.compile().memory_analysis()`)."""
+        with self._on_mesh():
+            return _train_step.lower(*self._step_args(loss_fn, batch, key, **options))
+
+    def _step_args(self, loss_fn, batch, key, constants=None, accumulation=1, after_update=None):
         defs = (
             self.graphdef, self.opt_def, self.filters, loss_fn, accumulation, after_update,
             self._shardings,
         )  # fmt: skip
-        args = (dict(constants or {}), self.put_batch(batch, accumulation), key)
-        if self.mesh is None:
-            out = _train_step(defs, self.params, self.frozen, self.rest, self.opt_state, *args)
-        else:
-            with jax.set_mesh(self.mesh):
-                out = _train_step(defs, self.params, self.frozen, self.rest, self.opt_state, *args)
-        self.params, self.rest, self.opt_state, metrics = out
-        return metrics
+        state = (self.params, self.frozen, self.rest, self.opt_state)
+        return defs, *state, dict(constants or {}), self.put_batch(batch, accumulation), key
+
+    def _on_mesh(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
     # -- models ---------------------------------------------------------------------------
     def model(self, train: bool = False) -> nnx.Module:
