@@ -92,6 +92,24 @@ def global_array(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
+def place(tree, shardings):
+    """`jax.device_put(tree, shardings)`, also onto shardings that span processes: a leaf
+    this process holds whole (the same value in every process) is copied from its host
+    copy, each process filling its own devices."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(leaf, sharding):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return jax.device_put(leaf, sharding)
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            data = global_array(np.asarray(jax.random.key_data(leaf)), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+        return global_array(np.asarray(leaf), sharding)
+
+    return jax.tree.map(one, tree, shardings)
+
+
 def replicate(tree, mesh: Mesh):
     """Every leaf of `tree` (host or device arrays, the same on every process) whole on
     every device of `mesh`."""

@@ -14,6 +14,7 @@ import pytest
 from tiny import (
     REPO,
     TINY_HSTU,
+    random_hf_qwen,
     sft_args,
     tiger_config,
     tiger_run_args,
@@ -161,16 +162,28 @@ def test_sharded_full_ranking_equals_the_unsharded_one():
     )
 
 
-def test_sft_two_processes_of_four_devices_match_one_of_eight(tmp_path):
-    """Full fine-tuning over mesh data:2,fsdp:2,tensor:2: the same losses, validation loss
-    and exported weights (gathered across processes, written by process 0 only)."""
+@pytest.mark.parametrize("tuning", ["lora", pytest.param("full", marks=pytest.mark.slow)])
+def test_sft_two_processes_of_four_devices_match_one_of_eight(tmp_path, tuning):
+    """Mesh data:2,fsdp:2,tensor:2; LoRA on a saved HF checkpoint (placed on the mesh
+    across processes) or full fine-tuning: the same losses, validation loss and exported
+    weights (gathered across processes, written by process 0 only)."""
     from safetensors.numpy import load_file
 
+    from llm_sft.lora import LoRAConfig
     from llm_sft.train import run
 
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 (fake) devices")
     args, kwargs, config = sft_args(tmp_path, tmp_path / "two")
+    export = "hf/model.safetensors"
+    if tuning == "lora":
+        hf = tmp_path / "qwen"
+        random_hf_qwen(vocab_size=384, tie_word_embeddings=True).save_pretrained(hf)
+        random_init = ("--init=", "--model_config=", "--nolora")
+        args = [a for a in args if not a.startswith(random_init)] + [f"--hf_checkpoint={hf}"]
+        lora = LoRAConfig(dropout=0.05)  # the flags' defaults
+        kwargs = {**kwargs, "model_config": None, "hf_checkpoint": str(hf), "lora": lora}
+        export = "adapter/adapter_model.safetensors"
     done = _launch(args)
     assert done.returncode == 0, done.stdout[-3000:]
     one = run(out=str(tmp_path / "one"), train=config, **kwargs)
@@ -178,7 +191,7 @@ def test_sft_two_processes_of_four_devices_match_one_of_eight(tmp_path):
     assert train_losses(tmp_path / "two") == pytest.approx(train_losses(tmp_path / "one"), abs=1e-5)
     assert len(train_losses(tmp_path / "two")) == 6
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-6)
-    weights = [load_file(tmp_path / d / "hf" / "model.safetensors") for d in ("two", "one")]
+    weights = [load_file(tmp_path / d / export) for d in ("two", "one")]
     assert weights[0].keys() == weights[1].keys()
     for name, array in weights[1].items():
         np.testing.assert_allclose(weights[0][name], array, atol=1e-5, err_msg=name)

@@ -145,3 +145,23 @@ def test_leaderboard_runs_a_model_after_the_models_it_needs(tmp_path):
         SidLLMRecommender(tmp_path / "sid", {"tiger": tmp_path / "tiger"}).fit(
             ds, data.split(ds), budget="demo", seed=0
         )
+
+
+@pytest.mark.parametrize("budget", ["full", "demo"])
+def test_the_full_budget_applies_a_data_sets_validation_chosen_overrides(monkeypatch, budget):
+    from types import SimpleNamespace
+
+    from hstu import recommender
+
+    built = {}
+
+    def make_trainer(preset, num_items, overrides):
+        built.update(overrides, preset=preset)
+        raise StopIteration  # built: nothing to train
+
+    monkeypatch.setattr(recommender, "make_trainer", make_trainer)
+    ds = SimpleNamespace(name="amazon-cds-vinyl-2018", num_items=10)
+    with pytest.raises(StopIteration):
+        recommender.SASRecRecommender().fit(ds, None, budget=budget, seed=0)
+    assert built["preset"] == "sasrec-ss"
+    assert built.get("dropout_rate") == (0.5 if budget == "full" else None)

@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from eval.distributed import global_array, replicate
+from eval.distributed import global_array, place, replicate
 
 LossFn = Callable[[nnx.Module, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
 AfterUpdate = Callable[[nnx.Module, dict], None]
@@ -158,9 +158,9 @@ class TrainState:
             self.opt_def, self.opt_state = nnx.split(nnx.Optimizer(model, tx, wrt=wrt))
             self._shardings = None
             return
-        place = shardings or (lambda tree: nnx.get_named_sharding(tree, mesh))
-        model_sh = place((params, frozen_state, rest))
-        self.params, self.frozen, self.rest = jax.device_put((params, frozen_state, rest), model_sh)
+        sharding_of = shardings or (lambda tree: nnx.get_named_sharding(tree, mesh))
+        model_sh = sharding_of((params, frozen_state, rest))
+        self.params, self.frozen, self.rest = place((params, frozen_state, rest), model_sh)
         graphdef = self.graphdef
 
         def init_optimizer(params, frozen, rest):
@@ -170,7 +170,7 @@ class TrainState:
             self.opt_def, abstract = jax.eval_shape(
                 init_optimizer, self.params, self.frozen, self.rest
             )
-            opt_sh = place(abstract)
+            opt_sh = sharding_of(abstract)
             self.opt_state = jax.jit(lambda *s: init_optimizer(*s)[1], out_shardings=opt_sh)(
                 self.params, self.frozen, self.rest
             )
