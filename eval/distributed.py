@@ -8,10 +8,13 @@ mesh spans them all, and the training step is one global program. On XLA:CPU the
 cross-process collectives are gloo's. `tools.launch` starts such processes locally.
 
 The run folder is written by the primary process (index 0) only: `run.json`,
-`metrics.jsonl`, `result.json`; orbax checkpoints are written by all (each its shards).
-Every process builds the same global host batch (the seeded, step-indexed loader) and
-hands each of its devices that device's rows (`global_array`). `--mesh` flags
-(`parse_mesh`, `make_mesh`) lay every device of the run out over named axes.
+`metrics.jsonl`, `result.json`, exports; orbax checkpoints are written by all (each its
+shards). Every process loads the data set and builds the same global host batch (the
+seeded, step-indexed loader) and hands each of its devices that device's rows
+(`global_array`); models and constants the processes hold alike are placed with `place`
+/ `replicate`; evaluation batches are split over the data axis like training batches and
+their results gathered (`to_host`). `--mesh` flags (`parse_mesh`, `make_mesh`,
+`run_mesh`) lay every device of the run out over named axes.
 """
 
 from __future__ import annotations
@@ -134,6 +137,11 @@ def parse_mesh(spec: str, axes: Sequence[str]) -> dict[str, int]:
             raise FlagError(f"--mesh={spec!r}: expected 'axis:size,...' over {tuple(axes)}")
         sizes[name] = int(size)
     return sizes
+
+
+def data_parallelism(mesh: Mesh, data_axes: Sequence[str]) -> int:
+    """Devices a batch's rows are split over: the product of `mesh`'s `data_axes`."""
+    return int(np.prod([mesh.shape[a] for a in data_axes]))
 
 
 def run_mesh(spec: str | None, axes: Sequence[str]) -> Mesh | None:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eval.data.dataset import EvalExamples
+from eval.distributed import to_host
 from eval.metrics import (
     DEFAULT_KS,
     check_targets,
@@ -90,7 +91,7 @@ def full_ranking_by_ranks(
     split item table, `eval.sharded_ranking`): `rank_fn(index)` -> the targets' ranks [B]."""
     ranks = []
     for index, n in _padded_batches(len(examples), batch_size):
-        ranks.append(np.asarray(rank_fn(index))[:n])
+        ranks.append(to_host(rank_fn(index))[:n])  # rows split across processes: gathered
     return _summary(np.concatenate(ranks), ks)
 
 

@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 from eval import data, protocols
 from eval.data import examples as ex_lib
 from eval.data.dataset import EvalExamples
+from eval.distributed import data_parallelism, to_host
 from eval.errors import FlagError
 from eval.metrics import DEFAULT_KS, history_mask
 from eval.sharded_ranking import ranks_and_top_k
@@ -241,8 +242,11 @@ class Trainer:
         return {k: jnp.asarray(v) for k, v in counts.items()}
 
     def query_scores(self, inputs: dict[str, np.ndarray]) -> jax.Array:
-        """Scores [B, N+1] over all items of `query_inputs` rows (eval mode)."""
+        """Scores [B, N+1] over all items of `query_inputs` rows (eval mode). On a mesh the
+        rows are split over its data axis (across the processes of a run) when they divide."""
         s = self.state
+        if s.mesh is not None and len(inputs["ids"]) % data_parallelism(s.mesh, s.data_axes) == 0:
+            inputs = s.put_batch(inputs)
         return _query_scores(s.eval_def, s.params, s.frozen, s.rest, inputs, self.recall_n)
 
     def scores(
@@ -297,7 +301,7 @@ class Trainer:
             )
 
         def sampled(idx, candidates):
-            return np.take_along_axis(np.asarray(self.scores(examples, idx)), candidates, axis=1)
+            return np.take_along_axis(to_host(self.scores(examples, idx)), candidates, axis=1)
 
         return protocols.sampled_ranking(
             sampled, examples, ds.num_items, seed=seed, ks=ks, batch_size=bs

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from eval.data.examples import ArraySource, batches
+from eval.distributed import data_parallelism
 from eval.errors import FlagError
 from eval.training import FitResult, LoopConfig, RunDir, Task, TrainState, fit, step_key
 from eval.training.flags import eval_every_steps, total_steps
@@ -173,7 +174,7 @@ class Trainer:
         trainable: Any = nnx.Param,
     ):  # fmt: skip
         self.mesh, self.config = mesh, config
-        self.dp = mesh.shape["data"] * mesh.shape["fsdp"]
+        self.dp = data_parallelism(mesh, DATA_AXES)
         self.micro_batch = config.per_device_train_batch_size * self.dp
         self.rows_per_step = self.micro_batch * config.gradient_accumulation_steps
         self.steps_per_epoch = num_train_rows // self.rows_per_step
