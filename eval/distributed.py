@@ -96,11 +96,13 @@ def global_array(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array
 
 
 def place(tree, shardings):
-    """`jax.device_put(tree, shardings)`, also onto shardings that span processes: a leaf
-    this process holds whole (the same value in every process) is copied from its host
-    copy, each process filling its own devices."""
+    """`jax.device_put(tree, shardings)` (a tree of shardings, or one for every leaf), also
+    onto shardings that span processes: a leaf this process holds whole (the same value
+    in every process) is copied from its host copy, each process filling its own devices."""
     if jax.process_count() == 1:
         return jax.device_put(tree, shardings)
+    if isinstance(shardings, jax.sharding.Sharding):  # one sharding for every leaf
+        shardings = jax.tree.map(lambda _: shardings, tree)
 
     def one(leaf, sharding):
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
@@ -116,8 +118,7 @@ def place(tree, shardings):
 def replicate(tree, mesh: Mesh):
     """Every leaf of `tree` (host or device arrays, the same on every process) whole on
     every device of `mesh`."""
-    sharding = jax.NamedSharding(mesh, jax.P())
-    return jax.tree.map(lambda leaf: global_array(np.asarray(leaf), sharding), tree)
+    return place(tree, jax.NamedSharding(mesh, jax.P()))
 
 
 def to_host(x: jax.Array) -> np.ndarray:

@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from eval.distributed import global_array, place, replicate
+from eval.distributed import place, replicate
 
 LossFn = Callable[[nnx.Module, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
 AfterUpdate = Callable[[nnx.Module, dict], None]
@@ -189,10 +189,7 @@ class TrainState:
         if self.mesh is None:
             return dict(batch)
         spec = P(None, self.data_axes) if accumulation > 1 else P(self.data_axes)
-        sharding = NamedSharding(self.mesh, spec)
-        if jax.process_count() > 1:
-            return {k: global_array(v, sharding) for k, v in batch.items()}
-        return jax.device_put(dict(batch), sharding)
+        return place(dict(batch), NamedSharding(self.mesh, spec))
 
     def put_constants(self, constants: Mapping[str, Any]) -> dict[str, jax.Array]:
         """A task's constants (`Task.constants`) as the step reads them: whole on every
