@@ -43,11 +43,11 @@ from flax import nnx
 
 from eval import cli, data, protocols
 from eval.allocator import reexec_with_tcmalloc
-from eval.data.dataset import EvalExamples
+from eval.data.dataset import EvalExamples, Ragged
 from eval.decoding import Trie
 from eval.errors import FlagError
 from eval.io import atomic_write_json
-from eval.metrics import DEFAULT_KS
+from eval.metrics import DEFAULT_KS, history_mask
 from eval.results import ResultTable
 from eval.training import read_run
 from llm_sft import data as sft_data
@@ -81,6 +81,12 @@ def title_items(trie: Trie) -> dict[int, list[int]]:
     for index, canonical in enumerate(trie.canonical):
         groups.setdefault(int(canonical), []).append(index + 1)
     return groups
+
+
+def unseen_items(history: Ragged | Sequence[Sequence[int]], num_items: int) -> np.ndarray:
+    """[E, N] bool: item i + 1 is not in row e's history (a `keep` for the item tries,
+    whose sequence i is item i + 1)."""
+    return ~history_mask(history, num_items)[:, 1:]
 
 
 def items_of_beams(
@@ -119,17 +125,19 @@ def round_up(n: int, multiple: int = 8) -> int:
 
 def decode_batched(
     model: Qwen, prompts: Sequence[Sequence[int]], *, batch_size: int, pad_id: int,
-    width: int | None = None, **generate_kwargs,
+    width: int | None = None, keep: np.ndarray | None = None, **generate_kwargs,
 ) -> GenerateOutput:  # fmt: skip
     """``llm_sft.generate.generate`` over all ``prompts`` (token id lists) in left-padded
-    batches of one shape; returns NumPy arrays [E, R, ...]."""
+    batches of one shape; ``keep`` [E, num_sequences]: each prompt's row of ``generate``'s
+    ``keep``. Returns NumPy arrays [E, R, ...]."""
     if not len(prompts):
         raise ValueError("decode_batched: no prompts")
     width = width or round_up(max(len(p) for p in prompts))
     parts = []
     for index, n in padded_batches(len(prompts), batch_size):
         ids, mask = sft_data.left_pad([prompts[i] for i in index], width, pad_id)
-        out = generate(model, ids, mask, pad_token_id=pad_id, **generate_kwargs)
+        rows = None if keep is None else keep[index]
+        out = generate(model, ids, mask, pad_token_id=pad_id, keep=rows, **generate_kwargs)
         parts.append([None if x is None else np.asarray(x)[:n] for x in out])
     return GenerateOutput(
         *(None if p[0] is None else np.concatenate(p) for p in zip(*parts, strict=True))

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from eval.decoding import Trie, beam_search, decode, gather_rows
+from eval.decoding.trie import live_nodes
 from llm_sft.model import Cache, Qwen
 
 METHODS = ("greedy", "sample", "beam")
@@ -60,6 +61,7 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int = 0,
     trie: Trie | None = None,
+    keep: Any = None,
     rng: jax.Array | None = None,
 ) -> GenerateOutput:
     """Continues a LEFT-padded prompt batch ``input_ids`` / ``attention_mask`` [B, T].
@@ -73,6 +75,9 @@ def generate(
       top_k: keep the k most likely tokens (0: all). top_p: nucleus mass in (0, 1].
       eos_token_id: id or ids that finish a row; defaults to ``trie.eos_token_id``.
       trie: restrict continuations to catalogue titles followed by EOS.
+      keep: [B, num_sequences] bool, 'beam' under a trie only: the trie sequences each
+        prompt may still produce (e.g. the items outside its history); beams never enter
+        a prefix with none of them below it.
       rng: PRNG key for 'sample'.
 
     Returns:
@@ -116,6 +121,12 @@ def generate(
             f"generate: num_return_sequences={num_return_sequences} must be in [1, "
             f"num_beams={num_beams}]"
         )
+    if keep is not None and (method != "beam" or trie is None):
+        raise ValueError("generate: keep needs method='beam' and a trie")
+    if keep is not None and np.shape(keep) != (ids.shape[0], len(trie.paths)):
+        raise ValueError(
+            f"generate: keep is {np.shape(keep)}, expected [{ids.shape[0]}, {len(trie.paths)}]"
+        )
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"generate: early_stopping={early_stopping!r}, expected bool or 'never'")
     if method == "sample":
@@ -133,9 +144,10 @@ def generate(
     arrays = None if trie is None else trie.arrays()
     fanout = 0 if trie is None else trie.max_fanout
     if method == "beam":
+        live = None if keep is None else (jnp.asarray(trie.paths), jnp.asarray(keep, bool))
         seqs, scores, titles = _beam_search(
             graphdef, state, ids, mask, eos, pad, arrays, jnp.asarray(length_penalty, jnp.float32),
-            max_new_tokens=max_new_tokens, num_beams=num_beams, max_fanout=fanout,
+            live, max_new_tokens=max_new_tokens, num_beams=num_beams, max_fanout=fanout,
             early_stopping=early_stopping,
         )  # fmt: skip
         r = num_return_sequences
@@ -238,13 +250,16 @@ def _decode(graphdef, state, input_ids, attention_mask, eos, pad, trie, key, tem
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "num_beams", "max_fanout", "early_stopping"),
 )
-def _beam_search(graphdef, state, input_ids, attention_mask, eos, pad, trie, length_penalty, *,
-                 max_new_tokens, num_beams, max_fanout, early_stopping):  # fmt: skip
-    """Beam search -> (sequences [B, N, L], scores [B, N], titles [B, N] or None)."""
+def _beam_search(graphdef, state, input_ids, attention_mask, eos, pad, trie, length_penalty, live,
+                 *, max_new_tokens, num_beams, max_fanout, early_stopping):  # fmt: skip
+    """Beam search -> (sequences [B, N, L], scores [B, N], titles [B, N] or None);
+    `live`: None or (trie paths, keep [B, S]) for `trie_lib.live_nodes`."""
     model = nnx.merge(graphdef, state)
+    if live is not None:
+        live = live_nodes(*live, trie.leaf_index.shape[0])
     logits, cache = _prefill(model, input_ids, attention_mask, max_new_tokens, repeat=num_beams)
     return beam_search(
         _step_fn(model), logits, cache, num_beams=num_beams, max_len=max_new_tokens, eos=eos,
         pad=pad, trie=trie, max_fanout=max_fanout, length_penalty=length_penalty,
-        early_stopping=early_stopping,
+        early_stopping=early_stopping, live=live,
     )  # fmt: skip

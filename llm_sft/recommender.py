@@ -39,6 +39,7 @@ from llm_sft.evaluate import (
     round_up,
     title_items,
     title_trie,
+    unseen_items,
 )
 from llm_sft.model import ModelConfig
 from llm_sft.sharding import make_mesh
@@ -177,12 +178,13 @@ class BigRecRecommender(Recommender):
         # Width rounded to 32 (capped at the prompt budget) so calls share compiled shapes.
         width = min(round_up(max(len(p) for p in prompts), 32), cfg.max_length - depth)
         beams = max(cfg.num_beams, k)
+        history = examples.history.take(np.asarray(index)) if cfg.filter_history else None
         out = decode_batched(
             self.model, prompts, batch_size=cfg.batch_size, pad_id=tok.pad_token_id, width=width,
             method="beam", num_beams=beams, num_return_sequences=beams, trie=self.trie,
             max_new_tokens=depth, length_penalty=cfg.length_penalty,
+            keep=None if history is None else unseen_items(history, len(self.titles) - 1),
         )  # fmt: skip
-        history = examples.history.take(np.asarray(index)) if cfg.filter_history else None
         return items_of_beams(out.titles, self.groups, k, history)
 
 

@@ -19,7 +19,13 @@ import numpy as np
 from eval.decoding import Trie
 from eval.metrics import DEFAULT_KS, metrics_from_ranks, ranks_from_lists
 from llm_sft.data import prompt_text
-from llm_sft.evaluate import decode_batched, items_of_beams, response_trie, title_items
+from llm_sft.evaluate import (
+    decode_batched,
+    items_of_beams,
+    response_trie,
+    title_items,
+    unseen_items,
+)
 from llm_sft.model import Qwen
 from llm_sft.sid_data import TaskExamples
 from llm_sft.sid_tokens import sid_text
@@ -43,14 +49,15 @@ def beam_items(
     exclude: Sequence[Sequence[int]] | None = None,
 ) -> tuple[np.ndarray, dict[str, int]]:  # fmt: skip
     """Ranked item ids [E, k or num_beams] (0 = empty slot; `exclude[e]`: items left out of
-    row e) from constrained beam search on `ex`'s prompts, and the beam counts `invalid`
-    (returned beams that are no item's ID: 0 under the trie) and `empty_slots` (beams
-    left empty: fewer distinct IDs than beams)."""
+    row e, pruned from the trie while decoding) from constrained beam search on `ex`'s
+    prompts, and the beam counts `invalid` (returned beams that are no item's ID: 0 under
+    the trie) and `empty_slots` (beams left empty: fewer distinct IDs than beams)."""
     trie = sid_trie(codes, tokenizer)
     beams = decode_batched(
         model, prompt_ids(ex, tokenizer, template), batch_size=batch_size,
         pad_id=tokenizer.pad_token_id, method="beam", num_beams=num_beams,
         num_return_sequences=num_beams, trie=trie, max_new_tokens=trie.depth,
+        keep=None if exclude is None else unseen_items(exclude, len(codes) - 1),
     )  # fmt: skip
     items = items_of_beams(beams.titles, title_items(trie), k or num_beams, exclude)
     valid = _valid_ids(codes, tokenizer)

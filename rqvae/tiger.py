@@ -388,10 +388,16 @@ class SemanticIndex:
 
 @functools.partial(jax.jit, static_argnames=("beam_size", "max_fanout"))
 def beam_search(
-    model: Tiger, enc_tokens: jax.Array, trie: TrieArrays, beam_size: int, max_fanout: int
+    model: Tiger,
+    enc_tokens: jax.Array,
+    trie: TrieArrays,
+    beam_size: int,
+    max_fanout: int,
+    live: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Trie-constrained beam search over the L levels (`eval.decoding.beam_search` with
-    `Tiger.decode_step`; beam scores are summed log-probs, no length penalty).
+    `Tiger.decode_step`; beam scores are summed log-probs, no length penalty). `live`
+    [B, num_nodes] (`eval.decoding.trie.live_nodes`): the trie nodes each example may enter.
 
     Returns (codes [B, beam, L]; leaves [B, beam], indices into `SemanticIndex.ids`, -1
     where fewer valid IDs exist; scores [B, beam], descending, -inf if empty).
@@ -410,16 +416,21 @@ def beam_search(
     )
     codes, scores, leaves = shared_beam_search(
         step, logits, caches, num_beams=beam_size, max_len=cfg.num_levels, eos=jnp.array([-1], jnp.int32),
-        trie=trie, max_fanout=max_fanout, length_penalty=0.0,
+        trie=trie, max_fanout=max_fanout, length_penalty=0.0, live=live,
     )  # fmt: skip
     return codes, leaves, scores
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
-def leaves_to_items(leaves: jax.Array, id_items: jax.Array, k: int) -> jax.Array:
-    """Ranked IDs [B, beam] -> top-k distinct items [B, k] (0 = empty), each ID's items in ascending order."""
+def leaves_to_items(
+    leaves: jax.Array, id_items: jax.Array, k: int, seen: jax.Array | None = None
+) -> jax.Array:
+    """Ranked IDs [B, beam] -> top-k distinct items [B, k] (0 = empty), each ID's items in
+    ascending order; items marked in `seen` [B, N + 1] (bool) are left out."""
     b = leaves.shape[0]
     items = jnp.where((leaves >= 0)[..., None], id_items[jnp.maximum(leaves, 0)], 0).reshape(b, -1)
+    if seen is not None:
+        items = jnp.where(jnp.take_along_axis(seen, items, 1), 0, items)
     if items.shape[1] < k:
         items = jnp.pad(items, ((0, 0), (0, k - items.shape[1])))
     order = jnp.argsort(

@@ -82,7 +82,10 @@ def evaluate_splits(
     model: Tiger, split: data.Split, si: SemanticIndex, config: TigerTrainConfig,
     mesh: Mesh | None = None,
 ) -> dict:  # fmt: skip
-    kw = dict(beam_size=config.beam_size, batch_size=config.eval_batch_size, mesh=mesh)
+    kw = dict(
+        beam_size=config.beam_size, batch_size=config.eval_batch_size, mesh=mesh,
+        filter_history=config.filter_history,
+    )  # fmt: skip
     return {
         name: evaluate_tiger(model, getattr(split, name), si, KS, **kw)
         for name in ("valid", "test")
@@ -142,6 +145,10 @@ def _define_flags() -> None:
     flags.DEFINE_integer(
         "max_valid", t.max_valid, "Validation examples used for selection (default all)."
     )
+    flags.DEFINE_bool(
+        "filter_history", t.filter_history, "Exclude each example's history items while "
+        "decoding, as full ranking filters them (--nofilter_history: TIGER's paper protocol).",
+    )  # fmt: skip
     flags.DEFINE_integer(
         "max_targets", t.max_targets, "Train on each user's last N positions only (default all)."
     )
@@ -170,6 +177,7 @@ def main(argv: list[str]) -> None:
     config = TigerTrainConfig(
         model=model, weight_decay=f.weight_decay, warmup_steps=f.warmup_steps, beam_size=f.beam_size,
         max_valid=f.max_valid, max_targets=f.max_targets, codebook_size=f.codebook_size,
+        filter_history=f.filter_history,
         **config_flag_values(),
     )  # fmt: skip
     result = run(shared["dataset"], shared["data_dir"], f.semantic_ids, shared["out"], config,

@@ -8,7 +8,9 @@ Training examples are every prefix of every training sequence, or of its last
 left-padded), teacher-forced cross-entropy on the target's L codes, AdamW with linear
 warm-up, on the shared loop (`eval.training.fit`: checkpoints, resume, early stopping).
 The state with the best validation Recall@10 (trie-constrained beam search, item level)
-is returned.
+is returned. Ranking excludes each example's history items while decoding (`filter_history`,
+the generative counterpart of full ranking's history filter): an ID none of whose items is
+unseen is pruned from that example's trie, so the beams hold only recommendable items.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from eval.data.dataset import Dataset, EvalExamples
 from eval.data.examples import batches, pad, prefix_source
 from eval.data.formats import largest_code, read_item_codes
 from eval.data.splits import Split
+from eval.decoding.trie import live_nodes
 from eval.distributed import global_array, replicate, to_host
-from eval.metrics import DEFAULT_KS, metrics_from_ranks, ranks_from_lists
+from eval.metrics import DEFAULT_KS, history_mask, metrics_from_ranks, ranks_from_lists
 from eval.training import LoopConfig, RunDir, Task, TrainState, fit
 from eval.training.flags import eval_every_steps, total_steps
 from eval.training.optim import OptimizerConfig, make_optimizer
@@ -68,6 +71,7 @@ class TigerTrainConfig:
     max_valid: int | None = None  # validation examples used for selection (fixed seeded subset)
     max_targets: int | None = None  # train on each user's last max_targets positions only
     eval_batch_size: int = 256
+    filter_history: bool = True  # decoding excludes each example's history items
     seed: int = 0
 
 
@@ -112,21 +116,29 @@ def tiger_loss(model: Tiger, batch: dict[str, jax.Array], rng: jax.Array):
 
 @functools.partial(jax.jit, static_argnames=("max_fanout", "beam_size", "k"))
 def _rank_batch(
-    model, item_tokens, users, history, trie, max_fanout, id_items, beam_size: int, k: int
-):
+    model, item_tokens, users, history, trie, max_fanout, id_items, paths, seen,
+    beam_size: int, k: int,
+):  # fmt: skip
     enc = encoder_tokens(item_tokens, users, history, model.cfg)
-    _, leaves, _ = beam_search(model, enc, trie, beam_size, max_fanout)
-    return leaves_to_items(leaves, id_items, k)
+    live = None
+    if seen is not None:  # an ID stays reachable while one of its items is unseen
+        keep = jnp.any((id_items > 0) & ~seen[:, id_items], -1)
+        live = live_nodes(paths, keep, trie.leaf_index.shape[0])
+    _, leaves, _ = beam_search(model, enc, trie, beam_size, max_fanout, live)
+    return leaves_to_items(leaves, id_items, k, seen)
 
 
 def rank_items(
     model: Tiger, examples: EvalExamples, index: Index, k: int, *, beam_size: int = 20, batch_size: int = 256,
-    rows: np.ndarray | None = None, mesh: Mesh | None = None,
+    rows: np.ndarray | None = None, mesh: Mesh | None = None, filter_history: bool = True,
 ) -> np.ndarray:  # fmt: skip
     """Top-k distinct items [E, k] (0 = empty slot) for examples `rows` (default all).
 
     Beam search over the valid IDs (beam_size >= k recommended); items sharing an ID are
-    listed at that ID's position in ascending item id order. With `mesh` (the model
+    listed at that ID's position in ascending item id order. `filter_history`: the items
+    of each example's whole history are excluded while decoding (IDs none of whose items
+    are unseen are pruned from the trie per example), as full ranking filters them
+    (`eval.protocols.full_ranking`), so no beam is spent on them. With `mesh` (the model
     replicated over it) each batch's rows are split over its 'data' axis, across the
     processes of a multi-process run, and the lists gathered.
     """
@@ -135,7 +147,12 @@ def rank_items(
     si = as_semantic_index(index, cfg.codebook_size)
     if si.num_levels != cfg.num_levels:
         raise ValueError(f"index has {si.num_levels} levels, the model {cfg.num_levels}")
-    tables = (_item_tokens(si), si.trie.arrays(), jnp.asarray(si.id_items))
+    tables = (
+        _item_tokens(si),
+        si.trie.arrays(),
+        jnp.asarray(si.id_items),
+        jnp.asarray(si.trie.paths),
+    )
     history = pad(examples.history, cfg.max_items, "left")
     users = user_buckets(examples.users, cfg.num_user_buckets)
     batch_size = min(batch_size, max(len(rows), 1))
@@ -145,36 +162,31 @@ def rank_items(
         tables = replicate(tables, mesh)
         rows_sharding = jax.NamedSharding(mesh, jax.P("data"))
         put = functools.partial(global_array, sharding=rows_sharding)
-    item_tokens, trie, id_items = tables
+    item_tokens, trie, id_items, paths = tables
+    num_items = si.item_codes.shape[0] - 1
     out = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         padded = np.pad(chunk, (0, batch_size - len(chunk)), mode="edge")  # one compiled shape
+        seen = history_mask(examples.history, num_items, rows=padded) if filter_history else None
         lists = _rank_batch(
-            model,
-            item_tokens,
-            put(users[padded]),
-            put(history[padded]),
-            trie,
-            si.trie.max_fanout,
-            id_items,
-            beam_size,
-            k,
-        )
+            model, item_tokens, put(users[padded]), put(history[padded]), trie, si.trie.max_fanout,
+            id_items, paths, None if seen is None else put(seen), beam_size, k,
+        )  # fmt: skip
         out.append(to_host(lists)[: len(chunk)])
     return np.concatenate(out) if out else np.zeros((0, k), np.int32)
 
 
 def evaluate_tiger(
     model: Tiger, examples: EvalExamples, index: Index, ks=DEFAULT_KS, *, beam_size: int = 20, batch_size: int = 256,
-    rows: np.ndarray | None = None, mesh: Mesh | None = None,
+    rows: np.ndarray | None = None, mesh: Mesh | None = None, filter_history: bool = True,
 ) -> dict[str, float]:  # fmt: skip
     """Item-level HR(=Recall)/NDCG/MRR@ks over the full item set, from beam-search lists
-    (`rank_items`; `mesh`: as there)."""
+    (`rank_items`; `mesh`, `filter_history`: as there)."""
     rows = np.arange(len(examples)) if rows is None else np.asarray(rows)
     lists = rank_items(
         model, examples, index, max(ks), beam_size=beam_size, batch_size=batch_size, rows=rows,
-        mesh=mesh,
+        mesh=mesh, filter_history=filter_history,
     )  # fmt: skip
     return {
         **metrics_from_ranks(ranks_from_lists(lists, examples.targets[rows]), ks),
@@ -238,6 +250,7 @@ def fit_tiger(
         return evaluate_tiger(
             model, split.valid, si, (1, 5, 10, 20), beam_size=config.beam_size,
             batch_size=config.eval_batch_size, rows=valid_rows, mesh=mesh,
+            filter_history=config.filter_history,
         )  # fmt: skip
 
     task = Task(

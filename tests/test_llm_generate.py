@@ -202,21 +202,26 @@ def test_beam_search_matches_hf_generate(models):
     np.testing.assert_array_equal(np.asarray(top2.sequences), results[False, 1.0][:, :2])
 
 
-def _check_trie_beams(hf, model, titles: list[list[int]], length_penalty: float):
+def _check_trie_beams(
+    hf, model, titles: list[list[int]], length_penalty: float, keep: np.ndarray | None = None
+):
     """Constrained beam search over a left-padded batch vs exhaustive scoring of every
-    title under the unpadded prompt; returns the distinct titles found per prompt."""
+    title (with `keep` [B, S]: every kept title) under the unpadded prompt."""
     ids, mask = _prompts()
     trie = Trie.build(titles, EOS, **TRIE_PADDING)
     out = generate(model, ids, mask, method="beam", num_beams=TRIE_BEAMS,
                    num_return_sequences=TRIE_BEAMS, max_new_tokens=6,
-                   length_penalty=length_penalty, pad_token_id=PAD, trie=trie)  # fmt: skip
+                   length_penalty=length_penalty, pad_token_id=PAD, trie=trie, keep=keep)  # fmt: skip
     seqs, scores, found = map(np.asarray, out)
-    distinct = sorted({tuple(t) for t in titles})
     for b, length in enumerate(LENGTHS):
+        kept = np.ones(len(titles), bool) if keep is None else keep[b]
+        allowed = np.unique(trie.canonical[kept])  # a title stays while one of its items is kept
+        distinct = {tuple(titles[t]) for t in allowed}
         loglik = _hf_loglik(hf, ids[b, -length:], [[*t, EOS] for t in titles])
         exhaustive = loglik / (np.array([len(t) + 1.0 for t in titles]) ** length_penalty)
         valid = found[b] >= 0
         assert valid.sum() == min(TRIE_BEAMS, len(distinct))
+        assert set(found[b, valid]) <= set(allowed)
         assert (scores[b, ~valid] == -np.inf).all() and not valid[valid.sum() :].any()
         for seq, title, score in zip(
             seqs[b, valid], found[b, valid], scores[b, valid], strict=True
@@ -228,7 +233,7 @@ def _check_trie_beams(hf, model, titles: list[list[int]], length_penalty: float)
         assert len({tuple(s) for s in seqs[b, valid]}) == valid.sum()  # Distinct items.
         assert (np.diff(scores[b, valid]) <= 1e-6).all()  # Best first.
         if len(distinct) <= TRIE_BEAMS:  # Beams cover the catalogue: exact top-K.
-            best = np.unique(trie.canonical)[np.argsort(-exhaustive[np.unique(trie.canonical)])]
+            best = allowed[np.argsort(-exhaustive[allowed])]
             np.testing.assert_allclose(scores[b, valid], exhaustive[best], atol=1e-4)
             assert set(found[b, valid]) == set(best)
 
@@ -250,6 +255,18 @@ def test_trie_beam_search_large_catalogue_returns_valid_titles(models):
     titles = [list(rng.choice(list(ALPHABET), rng.integers(1, 6))) for _ in range(20)]
     titles += [titles[3], titles[7][:1]]  # A duplicate title and a prefix title.
     _check_trie_beams(*models, titles, 1.0)
+
+
+@settings(
+    max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(titles=_titles, seed=st.integers(0, 1000))
+def test_trie_beam_search_with_keep_equals_exhaustive_scoring_of_the_kept_titles(
+    models, titles, seed
+):
+    keep = np.random.default_rng(seed).random((len(LENGTHS), len(titles))) < 0.5
+    keep[0] = True  # one prompt may produce every title, the others about half of them
+    _check_trie_beams(*models, titles, 1.0, keep)
 
 
 def test_trie_sampling_yields_titles(models):
@@ -291,6 +308,10 @@ def test_bad_inputs_raise(models):
     trie = Trie.build([[6, 7, 8]], EOS)
     with pytest.raises(ValueError, match="trie.depth"):
         generate(model, ids, mask, method="beam", num_beams=2, max_new_tokens=3, trie=trie)
+    with pytest.raises(ValueError, match="keep"):
+        generate(
+            model, ids, mask, method="beam", num_beams=2, trie=trie, keep=np.ones((1, 1), bool)
+        )
     with pytest.raises(ValueError, match="rng"):
         generate(model, ids, mask, method="sample", max_new_tokens=3)
     with pytest.raises(ValueError, match="num_return_sequences"):

@@ -80,6 +80,7 @@ def test_semantic_id_trie_known_answer():
     np.testing.assert_array_equal(trie.child_tokens[: trie.node_offsets[6]], [0, 1, 2, 0, 2])
     np.testing.assert_array_equal(trie.leaf_index[3:6], [0, 1, 2])
     assert trie.depth == 2 and trie.eos_token_id is None
+    np.testing.assert_array_equal(trie.paths, [[1, 3], [2, 4], [2, 5]])  # each ID's nodes
     with pytest.raises(ValueError, match="one length"):
         tiger.Trie.build([[0, 1], [0]], None)
 
@@ -106,6 +107,10 @@ def test_semantic_index_expands_collisions_in_item_order():
     leaves = jnp.array([[2, 0, 1], [1, -1, -1]])
     items = tiger.leaves_to_items(leaves, jnp.asarray(si.id_items), k=4)
     np.testing.assert_array_equal(items, [[3, 2, 4, 5], [1, 0, 0, 0]])
+    seen = np.zeros((2, 6), bool)
+    seen[0, [3, 4]] = True  # item 3's ID goes; its collision partner 2 stays, 4 does not
+    items = tiger.leaves_to_items(leaves, jnp.asarray(si.id_items), 4, jnp.asarray(seen))
+    np.testing.assert_array_equal(items, [[2, 5, 1, 0], [1, 0, 0, 0]])
     with pytest.raises(ValueError, match="lacks 1 of 6"):
         tiger.SemanticIndex.from_mapping(index, num_items=6)
 
@@ -138,6 +143,31 @@ def test_beam_search_equals_exhaustive_scoring(model):
     np.testing.assert_allclose(
         scores[:, :m], np.take_along_axis(exhaustive, order, 1), rtol=1e-5, atol=1e-5
     )
+
+
+def test_beam_search_over_live_nodes_equals_exhaustive_scoring_of_the_kept_ids(model):
+    from eval.decoding.trie import live_nodes
+
+    si = index_of(np.random.default_rng(3).integers(0, K, (BEAM + 8, LEVELS)))
+    enc = random_inputs(model.cfg, BATCH, seed=4)
+    m = len(si.ids)
+    keep = np.random.default_rng(4).random((BATCH, m)) < 0.5
+    keep[0] = False  # nothing left to recommend: every slot empty
+    live = live_nodes(jnp.asarray(si.trie.paths), jnp.asarray(keep), len(si.trie.leaf_index))
+    _, leaves, scores = map(
+        np.asarray,
+        tiger.beam_search(model, enc, si.trie.arrays(), BEAM, si.trie.max_fanout, live),
+    )
+    candidates = jnp.broadcast_to(jnp.asarray(si.ids), (BATCH, m, LEVELS))
+    exhaustive = np.asarray(tiger.sequence_log_probs(model, enc, candidates))
+    for row in range(BATCH):
+        kept = np.flatnonzero(keep[row])
+        order = kept[np.argsort(-exhaustive[row, kept], kind="stable")][:BEAM]
+        np.testing.assert_array_equal(leaves[row, : len(order)], order)
+        assert (leaves[row, len(order) :] == -1).all()
+        np.testing.assert_allclose(
+            scores[row, : len(order)], exhaustive[row, order], rtol=1e-5, atol=1e-5
+        )
 
 
 def _cyclic_dataset(num_items: int = 12, num_users: int = 48, length: int = 6):

@@ -2,7 +2,7 @@
 
 | module | holds |
 |---|---|
-| `trie` | `Trie`: the valid output sequences as dense CSR tables; masking and advancing |
+| `trie` | `Trie`: the valid output sequences as dense CSR tables; masking and advancing; `live_nodes` (per-example pruning) |
 | `beam` | `beam_search`: one jitted beam search (HF semantics) driven by a step function |
 | `sample` | `decode`: greedy and sampled decoding (temperature, top-k, top-p) by the same step function |
 

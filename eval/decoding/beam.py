@@ -22,7 +22,9 @@ deliberate difference: beams 2..N start at -inf instead of -1e9, which only matt
 With a trie (`eval.decoding.trie`), each beam carries its node; tokens that are not a
 child get log-prob -inf (the log-softmax is not renormalised: a sequence's score is its
 full-vocabulary log-likelihood) and only a sequence ending at a leaf is a finished
-hypothesis; `leaves` are their sequence indices (-1 for an empty slot).
+hypothesis; `leaves` are their sequence indices (-1 for an empty slot). `live`
+(`trie.live_nodes`) excludes sequences per example while decoding, e.g. the items already
+in each user's history, so that no beam is spent on them.
 """
 
 from __future__ import annotations
@@ -86,11 +88,13 @@ def beam_search(
     max_fanout: int = 0,
     length_penalty: float | jax.Array = 1.0,
     early_stopping: bool | str = False,
+    live: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """Beam search -> (sequences [B, N, L], scores [B, N] (-inf: empty), leaves [B, N] or None).
 
     `eos`: [E] int32 ids that finish a beam (E >= 1; -1 for none). `max_len`, `num_beams`,
-    `max_fanout` are static; `length_penalty` may be traced.
+    `max_fanout` are static; `length_penalty` may be traced. `live`: [B, num_nodes] bool
+    trie nodes each example may still enter (None: all).
     """
     n, steps = num_beams, max_len
     batch = logits.shape[0] // n
@@ -106,7 +110,7 @@ def beam_search(
         logp = jax.nn.log_softmax(s.logits.astype(jnp.float32), axis=-1)
         if trie is not None:
             logp, child_tokens, child_nodes = trie_lib.constrain(
-                logp, trie, s.nodes.reshape(-1), max_fanout
+                logp, trie, s.nodes.reshape(-1), max_fanout, live
             )
         total = (logp.reshape(batch, n, vocab) + s.scores[:, :, None]).reshape(batch, n * vocab)
         cand_scores, flat = jax.lax.top_k(total, keep)  # [B, keep], best first

@@ -46,6 +46,8 @@ class Trie:
       max_fanout: padded maximum number of children of a node (static for jit).
       depth: longest sequence (+ EOS): the number of decode steps needed.
       eos_token_id: the terminating token, or None for fixed-length sequences.
+      paths: [num_sequences, depth] the nodes each sequence passes through (root excluded,
+        leaf last), padded with the dead node (`live_nodes` counts sequences per node).
     """
 
     node_offsets: np.ndarray
@@ -56,6 +58,7 @@ class Trie:
     max_fanout: int
     depth: int
     eos_token_id: int | None
+    paths: np.ndarray
 
     @classmethod
     def build(
@@ -80,6 +83,7 @@ class Trie:
         children: list[dict[int, int]] = [{}]
         leaf_owner: dict[int, int] = {}
         canonical = np.empty(len(sequences), np.int32)
+        walks: list[list[int]] = []
         for i, sequence in enumerate(sequences):
             tokens = [int(t) for t in sequence]
             if not tokens:
@@ -88,13 +92,15 @@ class Trie:
                 raise ValueError(
                     f"Trie.build: sequence {i} contains EOS={eos_token_id} or a negative id: {tokens}"
                 )
-            node = 0
+            node, walk = 0, []
             for token in [*tokens, *end]:
                 nxt = children[node].get(token)
                 if nxt is None:
                     nxt = children[node][token] = len(children)
                     children.append({})
                 node = nxt
+                walk.append(node)
+            walks.append(walk)
             canonical[i] = leaf_owner.setdefault(node, i)
 
         # Renumber breadth-first so that each node's children are contiguous, sorted by token.
@@ -119,6 +125,10 @@ class Trie:
         leaf_index = np.full(padded_nodes, -1, np.int32)
         for old, index in leaf_owner.items():
             leaf_index[new_id[old]] = index
+        depth = max(len(w) for w in walks)
+        paths = np.full((len(walks), depth), padded_nodes - 1, np.int32)  # the dead node
+        for i, walk in enumerate(walks):
+            paths[i, : len(walk)] = [new_id[old] for old in walk]
         return cls(
             node_offsets=offsets,
             child_tokens=tokens,
@@ -126,8 +136,9 @@ class Trie:
             leaf_index=leaf_index,
             canonical=canonical,
             max_fanout=_bucket(max(fanout, min_fanout)),
-            depth=max(len(s) for s in sequences) + len(end),
+            depth=depth,
             eos_token_id=None if eos_token_id is None else int(eos_token_id),
+            paths=paths,
         )
 
     def arrays(self) -> TrieArrays:
@@ -175,9 +186,27 @@ def advance(
     return jnp.where(match.any(-1), jnp.max(jnp.where(match, child_nodes, -1), -1), dead)
 
 
-def constrain(logp: jax.Array, trie: TrieArrays, nodes: jax.Array, max_fanout: int):
+def live_nodes(paths: jax.Array, keep: jax.Array, num_nodes: int) -> jax.Array:
+    """[B, num_nodes] bool: the nodes with at least one kept sequence below them.
+
+    `paths` [S, depth] is `Trie.paths`; `keep` [B, S] bool marks, per example, the
+    sequences decoding may still produce (e.g. the items not in its history). One
+    scatter-add, no Python loop."""
+    counts = jnp.zeros((keep.shape[0], num_nodes), jnp.int32)
+    return counts.at[:, paths].add(keep[:, :, None].astype(jnp.int32)) > 0
+
+
+def constrain(
+    logp: jax.Array, trie: TrieArrays, nodes: jax.Array, max_fanout: int,
+    live: jax.Array | None = None,
+):  # fmt: skip
     """Masks `logp` [R, V] to the children of `nodes` [R] (others -inf); also returns
-    the children (tokens, nodes), each [R, F]."""
+    the children (tokens, nodes), each [R, F]. `live` [B, num_nodes] (`live_nodes`, R = B
+    x beams, rows grouped by example) further drops children with no kept sequence below."""
     child_tokens, child_nodes = children(trie, nodes, max_fanout)
+    if live is not None:
+        example = jnp.arange(nodes.shape[0]) // (nodes.shape[0] // live.shape[0])
+        alive = live[example[:, None], jnp.maximum(child_nodes, 0)]
+        child_tokens = jnp.where(alive, child_tokens, -1)
     allowed = allowed_mask(child_tokens, logp.shape[-1])
     return jnp.where(allowed, logp, -jnp.inf), child_tokens, child_nodes
