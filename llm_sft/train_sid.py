@@ -70,7 +70,7 @@ from llm_sft.train import (
     model_source,
     resolve_tokenizer,
 )
-from llm_sft.trainer import TrainConfig, Trainer
+from llm_sft.trainer import TrainConfig, Trainer, label_budget
 
 RECIPES: dict[str, dict[str, TrainConfig]] = {
     "sid-qwen3": {
@@ -88,7 +88,10 @@ STAGE1_FLAGS = {"max_steps": "stage1_steps", "learning_rate": "stage1_learning_r
 def _fit_stage(name, model, trainable, trains: str, train: TrainConfig, arrays, valid, rd, mesh,
                max_length, overwrite, progress):  # fmt: skip
     """One stage, in its own run folder `<rd>/<name>` unless `rd` is None (`trains`: what
-    it trains); returns (model, its summary)."""
+    it trains); returns (model, its summary). The LM head runs on the scored positions only
+    (`max_label_tokens`: the most any training or validation row holds)."""
+    labels = [a["labels"] for a in (arrays, valid) if a is not None]
+    train = dataclasses.replace(train, max_label_tokens=label_budget(*labels))
     config = {"train": dataclasses.asdict(train), "trains": trains}
     folder = RunDir(rd.path / name, "llm_sft.sid", config, overwrite=overwrite) if rd else None
     with folder or contextlib.nullcontext() as stage:

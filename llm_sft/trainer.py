@@ -38,6 +38,7 @@ from llm_sft.data import IGNORE, trim_to_bucket
 from llm_sft.model import ModelConfig, Qwen
 
 DATA_AXES = ("data", "fsdp")
+LENGTH = "_length"  # the loader's length key under `group_by_length` (not a model input)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,9 @@ class TrainConfig:
     patience: int | None = None  # evaluations without a lower validation loss
     log_every: int = 10
     seed: int = 0
+    # Batches drawn within length buckets (the `buckets` widths given to `fit`), their order
+    # shuffled: few padding columns (right padding only; HF's `group_by_length`).
+    group_by_length: bool = False
     # > 0: apply the LM head only at the first `max_label_tokens` scored positions of each
     # row (response-only SFT with short responses: the [B, T, vocab] logits are never
     # built). A batch with a row holding more scored tokens raises ValueError.
@@ -116,9 +120,20 @@ def _forward_sums(
     return _target_loss_sums(model.head(picked), jnp.take_along_axis(targets, order, axis=1))
 
 
+def scored_tokens(labels: np.ndarray) -> int:
+    """The most label tokens any row of ``labels`` holds."""
+    return int((np.asarray(labels)[..., 1:] != IGNORE).sum(-1).max(initial=0))
+
+
+def label_budget(*labels: np.ndarray) -> int:
+    """A ``max_label_tokens`` that fits every row of these label arrays: the most scored
+    tokens of a row, rounded up to a multiple of 8."""
+    return -(-max(1, *(scored_tokens(x) for x in labels)) // 8) * 8
+
+
 def _check_label_tokens(labels: np.ndarray, max_label_tokens: int) -> None:
     if max_label_tokens:
-        most = int((np.asarray(labels)[..., 1:] != IGNORE).sum(-1).max(initial=0))
+        most = scored_tokens(labels)
         if most > max_label_tokens:
             raise ValueError(
                 f"a row has {most} scored tokens > max_label_tokens={max_label_tokens}"
@@ -221,11 +236,22 @@ class Trainer:
         return self.state.model()
 
     def batches(self, train: ArraySource, buckets, padding_side: str, start: int) -> Iterator[dict]:
-        """Training batches from step `start` on (seeded order), trimmed to a length bucket."""
+        """Training batches from step `start` on (seeded order), trimmed to a length bucket
+        (with `group_by_length`, drawn from one)."""
+        grouped = None
+        if self.config.group_by_length:
+            if padding_side != "right":
+                raise ValueError("group_by_length needs right-padded rows")
+            used = train.arrays["attention_mask"] > 0
+            length = np.where(used.any(1), used.shape[1] - np.argmax(used[:, ::-1], axis=1), 0)
+            keys = tuple(k for k, v in train.arrays.items() if v.ndim == 2)
+            train, grouped = ArraySource({**train.arrays, LENGTH: length}), (buckets, LENGTH, keys)
         loader = batches(
-            train, self.rows_per_step, seed=self.config.seed, num_epochs=None, start_batch=start
-        )
+            train, self.rows_per_step, seed=self.config.seed, num_epochs=None, start_batch=start,
+            buckets=grouped,
+        )  # fmt: skip
         for batch in loader:
+            batch.pop(LENGTH, None)
             _check_label_tokens(batch["labels"], self.config.max_label_tokens)
             yield trim_to_bucket(batch, buckets, padding_side)
 

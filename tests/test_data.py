@@ -33,6 +33,24 @@ def test_grouplens_canonical_form(tmp_path):
     assert describe(ds)[-1] == "users=3 items=4 interactions=6"
 
 
+def test_recbole_copy_of_movielens_has_the_grouplens_titles(tmp_path):
+    # RecBole (make demo's fallback copy) splits the year off the title and names the
+    # genres `class`; the data set must not depend on which copy was fetched.
+    inter = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t10\t4\t5\n"
+    item = (
+        "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+        "10\tToy Story\t1995\tAnimation Children's Comedy\n11\tunkonwn\tunkonwn\t\n"
+    )
+    ds = data.load(
+        "ml-100k", write(tmp_path / "rb", {"ml-100k.inter": inter, "ml-100k.item": item})
+    )
+    assert ds.items.titles[1:] == ["Toy Story (1995)", "unkonwn"]  # no year: title as it is
+    assert ds.items.text(1, ("title", "genres")) == (
+        "Title: Toy Story (1995); Genres: Animation, Children's, Comedy"
+    )
+    assert "release_year" not in ds.items.fields and "class" not in ds.items.fields
+
+
 def test_rating_threshold_and_k_core_are_reported(tmp_path):
     folder = write(tmp_path / "ml", {"u.data": U_DATA, "u.item": U_ITEM})
     ds = data.load("ml-100k", folder, min_rating=3)

@@ -262,6 +262,12 @@ def test_entrypoints_print_one_line_errors(tmp_path):
     out = _run("hstu.train", *args, f"--out={tmp_path / 'run'}", "--max_steps=0")
     assert out.returncode == 2 and not (tmp_path / "run").exists()
     assert out.stderr.splitlines() == ["error: flag --max_steps=0: must be >= 1 (see --helpfull)"]
+    out = _run("llm_sft.train", *args, f"--out={tmp_path / 'sft'}", "--group_by_length",
+               "--padding_side=left")  # fmt: skip
+    assert out.returncode == 2 and not (tmp_path / "sft").exists()
+    assert out.stderr.splitlines() == [
+        "error: --group_by_length needs --padding_side=right (rows cut to a bucket width)"
+    ]
 
 
 def test_error_types_keep_their_builtin_bases():

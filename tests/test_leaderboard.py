@@ -80,7 +80,7 @@ def test_leaderboard_writes_tables(tmp_path, monkeypatch):
         recommender.RecGPTRecommender.prompt_budgets,
         "demo",
         dict(prompt_lengths=(1,), prompt_overrides={"num_epochs": 1},
-             arch={"ffn_dim": 8, "negatives_not_in_sequence": False}),
+             arch={"ffn_dim": 8, "negatives_not_in_sequence": False}, recall_shares=(0.9, 0.5)),
     )  # fmt: skip
     monkeypatch.setitem(tiger_recommender.BUDGETS, "demo", tiny_tiger_budget())
     monkeypatch.setitem(llm_recommender.BUDGETS, "demo", tiny_bigrec_budget())

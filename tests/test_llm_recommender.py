@@ -13,7 +13,7 @@ from eval.recommender import evaluate
 from llm_sft import recommender
 from llm_sft.data import IGNORE
 from llm_sft.model import ModelConfig, Qwen
-from llm_sft.trainer import _check_label_tokens, _forward_sums
+from llm_sft.trainer import _check_label_tokens, _forward_sums, label_budget
 
 
 def test_sparse_lm_head_loss_equals_the_full_loss():
@@ -35,6 +35,8 @@ def test_sparse_lm_head_loss_equals_the_full_loss():
     _check_label_tokens(labels, 7)
     with pytest.raises(ValueError, match="max_label_tokens=6"):
         _check_label_tokens(labels, 6)
+    # The budget that fits these rows (and a packed row of 9), rounded up to 8.
+    assert label_budget(labels) == 8 and label_budget(labels, labels[:1].repeat(3, 1)) == 16
 
 
 def test_bigrec_recommender_end_to_end(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 
 import jax
@@ -163,6 +164,33 @@ def test_one_device_and_eight_device_mesh_losses_agree(arrays):
     kernel = eight.state.params["layers"][0]["self_attn"]["q_proj"]["lora_a"][...]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
     np.testing.assert_allclose(_losses(eight, arrays), _losses(one, arrays), atol=1e-5, rtol=0)
+
+
+def test_group_by_length_draws_each_batch_from_one_length_bucket():
+    lengths = np.random.default_rng(0).integers(1, 97, 64)
+    cols = np.arange(96)
+    arrays = {
+        "input_ids": np.where(cols < lengths[:, None], 7, 0).astype(np.int32),
+        "labels": np.where(cols == lengths[:, None] - 1, 7, sft.IGNORE).astype(np.int32),
+        "attention_mask": (cols < lengths[:, None]).astype(np.int32),
+    }
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    config = TrainConfig(per_device_train_batch_size=4, max_steps=40, group_by_length=True)
+    trainer = Trainer(init_model(MODEL, 0, mesh), mesh, config, 64)
+    buckets = (32, 64, 96)
+    seen = []
+    loader = trainer.batches(ArraySource(arrays), buckets, "right", 0)
+    for step, batch in enumerate(itertools.islice(loader, 30)):
+        width = batch["input_ids"].shape[1]
+        rows = batch["attention_mask"].sum(1)
+        lower = ([0, *buckets])[buckets.index(width)]
+        assert set(batch) == set(arrays) and ((rows > lower) & (rows <= width)).all(), (step, rows)
+        seen.append(width)
+    assert set(seen) == set(buckets)  # every bucket drawn, in a shuffled order
+    # A resumed loader repeats the same batches from its step on.
+    again = next(trainer.batches(ArraySource(arrays), buckets, "right", 5))
+    first = next(itertools.islice(trainer.batches(ArraySource(arrays), buckets, "right", 0), 5, 6))
+    np.testing.assert_array_equal(again["attention_mask"], first["attention_mask"])
 
 
 @pytest.mark.slow  # ~30 s of CPU: one more compiled step + eval and orbax round trips.

@@ -147,8 +147,9 @@ def tiny_bigrec_budget():
 
     return BigRecConfig(
         model=dict(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8),
-        vocab_size=384, tokenizer_prompts=20,
-        train=TrainConfig(learning_rate=1e-2, per_device_train_batch_size=4, max_steps=3),
+        vocab_size=384, tokenizer_prompts=20, template="chat", max_examples=12,
+        train=TrainConfig(learning_rate=1e-2, per_device_train_batch_size=4, max_steps=3,
+                          group_by_length=True),
     )  # fmt: skip
 
 

@@ -29,7 +29,7 @@ from eval.data.registry import get_spec
 from eval.errors import MissingFileError
 from eval.io import atomic_path, atomic_write_json, remove_leftovers
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _MANIFEST = "manifest.json"
 # What a truncated data.npz or a damaged items.json / manifest.json raises while being read.
 _DAMAGED = (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile)

@@ -405,8 +405,21 @@ def read_recbole(data_dir: pathlib.Path) -> RawData:
             meta = {n: v for n, v in zip(names, fields, strict=True) if n != "item_id" and v}
             if title_col:
                 meta["title"] = meta.pop(title_col, "")
+            if title_col == "movie_title":
+                _grouplens_movie(meta)
             _item_meta(raw, item_path, fields[names.index("item_id")], meta)
     return raw
+
+
+def _grouplens_movie(meta: dict[str, str]) -> None:
+    """RecBole's MovieLens item fields as GroupLens has them, so that ml-100k is the same
+    data set from either copy: the title with its year (`Toy Story (1995)`; RecBole splits
+    off `release_year`) and the genres comma-separated (RecBole's `class`)."""
+    year = meta.pop("release_year", "")
+    if year.isdigit() and meta["title"]:
+        meta["title"] = f"{meta['title']} ({year})"
+    if "class" in meta:
+        meta["genres"] = ", ".join(meta.pop("class").split())
 
 
 def _whole(path, lineno, value, line) -> int:
