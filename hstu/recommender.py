@@ -76,7 +76,7 @@ class RecGPTRecommender(_Sequential):
     paper's best split, which validation picks there); ~1.7 min on 2 cores. The `full`
     budget tries K = 1, 2, 3 and the shares 0.9, 0.8, 0.5 of each cutoff."""
 
-    presets = {"movielens": "recgpt", "other": "recgpt"}
+    presets = {"movielens": "recgpt", "other": "recgpt-nouser"}
     prompt_budgets: dict[str, dict] = {
         "demo": dict(prompt_lengths=(1,), prompt_overrides=dict(num_epochs=10, patience=5),
                      arch=dict(embedding_dim=64, ffn_dim=128, num_blocks=1, num_epochs=30,

@@ -241,3 +241,19 @@ def test_two_stage_equals_one_stage_up_to_n_even_for_repeated_targets():
         assert two["HR@5"] == pytest.approx(one["HR@5"]) and two["NDCG@5"] == pytest.approx(
             one["NDCG@5"]
         )
+
+
+def test_the_leaderboard_drops_user_rows_outside_movielens():
+    from types import SimpleNamespace
+
+    from hstu.models import config_from_preset
+    from hstu.recommender import RecGPTRecommender
+
+    rec = RecGPTRecommender()
+    for name, preset, rows in (
+        ("ml-100k", "recgpt", 65536),
+        ("amazon-sports-2014", "recgpt-nouser", 0),
+    ):
+        assert rec.preset(SimpleNamespace(name=name)) == preset
+        _, cfg = config_from_preset(preset, num_items=10)
+        assert cfg.user_buckets == rows and cfg.rank_with == "head" and cfg.head_init == "items"
