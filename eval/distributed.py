@@ -9,10 +9,12 @@ cross-process collectives are gloo's. `tools.launch` starts such processes local
 
 The run folder is written by the primary process (index 0) only: `run.json`,
 `metrics.jsonl`, `result.json`, exports; orbax checkpoints are written by all (each its
-shards). Every process loads the data set and builds the same global host batch (the
-seeded, step-indexed loader) and hands each of its devices that device's rows
-(`global_array`); models and constants the processes hold alike are placed with `place`
-/ `replicate`; evaluation batches are split over the data axis like training batches and
+shards). Every process loads the data set, but of each training batch it reads only the
+rows its devices hold (`process_rows`: the seeded, step-indexed loader picks the same
+global batch in every process, and each builds its own rows of it), which
+`TrainState.put_batch` joins into one global array
+(`jax.make_array_from_process_local_data`); models and constants the processes hold alike
+are placed with `place` / `replicate`; evaluation batches are split over the data axis like training batches and
 their results gathered (`to_host`). `--mesh` flags (`parse_mesh`, `make_mesh`,
 `run_mesh`) lay every device of the run out over named axes.
 """
@@ -26,7 +28,8 @@ import jax
 import numpy as np
 from absl import flags
 from jax.experimental import multihost_utils
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from eval.errors import FlagError
 
@@ -93,6 +96,33 @@ def global_array(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array
     """The global array `host` (the same on every process) placed by `sharding`: each
     process copies only the slices of its own devices."""
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def rows_of_devices(
+    sharding: jax.sharding.Sharding, rows: int, accumulation: int, devices
+) -> np.ndarray:
+    """The rows of a global [rows, ...] batch, split into `accumulation` micro-batches of
+    `rows / accumulation` rows laid out [accumulation, micro, ...] by `sharding`, that
+    `devices` hold (ascending)."""
+    shape = (accumulation, rows // accumulation)
+    held = np.zeros(shape, bool)
+    wanted = set(devices)
+    for device, index in sharding.devices_indices_map(shape).items():
+        if device in wanted:
+            held[index] = True
+    return np.flatnonzero(held.reshape(-1))
+
+
+def process_rows(
+    mesh: Mesh | None, data_axes: Sequence[str], rows: int, accumulation: int = 1
+) -> np.ndarray | None:
+    """The rows of a global training batch of `rows` rows that this process's devices
+    hold when batches are split over `data_axes` (see `rows_of_devices`): the only rows it
+    needs to read. None in a one-process run (every row)."""
+    if mesh is None or jax.process_count() == 1:
+        return None
+    sharding = NamedSharding(mesh, P(None, tuple(data_axes)))
+    return rows_of_devices(sharding, rows, accumulation, jax.local_devices())
 
 
 def place(tree, shardings):

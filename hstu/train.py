@@ -21,7 +21,6 @@ resumes on M.
 from __future__ import annotations
 
 import math
-import pathlib
 import time
 from collections.abc import Sequence
 
@@ -32,7 +31,7 @@ from eval import cli, data
 from eval.allocator import reexec_with_tcmalloc
 from eval.distributed import run_mesh
 from eval.errors import FlagError
-from eval.training import RunDir
+from eval.training import RunDir, input_path
 from eval.training.flags import (
     config_flag_values,
     define_field_flags,
@@ -90,7 +89,7 @@ def train(dataset: str, data_dir: str, preset: str, overrides: dict, out: str | 
     overrides = {k: v for k, v in overrides.items() if v is not None}  # None: the preset's
     recgpt = preset_spec(preset)["model"] == "recgpt"
     config = {
-        "dataset": dataset, "data_dir": str(pathlib.Path(data_dir).absolute()), "format": fmt,
+        "dataset": dataset, "data_dir": input_path(data_dir), "format": fmt,
         "preset": preset, "protocol": protocol, "overrides": overrides,
     }  # fmt: skip
     if recgpt:

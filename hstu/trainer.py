@@ -121,14 +121,18 @@ def query_inputs(examples: EvalExamples, index: np.ndarray, max_len: int) -> dic
 
 
 def stochastic_length(
-    batch: dict[str, np.ndarray], alpha: float, rng: np.random.Generator
-) -> dict[str, np.ndarray]:
+    batch: dict[str, np.ndarray], alpha: float, rng: np.random.Generator,
+    rows_of: tuple[np.ndarray, int] | None = None,
+) -> dict[str, np.ndarray]:  # fmt: skip
     """HSTU's stochastic length (Zhai et al. 2024, Sec. 3.3) on a right-padded batch.
 
     With N the padded length and L = floor(N ** (alpha / 2)), a row of length n > L is
     replaced, with probability 1 - N**alpha / n**2, by a uniformly random ordered
     subsequence of L of its items (timestamps follow); shorter rows are kept whole.
-    Shapes stay static (the row is re-padded to N).
+    Shapes stay static (the row is re-padded to N). The draws are made for every row of
+    the global batch; `rows_of` = (the batch's positions in it, its row count) when the
+    batch is one process's part (`eval.distributed.process_rows`), which then gets the
+    rows the whole batch would.
     """
     ids, lengths = batch["ids"], batch["lengths"]
     b, n = ids.shape
@@ -137,11 +141,13 @@ def stochastic_length(
         raise ValueError(
             f"stochastic_length: alpha must be in (0, 2] with N**(alpha/2) >= 1, got alpha={alpha}, N={n}"
         )
+    held, total = rows_of if rows_of is not None else (np.arange(b), b)
+    draws, keys = rng.random(total)[held], rng.random((total, n))[held]
     prob = 1.0 - n**alpha / np.maximum(lengths, 1).astype(np.float64) ** 2
-    rows = np.flatnonzero((lengths > keep) & (rng.random(b) < prob))
+    rows = np.flatnonzero((lengths > keep) & (draws < prob))
     if not len(rows):
         return batch
-    keys = rng.random((len(rows), n))
+    keys = keys[rows]
     keys[np.arange(n)[None, :] >= lengths[rows, None]] = 2.0  # padding is never picked
     chosen = np.sort(np.argsort(keys, axis=1)[:, :keep], axis=1)
     out = dict(batch)
@@ -307,21 +313,22 @@ class Trainer:
             sampled, examples, ds.num_items, seed=seed, ks=ks, batch_size=bs
         )
 
-    def batches(self, source: ex_lib.ArraySource, start: int) -> Iterator[dict[str, np.ndarray]]:
-        """Training batches from step `start` on: seeded order, stochastic length by (seed, step)."""
+    def batches(
+        self, source: ex_lib.ArraySource, start: int, rows: np.ndarray | None = None
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Training batches from step `start` on: seeded order, stochastic length by (seed,
+        step); `rows`: this process's rows of each (`TrainState.shard_rows`)."""
         cfg = self.cfg
+        size = min(cfg.batch_size, len(source))
         loader = ex_lib.batches(
-            source,
-            min(cfg.batch_size, len(source)),
-            seed=cfg.seed,
-            num_epochs=None,
-            start_batch=start,
-            buckets=self.buckets(),
-        )
+            source, size, seed=cfg.seed, num_epochs=None, start_batch=start,
+            buckets=self.buckets(), rows=rows,
+        )  # fmt: skip
         for step, batch in enumerate(loader, start):
             if cfg.stochastic_length_alpha is not None:
                 rng = np.random.default_rng([cfg.seed, step])
-                batch = stochastic_length(batch, cfg.stochastic_length_alpha, rng)
+                rows_of = None if rows is None else (rows, size)
+                batch = stochastic_length(batch, cfg.stochastic_length_alpha, rng, rows_of)
             yield batch
 
     def buckets(self) -> tuple[list[int], str, tuple[str, ...]] | None:
@@ -338,12 +345,11 @@ class Trainer:
         is loaded at the end. `run`: the run folder (checkpoints, metrics, resume)."""
         cfg = self.cfg
         source = training_source(split, self.model_cfg.max_seq_len, cfg.window_stride)
-        per_epoch = ex_lib.batches_per_epoch(
-            source, min(cfg.batch_size, len(source)), buckets=self.buckets()
-        )
+        size = min(cfg.batch_size, len(source))
+        per_epoch = ex_lib.batches_per_epoch(source, size, buckets=self.buckets())
         task = Task(
             loss=self.loss,
-            batches=functools.partial(self.batches, source),
+            batches=functools.partial(self.batches, source, rows=self.state.shard_rows(size)),
             validate=(lambda _: self.evaluate(ds, split.valid, protocol)) if len(split.valid) else None,
             constants=self.loss_constants(source),
         )  # fmt: skip

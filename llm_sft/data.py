@@ -279,16 +279,28 @@ def buckets_for(max_length: int, buckets: Sequence[int] = BUCKETS) -> tuple[int,
     return tuple(sorted({b for b in buckets if b < max_length} | {max_length}))
 
 
-def trim_to_bucket(
-    batch: dict[str, np.ndarray], buckets: Sequence[int], padding_side: str = "right"
-) -> dict[str, np.ndarray]:
-    """Cuts the padding columns of a batch down to the smallest bucket holding its tokens."""
-    used = (batch["attention_mask"] > 0).any(axis=0)
-    width = used.shape[0]
+def token_extent(attention_mask: np.ndarray, padding_side: str = "right") -> np.ndarray:
+    """Columns each row's tokens span from its padded side's far end (0 for an empty row):
+    the width a row needs."""
+    used = np.asarray(attention_mask) > 0
+    width = used.shape[-1]
     if padding_side == "right":
-        need = int(np.flatnonzero(used)[-1]) + 1 if used.any() else 1
+        extent = width - np.argmax(used[..., ::-1], axis=-1)
     else:
-        need = width - int(np.flatnonzero(used)[0]) if used.any() else 1
+        extent = width - np.argmax(used, axis=-1)
+    return np.where(used.any(-1), extent, 0)
+
+
+def trim_to_bucket(
+    batch: dict[str, np.ndarray], buckets: Sequence[int], padding_side: str = "right",
+    need: int | None = None,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """Cuts the padding columns of a batch down to the smallest bucket holding its tokens
+    (`need`: the columns to keep, when the batch is part of a larger one that needs more)."""
+    width = batch["attention_mask"].shape[1]
+    if need is None:
+        need = int(token_extent(batch["attention_mask"], padding_side).max(initial=0))
+    need = max(need, 1)
     size = min([b for b in buckets if b >= need] or [width])
     cols = slice(0, size) if padding_side == "right" else slice(width - size, width)
     return {k: v[:, cols] if v.ndim == 2 and v.shape[1] == width else v for k, v in batch.items()}

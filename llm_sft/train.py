@@ -32,7 +32,7 @@ from eval.data.examples import ArraySource
 from eval.distributed import barrier, is_primary, parse_mesh
 from eval.errors import ConfigError, FlagError, MissingFileError
 from eval.io import atomic_dir
-from eval.training import RunDir
+from eval.training import RunDir, input_path
 from eval.training.flags import (
     config_defaults,
     config_flag_values,
@@ -116,10 +116,6 @@ def resolve_tokenizer(tokenizer_dir, hf_checkpoint, ds: data.Dataset, vocab_size
     return sft_data.load_tokenizer(trained)
 
 
-def _path(p: str | None) -> str | None:
-    return str(Path(p).resolve()) if p else None
-
-
 def run(
     *,
     dataset: str,
@@ -150,8 +146,8 @@ def run(
     if not hf_checkpoint and not model_config:
         raise ValueError("pass --hf_checkpoint=DIR or --init=random --model_config=FILE.json")
     config = {
-        "dataset": dataset, "data_dir": _path(data_dir), "format": fmt, "hf_checkpoint": _path(hf_checkpoint),
-        "model_config": _path(model_config), "tokenizer_dir": _path(tokenizer_dir), "dtype": dtype,
+        "dataset": dataset, "data_dir": input_path(data_dir), "format": fmt, "hf_checkpoint": input_path(hf_checkpoint),
+        "model_config": input_path(model_config), "tokenizer_dir": input_path(tokenizer_dir), "dtype": dtype,
         "prompt_template": prompt_template, "padding_side": padding_side, "train_on_inputs": train_on_inputs,
         "max_length": max_length, "max_history": MAX_HISTORY, "pack": pack,
         "max_train_examples": max_train_examples, "max_eval_examples": max_eval_examples,
@@ -182,7 +178,7 @@ def run(
             )
         rd.info |= {
             "model_config": model_cfg.to_hf_dict(),
-            "tokenizer": _path(tokenizer.name_or_path),
+            "tokenizer": input_path(tokenizer.name_or_path),
             "export": None,
         }
         rd.write_run()

@@ -34,7 +34,7 @@ from eval.errors import FlagError
 from eval.training import FitResult, LoopConfig, RunDir, Task, TrainState, fit, step_key
 from eval.training.flags import eval_every_steps, total_steps
 from eval.training.optim import SCHEDULES, OptimizerConfig, lr_schedule, make_optimizer
-from llm_sft.data import IGNORE, trim_to_bucket
+from llm_sft.data import IGNORE, token_extent, trim_to_bucket
 from llm_sft.model import ModelConfig, Qwen
 
 DATA_AXES = ("data", "fsdp")
@@ -235,25 +235,31 @@ class Trainer:
         """The current model (eval mode), sharing the trainer's arrays."""
         return self.state.model()
 
-    def batches(self, train: ArraySource, buckets, padding_side: str, start: int) -> Iterator[dict]:
-        """Training batches from step `start` on (seeded order), trimmed to a length bucket
-        (with `group_by_length`, drawn from one)."""
+    def batches(
+        self, train: ArraySource, buckets, padding_side: str, start: int,
+        rows: np.ndarray | None = None,
+    ) -> Iterator[dict]:  # fmt: skip
+        """Training batches from step `start` on (seeded order), trimmed to the length bucket
+        of the whole batch (with `group_by_length`, drawn from one); `rows`: this process's
+        rows of each (`TrainState.shard_rows`), cut to the width the whole batch needs."""
+        extent = token_extent(train.arrays["attention_mask"], padding_side)
         grouped = None
         if self.config.group_by_length:
             if padding_side != "right":
                 raise ValueError("group_by_length needs right-padded rows")
-            used = train.arrays["attention_mask"] > 0
-            length = np.where(used.any(1), used.shape[1] - np.argmax(used[:, ::-1], axis=1), 0)
             keys = tuple(k for k, v in train.arrays.items() if v.ndim == 2)
-            train, grouped = ArraySource({**train.arrays, LENGTH: length}), (buckets, LENGTH, keys)
-        loader = batches(
-            train, self.rows_per_step, seed=self.config.seed, num_epochs=None, start_batch=start,
-            buckets=grouped,
+            train, grouped = ArraySource({**train.arrays, LENGTH: extent}), (buckets, LENGTH, keys)
+        plan = dict(seed=self.config.seed, num_epochs=None, start_batch=start)
+        loader = batches(train, self.rows_per_step, buckets=grouped, rows=rows, **plan)
+        # The same batches' extents, every row (a few ints): the width the whole batch needs.
+        extents = batches(
+            ArraySource({LENGTH: extent}), self.rows_per_step, **plan,
+            buckets=None if grouped is None else (buckets, LENGTH, ()),
         )  # fmt: skip
-        for batch in loader:
+        for batch, whole in zip(loader, extents, strict=True):
             batch.pop(LENGTH, None)
             _check_label_tokens(batch["labels"], self.config.max_label_tokens)
-            yield trim_to_bucket(batch, buckets, padding_side)
+            yield trim_to_bucket(batch, buckets, padding_side, int(whole[LENGTH].max()))
 
     def fit(
         self, train: ArraySource, valid: dict[str, np.ndarray] | None, *, buckets: tuple[int, ...],
@@ -262,9 +268,10 @@ class Trainer:
         """Trains to ``total_steps`` with selection on the validation token loss (the best
         state is loaded at the end); ``run``: the run folder (checkpoints, metrics, resume)."""
         cfg = self.config
+        rows = self.state.shard_rows(self.rows_per_step, cfg.gradient_accumulation_steps)
         task = Task(
             loss=self.loss,
-            batches=functools.partial(self.batches, train, buckets, padding_side),
+            batches=functools.partial(self.batches, train, buckets, padding_side, rows=rows),
             validate=None if valid is None else (lambda _: {"loss": self.evaluate(valid, buckets, padding_side)}),
             schedule=lr_schedule(self.optimizer, self.total_steps),
         )  # fmt: skip

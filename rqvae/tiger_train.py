@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 from eval import cli, data
 from eval.allocator import reexec_with_tcmalloc
 from eval.distributed import run_mesh
-from eval.training import RunDir, load_run_checkpoint, read_run
+from eval.training import RunDir, input_path, load_run_checkpoint, read_run
 from eval.training.flags import (
     config_defaults,
     config_flag_values,
@@ -55,8 +55,8 @@ def run_config(
 ) -> dict:
     """run.json `config` of a TIGER run (the index file is named by its hash too)."""
     digest = hashlib.sha256(pathlib.Path(semantic_ids).read_bytes()).hexdigest()[:16]
-    return {"dataset": dataset, "data_dir": str(pathlib.Path(data_dir).absolute()), "format": fmt,
-            "semantic_ids": str(pathlib.Path(semantic_ids).absolute()), "semantic_ids_sha256": digest,
+    return {"dataset": dataset, "data_dir": input_path(data_dir), "format": fmt,
+            "semantic_ids": input_path(semantic_ids), "semantic_ids_sha256": digest,
             "train": dataclasses.asdict(config)}  # fmt: skip
 
 

@@ -253,9 +253,12 @@ def fit_tiger(
             filter_history=config.filter_history,
         )  # fmt: skip
 
+    held = state.shard_rows(batch_size)  # this process's rows of each batch
     task = Task(
         loss=tiger_loss,
-        batches=lambda start: batches(source, batch_size, seed=config.seed, num_epochs=None, start_batch=start),
+        batches=lambda start: batches(
+            source, batch_size, seed=config.seed, num_epochs=None, start_batch=start, rows=held
+        ),
         validate=validate if len(valid_rows) else None,
         constants={"item_tokens": _item_tokens(si), "item_codes": jnp.asarray(si.item_codes, jnp.int32)},
     )  # fmt: skip

@@ -30,7 +30,16 @@ from eval import cli
 from eval.allocator import reexec_with_tcmalloc
 from eval.data.examples import ArraySource, batches
 from eval.errors import FlagError
-from eval.training import LoopConfig, RunDir, Task, TrainState, fit, load_run_checkpoint, read_run
+from eval.training import (
+    LoopConfig,
+    RunDir,
+    Task,
+    TrainState,
+    fit,
+    input_path,
+    load_run_checkpoint,
+    read_run,
+)
 from eval.training.flags import (
     config_defaults,
     config_flag_values,
@@ -229,7 +238,7 @@ def collision_free_codes(
 def run_config(embeddings: str, config: TrainConfig, dedup: str) -> dict[str, Any]:
     """run.json `config` of an `rqvae.train` run (the embeddings file is named by its hash too)."""
     digest = hashlib.sha256(pathlib.Path(embeddings).read_bytes()).hexdigest()[:16]
-    return {"embeddings": str(pathlib.Path(embeddings).absolute()), "embeddings_sha256": digest,
+    return {"embeddings": input_path(embeddings), "embeddings_sha256": digest,
             "train": dataclasses.asdict(config), "dedup": dedup}  # fmt: skip
 
 

@@ -4,13 +4,16 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 
 import jax
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 from tiny import (
     REPO,
     TINY_HSTU,
@@ -47,6 +50,13 @@ def _launch_hstu(folder, out, env=None):
     return _launch(args, env)
 
 
+def _reads_half(output: str) -> None:
+    """Each of the 2 processes read half the rows of every training batch (its devices')."""
+    for process in (0, 1):
+        found = re.search(rf"process {process} reads (\d+) of the (\d+) rows", output)
+        assert found and 2 * int(found[1]) == int(found[2]), output[-3000:]
+
+
 def _valid(out, metric="NDCG@10"):
     return [r[metric] for r in read_records(out) if r["split"] == "valid"]
 
@@ -58,6 +68,7 @@ def two_processes(tmp_path_factory):
     folder = write_tiny_ml100k(tmp / "ml-100k", num_items=31)
     done = _launch_hstu(folder, tmp / "two", {"LLM4REC_CACHE": str(tmp / "cache")})
     assert done.returncode == 0, done.stdout[-3000:]
+    _reads_half(done.stdout)
     return folder, tmp / "two"
 
 
@@ -114,6 +125,40 @@ def test_distributed_flags_and_meshes_are_checked():
         distributed.make_mesh({"data": 3, "model": 1}, jax.devices()[:2])
     with pytest.raises(FlagError, match="not divisible by 3"):
         distributed.make_mesh({"data": -1, "model": 3}, jax.devices()[:2])
+
+
+def test_a_process_reads_the_rows_its_devices_hold():
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from eval.data.examples import ArraySource, batches
+    from eval.training import TrainState
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices")
+    mesh = distributed.make_mesh({"data": 4, "model": 2})
+    sharding = NamedSharding(mesh, P(None, "data"))
+    first = jax.devices()[:4]  # a process of 4 devices: 'data' rows 0 and 1 of 4
+    np.testing.assert_array_equal(distributed.rows_of_devices(sharding, 8, 1, first), range(4))
+    # Two micro-batches of 4 rows: the first half of each.
+    np.testing.assert_array_equal(distributed.rows_of_devices(sharding, 8, 2, first), [0, 1, 4, 5])
+    assert distributed.process_rows(mesh, ("data",), 8) is None  # one process: every row
+    # The loader reads those rows of the same global batches.
+    source = ArraySource({"x": np.arange(40)})
+    held = np.array([0, 1, 4, 5])
+    whole = batches(source, 8, seed=3, num_epochs=None, start_batch=2)
+    part = batches(source, 8, seed=3, num_epochs=None, start_batch=2, rows=held)
+    for _, w, p in zip(range(6), whole, part, strict=False):
+        np.testing.assert_array_equal(p["x"], w["x"][held])
+    # A process's rows become the global batch (here one process holds them all).
+    state = TrainState(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), optax.sgd(0.1), mesh=mesh)
+    x = np.arange(16, dtype=np.float32).reshape(8, 2)
+    for acc in (1, 2):
+        local = state.put_batch({"x": x}, acc, global_rows=8)["x"]
+        np.testing.assert_array_equal(
+            np.asarray(local), np.asarray(state.put_batch({"x": x}, acc)["x"])
+        )
+        assert local.sharding == state.put_batch({"x": x}, acc)["x"].sharding
 
 
 def test_processes_loading_one_data_set_at_once_build_its_cache_once(tmp_path):
@@ -186,6 +231,7 @@ def test_sft_two_processes_of_four_devices_match_one_of_eight(tmp_path, tuning):
         export = "adapter/adapter_model.safetensors"
     done = _launch(args)
     assert done.returncode == 0, done.stdout[-3000:]
+    _reads_half(done.stdout)
     one = run(out=str(tmp_path / "one"), train=config, **kwargs)
     two = json.loads((tmp_path / "two" / "result.json").read_text())
     assert train_losses(tmp_path / "two") == pytest.approx(train_losses(tmp_path / "one"), abs=1e-5)
@@ -208,6 +254,7 @@ def test_tiger_two_processes_of_four_devices_match_one_of_eight(tmp_path):
                                                 eval_every=1)  # fmt: skip
     done = _launch(args)
     assert done.returncode == 0, done.stdout[-3000:]
+    _reads_half(done.stdout)
     config = dataclasses.replace(tiger_config(flags), max_steps=5, eval_every=1)
     one = tiger_train.run("ml-100k", str(folder), str(index), str(tmp_path / "one"), config,
                           mesh="data:8", progress=False)  # fmt: skip

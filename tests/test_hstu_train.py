@@ -131,6 +131,12 @@ def test_stochastic_length_keeps_ordered_subsequences():
         )
     with pytest.raises(ValueError, match="alpha"):
         T.stochastic_length(batch, 2.5, rng)
+    # A process's rows of the batch get what the whole batch gives them.
+    held = np.arange(1000, 3000)
+    part = {k: v[held] for k, v in batch.items()}
+    mine = T.stochastic_length(part, alpha, np.random.default_rng(1), (held, b))
+    for key in batch:
+        np.testing.assert_array_equal(mine[key], out[key][held])
 
 
 def test_data_parallel_matches_single_device():

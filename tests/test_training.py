@@ -18,6 +18,7 @@ from eval.training import (
     RunLockedError,
     RunMismatchError,
     Selection,
+    input_path,
     read_records,
 )
 
@@ -150,6 +151,16 @@ def test_other_flags_are_refused_by_name_and_overwrite_starts_over(tmp_path):
     )
     assert state is not None and result["steps"] == 8
     assert json.loads((tmp_path / "run" / "run.json").read_text())["config"]["learning_rate"] == 0.1
+
+
+def test_the_same_input_reached_another_way_is_the_same_run(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    RunDir(tmp_path / "run", "pkg", {"data_dir": input_path(tmp_path / "data")}).close()
+    for spelling in (tmp_path / "run" / ".." / "data", tmp_path / "link"):
+        RunDir(tmp_path / "run", "pkg", {"data_dir": input_path(spelling)}).close()
+    with pytest.raises(RunMismatchError, match="data_dir"):
+        RunDir(tmp_path / "run", "pkg", {"data_dir": input_path(tmp_path / "run")})
 
 
 @pytest.mark.parametrize("weighted", [False, True])

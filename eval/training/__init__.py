@@ -21,7 +21,7 @@ from eval.training.checkpoints import (
 from eval.training.loop import FitResult, LoopConfig, NonFiniteError, Task, fit, step_key
 from eval.training.metrics_log import RunLogger, read_records
 from eval.training.optim import OptimizerConfig, lr_schedule, make_optimizer
-from eval.training.run_dir import RunDir, RunLockedError, RunMismatchError, read_run
+from eval.training.run_dir import RunDir, RunLockedError, RunMismatchError, input_path, read_run
 from eval.training.selection import Selection
 from eval.training.state import TrainState
 
@@ -41,6 +41,7 @@ __all__ = [
     "Task",
     "TrainState",
     "fit",
+    "input_path",
     "load_run_checkpoint",
     "lr_schedule",
     "make_optimizer",

@@ -46,6 +46,12 @@ def write_json(path: pathlib.Path, value: Any) -> None:
     atomic_write_json(path, plain(value), indent=1, default=float)
 
 
+def input_path(path: str | os.PathLike | None) -> str | None:
+    """An input's path as run.json records it: absolute, `..` and links resolved, so the same
+    folder reached two ways is the same flag value when a rerun is compared with run.json."""
+    return str(pathlib.Path(path).resolve()) if path else None
+
+
 def read_run(path: str | pathlib.Path) -> dict[str, Any]:
     """`run.json` of a run folder; FileNotFoundError naming the folder when absent."""
     file = pathlib.Path(path) / RUN_FILE

@@ -25,11 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from eval.distributed import place, replicate
+from eval.distributed import place, process_rows, replicate
 
 LossFn = Callable[[nnx.Module, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
 AfterUpdate = Callable[[nnx.Module, dict], None]
@@ -148,6 +149,7 @@ class TrainState:
         data_axes: tuple[str, ...] = ("data",),
     ):
         self.mesh, self.data_axes = mesh, data_axes
+        self._global_rows: int | None = None  # set by `shard_rows`
         self.filters = (wrt, frozen, ...)
         model.eval()
         self.eval_def = nnx.graphdef(model)
@@ -177,10 +179,26 @@ class TrainState:
         self._shardings = _Static((model_sh[0], model_sh[2], opt_sh))
 
     # -- the step -------------------------------------------------------------------------
-    def put_batch(self, batch: Mapping[str, np.ndarray], accumulation: int = 1) -> dict:
+    def shard_rows(self, rows: int, accumulation: int = 1) -> np.ndarray | None:
+        """The rows of each global training batch of `rows` rows that this process reads
+        (`eval.distributed.process_rows`; None: all of them, one process). From this call
+        on, `train_step` takes batches of those rows only and assembles the global batch."""
+        held = process_rows(self.mesh, self.data_axes, rows, accumulation)
+        self._global_rows = None if held is None else rows
+        if held is not None:
+            logging.info(
+                "process %d reads %d of the %d rows of each training batch",
+                jax.process_index(), len(held), rows,
+            )  # fmt: skip
+        return held
+
+    def put_batch(
+        self, batch: Mapping[str, np.ndarray], accumulation: int = 1, global_rows: int | None = None
+    ) -> dict:
         """Host batch [rows, ...] -> device arrays, [accumulation, rows / accumulation, ...]
-        when accumulating, split over the mesh's data axes (the global batch: each process
-        of a multi-process run copies its devices' rows)."""
+        when accumulating, split over the mesh's data axes. The batch is the global one
+        (each process of a multi-process run copies its devices' rows), or, with
+        `global_rows`, this process's rows of a global batch of that many (`shard_rows`)."""
         if accumulation > 1:
             rows = len(next(iter(batch.values())))
             if rows % accumulation:
@@ -189,7 +207,14 @@ class TrainState:
         if self.mesh is None:
             return dict(batch)
         spec = P(None, self.data_axes) if accumulation > 1 else P(self.data_axes)
-        return place(dict(batch), NamedSharding(self.mesh, spec))
+        sharding = NamedSharding(self.mesh, spec)
+        if global_rows is None:
+            return place(dict(batch), sharding)
+        lead = (accumulation, global_rows // accumulation) if accumulation > 1 else (global_rows,)
+        return {
+            k: jax.make_array_from_process_local_data(sharding, v, (*lead, *v.shape[len(lead) :]))
+            for k, v in batch.items()
+        }
 
     def put_constants(self, constants: Mapping[str, Any]) -> dict[str, jax.Array]:
         """A task's constants (`Task.constants`) as the step reads them: whole on every
@@ -227,7 +252,8 @@ class TrainState:
             self._shardings,
         )  # fmt: skip
         state = (self.params, self.frozen, self.rest, self.opt_state)
-        return defs, *state, dict(constants or {}), self.put_batch(batch, accumulation), key
+        batch = self.put_batch(batch, accumulation, self._global_rows)
+        return defs, *state, dict(constants or {}), batch, key
 
     def _on_mesh(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
