@@ -151,12 +151,16 @@ def replicate(tree, mesh: Mesh):
     return place(tree, jax.NamedSharding(mesh, jax.P()))
 
 
-def to_host(x: jax.Array) -> np.ndarray:
-    """The whole value of `x` as a host array. When its shards span processes this is a
-    collective: every process of the run calls it, in the same order."""
-    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
+def to_host(tree):
+    """The whole value of every array in `tree` as a host array. When its shards span
+    processes this is a collective: every process of the run calls it, in the same order."""
+
+    def whole(x):
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(whole, tree)
 
 
 def parse_mesh(spec: str, axes: Sequence[str]) -> dict[str, int]:
@@ -173,6 +177,14 @@ def parse_mesh(spec: str, axes: Sequence[str]) -> dict[str, int]:
 def data_parallelism(mesh: Mesh, data_axes: Sequence[str]) -> int:
     """Devices a batch's rows are split over: the product of `mesh`'s `data_axes`."""
     return int(np.prod([mesh.shape[a] for a in data_axes]))
+
+
+def define_mesh_flag(axes: Sequence[str], example: str) -> None:
+    """An entrypoint's `--mesh` over `axes` (read it with `run_mesh`)."""
+    flags.DEFINE_string(
+        "mesh", None, f"Device mesh over axes {', '.join(axes)}, e.g. {example} (default: one "
+        f"device; every device over {axes[0]} in a multi-process run).",
+    )  # fmt: skip
 
 
 def run_mesh(spec: str | None, axes: Sequence[str]) -> Mesh | None:

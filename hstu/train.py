@@ -29,7 +29,7 @@ from absl import flags, logging
 
 from eval import cli, data
 from eval.allocator import reexec_with_tcmalloc
-from eval.distributed import run_mesh
+from eval.distributed import define_mesh_flag, run_mesh
 from eval.errors import FlagError
 from eval.training import RunDir, input_path
 from eval.training.flags import (
@@ -65,10 +65,7 @@ def _define_flags() -> None:
         "recall_shares", ["0.9", "0.8", "0.5"],
         "RecGPT two-stage recall: stage-1 share N/k of each cutoff k tried (N chosen on validation).",
     )  # fmt: skip
-    flags.DEFINE_string(
-        "mesh", None, "Device mesh over axes data, model, e.g. data:4,model:2 (default: one "
-        "device; every device over data in a multi-process run).",
-    )  # fmt: skip
+    define_mesh_flag(("data", "model"), "data:4,model:2")
     flags.DEFINE_bool(
         "shard_items", False, "Split the item table's rows over the mesh's model axis."
     )

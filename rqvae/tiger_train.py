@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 
 from eval import cli, data
 from eval.allocator import reexec_with_tcmalloc
-from eval.distributed import run_mesh
+from eval.distributed import define_mesh_flag, run_mesh
 from eval.training import RunDir, input_path, load_run_checkpoint, read_run
 from eval.training.flags import (
     config_defaults,
@@ -160,10 +160,7 @@ def _define_flags() -> None:
     flags.DEFINE_float("dropout", d.dropout, "Dropout rate.")
     flags.DEFINE_integer("num_user_buckets", d.num_user_buckets, "Hashed user tokens.")
     flags.DEFINE_integer("max_items", d.max_items, "History items read by the encoder.")
-    flags.DEFINE_string(
-        "mesh", None, "Device mesh over axis data, e.g. data:8 (default: one device; every "
-        "device in a multi-process run).",
-    )  # fmt: skip
+    define_mesh_flag(("data",), "data:8")
 
 
 def main(argv: list[str]) -> None:

@@ -11,6 +11,10 @@ since the previous evaluation are re-seeded (dead-code restarts; their state is 
 L-level codes, collisions kept) and, with --dedup=extra|reassign,
 `semantic_ids_<dedup>.json` (collision-free, see rqvae.ids). A rerun resumes; a finished
 run is left alone. `python -m rqvae.evaluate --run=<out>` reloads and re-encodes.
+
+`--mesh=data:8` trains data parallel over the devices of the run (in a multi-process run,
+by default, over all of them): each process reads its devices' rows of every batch, and
+the catalogue's encodings are split over `data` and gathered.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 from flax import nnx
+from jax.sharding import Mesh
 
 from eval import cli
 from eval.allocator import reexec_with_tcmalloc
 from eval.data.examples import ArraySource, batches
+from eval.distributed import define_mesh_flag, global_array, replicate, run_mesh, to_host
 from eval.errors import FlagError
 from eval.training import (
     LoopConfig,
@@ -113,26 +119,37 @@ def _eval_chunk(model: RQVAE, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.A
 
 
 def encode_items(
-    model: RQVAE, x: np.ndarray, chunk: int = 8192
+    model: RQVAE, x: np.ndarray, chunk: int = 8192, mesh: Mesh | None = None
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Codes [N, L], residuals [N, L, D] and mean reconstruction loss of all items.
 
-    Runs fixed-size chunks (the last one padded) so only one shape is compiled.
+    Runs fixed-size chunks (the last one padded) so only one shape is compiled; with `mesh`
+    (the model replicated over it) each chunk's rows are split over its 'data' axis and
+    the results gathered.
     """
     n = x.shape[0]
     chunk = min(chunk, n)
+    if mesh is not None:
+        chunk = -(-chunk // mesh.shape["data"]) * mesh.shape["data"]
     pad = -n % chunk
     xp = np.concatenate([x, np.zeros((pad, x.shape[1]), x.dtype)]) if pad else x
-    outs = [_eval_chunk(model, jnp.asarray(xp[i : i + chunk])) for i in range(0, len(xp), chunk)]
-    codes, res, recon = (np.concatenate([np.asarray(o[j]) for o in outs])[:n] for j in range(3))
+
+    def put(rows: np.ndarray) -> jax.Array:
+        if mesh is None:
+            return jnp.asarray(rows)
+        return global_array(rows, jax.NamedSharding(mesh, jax.P("data")))
+
+    outs = [to_host(_eval_chunk(model, put(xp[i : i + chunk]))) for i in range(0, len(xp), chunk)]
+    codes, res, recon = (np.concatenate([o[j] for o in outs])[:n] for j in range(3))
     return codes, res, float(recon.mean())
 
 
 def evaluate_codes(
-    model: RQVAE, x: np.ndarray, chunk: int = 8192
+    model: RQVAE, x: np.ndarray, chunk: int = 8192, mesh: Mesh | None = None
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """(codes [N, L], {"recon_loss", usage, perplexity, collisions, ...}) of every item."""
-    codes, _, recon = encode_items(model, x, chunk)
+    """(codes [N, L], {"recon_loss", usage, perplexity, collisions, ...}) of every item
+    (`mesh`: as in `encode_items`)."""
+    codes, _, recon = encode_items(model, x, chunk, mesh)
     return codes, {"recon_loss": recon, **code_stats(codes, model.config.codebook_size)}
 
 
@@ -166,16 +183,17 @@ def init_model(x: np.ndarray, config: TrainConfig) -> RQVAE:
     return model
 
 
-def _state(model: RQVAE, config: TrainConfig, steps: int) -> TrainState:
+def _state(model: RQVAE, config: TrainConfig, steps: int, mesh: Mesh | None = None) -> TrainState:
     opt = OptimizerConfig(learning_rate=config.learning_rate, weight_decay=config.weight_decay)
-    return TrainState(model, make_optimizer(opt, steps))
+    return TrainState(model, make_optimizer(opt, steps), mesh=mesh)
 
 
 def train_rqvae(
     embeddings: np.ndarray, config: TrainConfig = TrainConfig(), run: RunDir | None = None,
-    progress: bool = False,
+    progress: bool = False, mesh: Mesh | None = None,
 ) -> tuple[RQVAE, np.ndarray, list[dict[str, Any]]]:  # fmt: skip
     """Trains an RQ-VAE on embeddings [N, D]; returns (best model, its codes [N, L], history).
+    `mesh` (axis 'data'): data parallel over its devices, every process's of the run.
 
     history: the evaluations of this call (step, recon_loss, usage, perplexity,
     unique_item_share, collision_groups, max_group, unique_ids, restarted per level).
@@ -183,20 +201,21 @@ def train_rqvae(
     x = _checked(embeddings)
     batch_size = min(config.batch_size, len(x))
     total = total_steps(len(x) // batch_size, config.num_epochs, config.max_steps)
-    state = _state(init_model(x, config), config, total)
-    x_dev = jnp.asarray(x)
+    state = _state(init_model(x, config), config, total, mesh)
+    x_dev = jnp.asarray(x) if mesh is None else replicate(x, mesh)
     restart_key = _keys(config.seed)["restart"]
     history: list[dict[str, Any]] = []
 
     def source(start: int):
         loader = batches(
-            ArraySource({"x": x}), batch_size, seed=config.seed, num_epochs=None, start_batch=start
-        )
+            ArraySource({"x": x}), batch_size, seed=config.seed, num_epochs=None,
+            start_batch=start, rows=state.shard_rows(batch_size),
+        )  # fmt: skip
         for step, batch in enumerate(loader, start):
             yield {**batch, "tau": np.float32(gumbel_tau(step, total, config))}
 
     def validate(model: RQVAE) -> dict[str, Any]:
-        history.append(evaluate_codes(model, x, config.eval_chunk)[1])
+        history.append(evaluate_codes(model, x, config.eval_chunk, mesh)[1])
         return history[-1]
 
     def restart(model: RQVAE, step: int) -> dict[str, Any]:
@@ -217,21 +236,20 @@ def train_rqvae(
                       progress=progress, desc="rqvae")  # fmt: skip
     fit(state, task, loop, run)
     model = state.model()
-    codes, _ = evaluate_codes(model, x, config.eval_chunk)
+    codes, _ = evaluate_codes(model, x, config.eval_chunk, mesh)
     return model, codes, history
 
 
 def collision_free_codes(
-    model: RQVAE, embeddings: np.ndarray, codes: np.ndarray, method: str
-) -> np.ndarray:
+    model: RQVAE, embeddings: np.ndarray, codes: np.ndarray, method: str,
+    mesh: Mesh | None = None,
+) -> np.ndarray:  # fmt: skip
     """Collision-free IDs: method "extra" (TIGER extra level) or "reassign" (last level)."""
     if method == "extra":
         return ids.append_collision_level(codes)
     if method == "reassign":
-        _, residuals, _ = encode_items(model, np.asarray(embeddings, np.float32))
-        return ids.reassign_last_level(
-            codes, residuals[:, -1], np.asarray(model.codebooks[...][-1])
-        )
+        _, residuals, _ = encode_items(model, np.asarray(embeddings, np.float32), mesh=mesh)
+        return ids.reassign_last_level(codes, residuals[:, -1], to_host(model.codebooks[...])[-1])
     raise ValueError(f"collision-free method {method!r}: expected 'extra' or 'reassign'")
 
 
@@ -259,30 +277,37 @@ def load_run(run_dir: str | pathlib.Path, which: str = "best") -> tuple[RQVAE, n
 
 
 def train_run(embeddings: str, out: str, config: TrainConfig, dedup: str = "none",
-              overwrite: bool = False, progress: bool = True) -> dict[str, Any]:  # fmt: skip
-    """`python -m rqvae.train`: trains into the run folder `out`, writes the index files.
-    One process: an item catalogue's embeddings train on one device in minutes."""
-    if jax.process_count() > 1:
-        raise FlagError(
-            f"rqvae.train runs in one process, not {jax.process_count()}: train the semantic "
-            "IDs on one host, then hand the index file to the multi-process run"
-        )
+              overwrite: bool = False, progress: bool = True,
+              mesh: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """`python -m rqvae.train`: trains into the run folder `out`, writes the index files
+    (process 0). `mesh`: `--mesh` (not part of the run's config: N processes resume on M)."""
     emb = np.load(embeddings)
     if emb.ndim != 2:
         raise FlagError(f"--embeddings={embeddings}: expected a 2-D array, got {emb.shape}")
+    device_mesh = run_mesh(mesh, ("data",))
+    info = {"mesh": dict(device_mesh.shape) if device_mesh else None,
+            "processes": jax.process_count()}  # fmt: skip
     outputs = ("semantic_ids.json", f"semantic_ids_{dedup}.json")
     with RunDir(
-        out, "rqvae", run_config(embeddings, config, dedup), overwrite=overwrite, outputs=outputs
-    ) as run:
+        out, "rqvae", run_config(embeddings, config, dedup), info=info, overwrite=overwrite,
+        outputs=outputs,
+    ) as run:  # fmt: skip
         if run.result is not None:
             logging.info("--out=%s is a finished run; its result.json is kept", run.path)
             return run.result
-        model, codes, _ = train_rqvae(emb, config, run, progress)
-        ids.write_index(run.path / "semantic_ids.json", codes)
+        model, codes, _ = train_rqvae(emb, config, run, progress, device_mesh)
+        indexes = {"semantic_ids.json": codes}
         if dedup != "none":
-            unique = collision_free_codes(model, emb, codes, dedup)
-            ids.write_index(run.path / f"semantic_ids_{dedup}.json", unique)
-        result = {"items": len(codes), **evaluate_codes(model, emb)[1]}
+            indexes[f"semantic_ids_{dedup}.json"] = collision_free_codes(
+                model, emb, codes, dedup, device_mesh
+            )
+        if run.primary:
+            for name, index in indexes.items():
+                ids.write_index(run.path / name, index)
+        result = {
+            "items": len(codes),
+            **evaluate_codes(model, emb, config.eval_chunk, device_mesh)[1],
+        }
         run.write_result(result)
         return result
 
@@ -319,6 +344,7 @@ def _define_flags() -> None:
     )
     flags.DEFINE_enum("dedup", "none", ["none", "extra", "reassign"],
                       "Also write collision-free IDs to semantic_ids_<dedup>.json.")  # fmt: skip
+    define_mesh_flag(("data",), "data:8")
 
 
 def main(argv: list[str]) -> None:
@@ -335,7 +361,9 @@ def main(argv: list[str]) -> None:
         kmeans_init_method=f.kmeans_init_method, restart_dead_codes=f.restart_dead_codes,
         **config_flag_values(),
     )  # fmt: skip
-    result = train_run(f.embeddings, shared["out"], config, f.dedup, shared["overwrite"])
+    result = train_run(
+        f.embeddings, shared["out"], config, f.dedup, shared["overwrite"], mesh=f.mesh
+    )
     print(
         " ".join(
             f"{k}={result[k]}" for k in ("items", "recon_loss", "unique_ids", "max_group", "usage")

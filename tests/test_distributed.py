@@ -299,10 +299,35 @@ def test_the_split_item_table_is_never_gathered_by_the_train_step():
     assert table.sharding.spec == jax.P("model", None)
 
 
-def test_rqvae_refuses_a_multi_process_run(tmp_path):
-    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32))
+def test_rqvae_two_processes_of_four_devices_match_one_of_eight(tmp_path):
+    """Data-parallel RQ-VAE: the same losses, evaluations (the catalogue's encodings split
+    over the processes and gathered) and semantic IDs; only process 0 writes them."""
+    from rqvae import train as rqvae_train
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(70, 8)).astype(np.float32))
+    flags = {"max_steps": 5, "eval_every": 1, "batch_size": 16, "num_levels": 2,
+             "codebook_size": 16, "code_dim": 4, "hidden_dims": "16"}  # fmt: skip
     done = _launch(["-m", "rqvae.train", f"--embeddings={tmp_path / 'x.npy'}",
-                    f"--out={tmp_path / 'run'}"])  # fmt: skip
-    assert done.returncode != 0
-    assert "rqvae.train runs in one process, not 2" in done.stdout, done.stdout[-2000:]
-    assert not (tmp_path / "run" / "result.json").exists()
+                    f"--out={tmp_path / 'two'}", "--dedup=reassign",
+                    *(f"--{k}={v}" for k, v in flags.items())])  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:]
+    _reads_half(done.stdout)
+    model = rqvae_train.RQVAEConfig(num_levels=2, codebook_size=16, code_dim=4, hidden_dims=(16,))
+    config = rqvae_train.TrainConfig(model=model, max_steps=5, eval_every=1, batch_size=16)
+    one = rqvae_train.train_run(str(tmp_path / "x.npy"), str(tmp_path / "one"), config,
+                                "reassign", progress=False, mesh="data:8")  # fmt: skip
+    two = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["info"]["processes"] == 2
+    assert len(train_losses(tmp_path / "two")) == 5
+    assert train_losses(tmp_path / "two") == pytest.approx(train_losses(tmp_path / "one"), abs=1e-5)
+    assert two.keys() == one.keys()
+    for key, value in one.items():
+        assert np.asarray(two[key]) == pytest.approx(np.asarray(value), rel=1e-5), key
+    assert _valid(tmp_path / "two", "recon_loss") == pytest.approx(
+        _valid(tmp_path / "one", "recon_loss"), rel=1e-5
+    )
+    for name in ("semantic_ids.json", "semantic_ids_reassign.json"):
+        index = json.loads((tmp_path / "two" / name).read_text())
+        assert index == json.loads((tmp_path / "one" / name).read_text()), name

@@ -198,7 +198,8 @@ class TrainState:
         """Host batch [rows, ...] -> device arrays, [accumulation, rows / accumulation, ...]
         when accumulating, split over the mesh's data axes. The batch is the global one
         (each process of a multi-process run copies its devices' rows), or, with
-        `global_rows`, this process's rows of a global batch of that many (`shard_rows`)."""
+        `global_rows`, this process's rows of a global batch of that many (`shard_rows`).
+        Scalars (0-d leaves, e.g. a schedule's value) are placed whole on every device."""
         if accumulation > 1:
             rows = len(next(iter(batch.values())))
             if rows % accumulation:
@@ -208,13 +209,21 @@ class TrainState:
             return dict(batch)
         spec = P(None, self.data_axes) if accumulation > 1 else P(self.data_axes)
         sharding = NamedSharding(self.mesh, spec)
+        scalars = {k: v for k, v in batch.items() if np.ndim(v) == 0}  # whole on every device
+        rows = {k: v for k, v in batch.items() if k not in scalars}
         if global_rows is None:
-            return place(dict(batch), sharding)
-        lead = (accumulation, global_rows // accumulation) if accumulation > 1 else (global_rows,)
-        return {
-            k: jax.make_array_from_process_local_data(sharding, v, (*lead, *v.shape[len(lead) :]))
-            for k, v in batch.items()
-        }
+            rows = place(rows, sharding)
+        else:
+            lead = (
+                (accumulation, global_rows // accumulation) if accumulation > 1 else (global_rows,)
+            )
+            rows = {
+                k: jax.make_array_from_process_local_data(
+                    sharding, v, (*lead, *v.shape[len(lead) :])
+                )
+                for k, v in rows.items()
+            }
+        return {**rows, **replicate(scalars, self.mesh)}
 
     def put_constants(self, constants: Mapping[str, Any]) -> dict[str, jax.Array]:
         """A task's constants (`Task.constants`) as the step reads them: whole on every
