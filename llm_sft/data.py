@@ -60,6 +60,16 @@ def instruction_and_input(history_titles: Sequence[str], noun: str) -> tuple[str
     return instruction, f"The user has {verb} the following {noun} before: {listed}"
 
 
+def shorten_titles(titles: np.ndarray, max_chars: int | None) -> np.ndarray:
+    """`titles` cut to at most `max_chars` characters, at a word boundary where there is
+    one (None: as they are). Items whose cut titles agree share them, as items with one
+    title do."""
+    if max_chars is None:
+        return titles
+    cut = [t if len(t) <= max_chars else t[:max_chars].rsplit(" ", 1)[0] for t in titles]
+    return np.asarray(cut, dtype=object)
+
+
 def response_text(title: str) -> str:
     return f'"{title}"'
 

@@ -60,6 +60,9 @@ class BigRecConfig:
     max_examples: int | None = None  # a seeded sample of the training prefixes (None: all)
     max_history: int = 10  # history items in a prompt (BIGRec)
     max_length: int = 256  # prompt + response tokens (oldest history items dropped first)
+    # Titles cut to this many characters (`llm_sft.data.shorten_titles`) in prompts,
+    # responses and the decoding trie, so that a response leaves room for a prompt.
+    max_title_chars: int | None = None
     # BIGRec's instruction and input in `llm_sft.data.TEMPLATES`: "alpaca" (the paper's) or
     # "chat" (ChatML, ~30 tokens shorter: no preamble)
     template: str = "alpaca"
@@ -88,11 +91,11 @@ BUDGETS: dict[str, BigRecConfig] = {
         model=dict(hidden_size=64, intermediate_size=192, num_layers=1, num_heads=4, num_kv_heads=1, head_dim=16),
         train=TrainConfig(learning_rate=3e-3, warmup_steps=20, per_device_train_batch_size=16, max_steps=1600,
                           log_every=100),
-        max_examples=25_600, template="chat", max_length=128,
+        max_examples=25_600, template="chat", max_length=128, max_title_chars=96,
     ),
     "full": BigRecConfig(
         model=dict(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32),
-        vocab_size=8192, max_length=512,
+        vocab_size=8192, max_length=512, max_title_chars=256,
         train=TrainConfig(learning_rate=1e-3, warmup_ratio=0.03, per_device_train_batch_size=64, num_epochs=1, log_every=100,
                           group_by_length=True),
     ),
@@ -100,10 +103,10 @@ BUDGETS: dict[str, BigRecConfig] = {
 
 
 def train_tokenizer(
-    ds: Dataset, histories, vocab_size: int, num_prompts: int, rng: np.random.Generator
-):
+    titles: np.ndarray, noun: str, histories, vocab_size: int, num_prompts: int,
+    rng: np.random.Generator,
+):  # fmt: skip
     """Byte-level BPE on `num_prompts` sampled BIGRec training prompts plus every title response."""
-    titles, noun = ds.items.titles, sft_data.item_noun(ds.name)
     rows = rng.choice(len(histories), min(num_prompts, len(histories)), replace=False)
     prompts = [
         sft_data.prompt_text(
@@ -123,7 +126,8 @@ class BigRecRecommender(Recommender):
     def fit(self, ds: Dataset, split: Split, *, budget: str, seed: int) -> dict:
         cfg = self.cfg = BUDGETS[budget]
         start = time.perf_counter()
-        titles, noun = ds.items.titles, sft_data.item_noun(ds.name)
+        titles = sft_data.shorten_titles(ds.items.titles, cfg.max_title_chars)
+        noun = sft_data.item_noun(ds.name)
         histories, targets = sft_data.train_histories(split.train, cfg.max_history)
         if not len(targets):
             raise ValueError(
@@ -131,7 +135,7 @@ class BigRecRecommender(Recommender):
             )
         rng = np.random.default_rng(seed)
         self.tokenizer = tok = train_tokenizer(
-            ds, histories, cfg.vocab_size, cfg.tokenizer_prompts, rng
+            titles, noun, histories, cfg.vocab_size, cfg.tokenizer_prompts, rng
         )
         if len(tok) > cfg.vocab_size:
             raise ValueError(f"tokenizer has {len(tok)} tokens > vocab_size={cfg.vocab_size}")
@@ -148,6 +152,12 @@ class BigRecRecommender(Recommender):
             max_length=cfg.max_length,
             max_history=cfg.max_history,
         )
+        self.trie = title_trie(titles, tok)
+        if self.trie.depth > cfg.max_length // 2:
+            raise ValueError(
+                f"BigRecRecommender: {ds.name}'s titles take up to {self.trie.depth} tokens, over "
+                f"half of max_length={cfg.max_length}; lower max_title_chars={cfg.max_title_chars}"
+            )
         width = round_up(int(ex.input_ids.lengths.max()))
         arrays = sft_data.padded_arrays(ex, width, tok.pad_token_id, "right")
         # `group_by_length`: batches from widths in steps of 32 (a few compiled shapes).
@@ -164,7 +174,6 @@ class BigRecRecommender(Recommender):
         prepared = time.perf_counter()
         info = trainer.fit(ArraySource(arrays), None, buckets=buckets, progress=False)
         self.model = trainer.model()
-        self.trie = title_trie(titles, tok)
         self.groups = title_items(self.trie)
         self.titles, self.noun = titles, noun
         losses = info.losses
@@ -183,8 +192,10 @@ class BigRecRecommender(Recommender):
             examples, self.titles, self.noun, tok, template=cfg.template, max_length=cfg.max_length,
             max_history=cfg.max_history, reserve=depth, rows=index,
         )  # fmt: skip
-        # Width rounded to 32 (capped at the prompt budget) so calls share compiled shapes.
-        width = min(round_up(max(len(p) for p in prompts), 32), cfg.max_length - depth)
+        # Width rounded to 32 (capped at the prompt budget) so calls share compiled shapes;
+        # a prompt whose newest title alone is over the budget is kept whole.
+        longest = max(len(p) for p in prompts)
+        width = max(longest, min(round_up(longest, 32), cfg.max_length - depth))
         beams = max(cfg.num_beams, k)
         history = examples.history.take(np.asarray(index)) if cfg.filter_history else None
         out = decode_batched(
@@ -253,7 +264,10 @@ class SidLLMRecommender(Recommender):
         codes = read_item_codes(path, ds)
         rng = np.random.default_rng(seed)
         histories, _ = sft_data.train_histories(split.train, cfg.tasks.max_history)
-        tok = train_tokenizer(ds, histories, cfg.vocab_size, cfg.tokenizer_prompts, rng)
+        tok = train_tokenizer(
+            ds.items.titles, sft_data.item_noun(ds.name), histories, cfg.vocab_size,
+            cfg.tokenizer_prompts, rng,
+        )  # fmt: skip
         config = ModelConfig(
             vocab_size=len(tok), rope_theta=10_000.0, tie_word_embeddings=True, **QWEN3, **cfg.model
         )

@@ -3,6 +3,8 @@ head (``TrainConfig.max_label_tokens``) that its budget relies on."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -56,3 +58,25 @@ def test_bigrec_recommender_end_to_end(tmp_path, monkeypatch):
     metrics = evaluate(rec, ds, sp.test, "full")
     assert metrics["num_examples"] == len(sp.test)
     assert 0 <= metrics["NDCG@10"] <= metrics["HR@10"] <= metrics["HR@20"] <= 1
+
+
+def test_long_titles_are_cut_to_leave_room_for_a_prompt(tmp_path, monkeypatch):
+    from llm_sft.data import shorten_titles
+
+    titles = np.asarray(["", "Toy Story (1995)", "Anonymous", "A Verylongword"], dtype=object)
+    assert shorten_titles(titles, None) is titles
+    assert shorten_titles(titles, 12).tolist() == ["", "Toy Story", "Anonymous", "A"]
+    ds = data.load("ml-100k", write_tiny_ml100k(tmp_path / "ml-100k"))
+    ds.items.titles[1] = "word " * 120  # ~120 tokens: more than half of 128
+    budget = dataclasses.replace(tiny_bigrec_budget(), max_length=128)
+    monkeypatch.setitem(recommender.BUDGETS, "demo", budget)
+    with pytest.raises(ValueError, match=r"titles take up to \d+ tokens.*max_title_chars=None"):
+        recommender.BigRecRecommender().fit(ds, data.split(ds), budget="demo", seed=0)
+    cut = dataclasses.replace(budget, max_title_chars=40)
+    monkeypatch.setitem(recommender.BUDGETS, "demo", cut)
+    rec, sp = recommender.BigRecRecommender(), data.split(ds)
+    assert rec.fit(ds, sp, budget="demo", seed=0)["steps"] == 3
+    assert rec.titles[1] == "word " * 7 + "word" and rec.trie.depth < 64
+    # A prompt over its budget (its newest title alone is) is decoded whole.
+    rec.cfg = dataclasses.replace(cut, max_length=rec.trie.depth + 8)
+    assert rec.rank(sp.test, np.arange(len(sp.test)), 10).shape == (len(sp.test), 10)
