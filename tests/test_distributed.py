@@ -19,6 +19,7 @@ from tiny import (
     TINY_HSTU,
     random_hf_qwen,
     sft_args,
+    sid_args,
     tiger_config,
     tiger_run_args,
     train_losses,
@@ -241,6 +242,26 @@ def test_sft_two_processes_of_four_devices_match_one_of_eight(tmp_path, tuning):
     assert weights[0].keys() == weights[1].keys()
     for name, array in weights[1].items():
         np.testing.assert_allclose(weights[0][name], array, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.slow
+def test_sid_llm_two_processes_of_four_devices_match_one_of_eight(tmp_path):
+    """The semantic-ID LLM's two stages (the same command line): the same losses and
+    beam-search metrics."""
+    args, _ = sid_args(tmp_path, tmp_path / "two")
+    done = _launch(args)
+    assert done.returncode == 0, done.stdout[-3000:]
+    _reads_half(done.stdout)
+    one_args = [a.replace(str(tmp_path / "two"), str(tmp_path / "one")) for a in args]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    subprocess.run([sys.executable, *one_args], cwd=REPO, env=env, check=True, timeout=600,
+                   capture_output=True)  # fmt: skip
+    one, two = (json.loads((tmp_path / r / "result.json").read_text()) for r in ("one", "two"))
+    for stage in ("stage1", "stage2"):
+        losses = [train_losses(tmp_path / run_ / stage) for run_ in ("two", "one")]
+        assert losses[0] == pytest.approx(losses[1], abs=1e-5) and losses[0], stage
+    assert two["sequential"] == pytest.approx(one["sequential"], abs=1e-9)
+    assert two["greedy"] == one["greedy"]
 
 
 def test_tiger_two_processes_of_four_devices_match_one_of_eight(tmp_path):

@@ -245,29 +245,12 @@ def test_constrained_beams_only_name_catalogue_items(tmp_path):
 
 @pytest.mark.parametrize("lora_r", [0, 2])
 def test_train_sid_end_to_end_both_stages(tmp_path, lora_r):
-    from tiny import write_tiny_ml100k
+    from tiny import sid_args
 
     from llm_sft.train_sid import run
-    from llm_sft.trainer import TrainConfig
     from tools.compare_torch import compare
 
-    folder = write_tiny_ml100k(tmp_path / "ml-100k", num_users=12, num_items=16, per_user=6)
-    index = tmp_path / "ids.json"
-    index.write_text(json.dumps({str(k): [f"<a_{k % 4}>", f"<b_{k // 4}>"] for k in range(16)}))
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps(dict(
-        model_type="qwen3", vocab_size=384, hidden_size=16, intermediate_size=32,
-        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-        tie_word_embeddings=True)))  # fmt: skip
-    stage = TrainConfig(
-        learning_rate=1e-2, per_device_train_batch_size=1, max_steps=4, eval_every=2
-    )
-    kwargs = dict(
-        dataset="ml-100k", data_dir=str(folder), semantic_ids=str(index), out=str(tmp_path / "run"),
-        stage1=stage, stage2=stage, model_config=str(config), max_length=160,
-        max_eval_examples=6, num_beams=20, mesh="data:2,fsdp:2,tensor:2", progress=False,
-        lora_r=lora_r,
-    )  # fmt: skip
+    _, kwargs = sid_args(tmp_path, tmp_path / "run", lora_r=lora_r)
     result = run(**kwargs)
     assert result["sid_tokens"] == 2 + 2 * 4 and result["stage1"]["steps"] == 4
     assert result["stage2"]["steps"] == 4 and result["sequential"]["invalid"] == 0

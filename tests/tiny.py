@@ -315,6 +315,37 @@ def sft_args(tmp_path, out, **extra):
     return args, kwargs, train
 
 
+def sid_args(tmp_path, out, **extra):
+    """(CLI args, `llm_sft.train_sid.run` kwargs) of a two-stage, 4 + 4-step semantic-ID
+    LLM run: a random tiny Qwen3 on a 12-user `write_tiny_ml100k` with a 2-level index,
+    mesh data:2,fsdp:2,tensor:2."""
+    from llm_sft.trainer import TrainConfig
+
+    folder = write_tiny_ml100k(tmp_path / "ml-100k", num_users=12, num_items=16, per_user=6)
+    index = tmp_path / "ids.json"
+    index.write_text(json.dumps({str(k): [f"<a_{k % 4}>", f"<b_{k // 4}>"] for k in range(16)}))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(dict(
+        model_type="qwen3", vocab_size=384, hidden_size=16, intermediate_size=32,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+        tie_word_embeddings=True)))  # fmt: skip
+    stage = TrainConfig(
+        learning_rate=1e-2, per_device_train_batch_size=1, max_steps=4, eval_every=2
+    )
+    kwargs = dict(
+        dataset="ml-100k", data_dir=str(folder), semantic_ids=str(index), out=str(out),
+        stage1=stage, stage2=stage, model_config=str(config), max_length=160,
+        max_eval_examples=6, num_beams=20, mesh="data:2,fsdp:2,tensor:2", progress=False, **extra,
+    )  # fmt: skip
+    args = ["-m", "llm_sft.train_sid", "--dataset=ml-100k", f"--data_dir={folder}",
+            f"--semantic_ids={index}", f"--out={out}", "--init=random", f"--model_config={config}",
+            "--learning_rate=1e-2", "--per_device_train_batch_size=1", "--max_steps=4",
+            "--eval_every=2", "--stage1_steps=4", "--stage1_learning_rate=1e-2",
+            "--stage1_batch_size=1", "--max_length=160", "--max_eval_examples=6",
+            "--num_beams=20", f"--mesh={kwargs['mesh']}"]  # fmt: skip
+    return args, kwargs
+
+
 def tiger_run_args(tmp_path, out, **extra):
     """(data folder, index file, flags, CLI args) of a 4-epoch tiny `rqvae.tiger_train` run
     on `write_tiny_ml100k` with a random 3-level index."""
