@@ -73,10 +73,10 @@ PRESETS = {
                    train=_TRAIN),
     # The code's choices throughout: an untrained head at prompt-tuning, ranking by E_item.
     "recgpt-code": dict(model="recgpt", arch=_ARCH, train=_TRAIN),
-    # `recgpt` without the user module: where users have few items (the Amazon and Yelp
-    # splits: 7-10 per user) their rows memorise. Validation NDCG@10 (docs/results.md):
-    # Sports 0.0323 vs 0.0250, Scientific 0.0858 vs 0.0791; on ml-100k (~100 items per
-    # user) the rows help (demo: 0.1141 vs 0.1115, test 0.102 vs 0.087).
+    # `recgpt` without the user module: on the Amazon splits (7-10 items per user) the
+    # users' rows memorise. Validation NDCG@10 of pre-training (docs/results.md): Sports
+    # 0.0323 vs 0.0250, Scientific 0.0858 vs 0.0791; on ml-100k (~100 items per user) and
+    # Yelp the rows help (ml-100k demo: 0.1141 vs 0.1115; Yelp 0.0426 vs 0.0390).
     "recgpt-nouser": dict(model="recgpt", arch=dict(_ARCH, head_init="items", rank_with="head",
                                                     user_buckets=0), train=_TRAIN),
 }  # fmt: skip

@@ -243,7 +243,7 @@ def test_two_stage_equals_one_stage_up_to_n_even_for_repeated_targets():
         )
 
 
-def test_the_leaderboard_drops_user_rows_outside_movielens():
+def test_the_leaderboard_keeps_user_rows_where_validation_chose_them():
     from types import SimpleNamespace
 
     from hstu.models import config_from_preset
@@ -253,6 +253,7 @@ def test_the_leaderboard_drops_user_rows_outside_movielens():
     for name, preset, rows in (
         ("ml-100k", "recgpt", 65536),
         ("amazon-sports-2014", "recgpt-nouser", 0),
+        ("yelp-p5", "recgpt", 65536),
     ):
         assert rec.preset(SimpleNamespace(name=name)) == preset
         _, cfg = config_from_preset(preset, num_items=10)
