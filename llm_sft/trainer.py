@@ -251,15 +251,17 @@ class Trainer:
             train, grouped = ArraySource({**train.arrays, LENGTH: extent}), (buckets, LENGTH, keys)
         plan = dict(seed=self.config.seed, num_epochs=None, start_batch=start)
         loader = batches(train, self.rows_per_step, buckets=grouped, rows=rows, **plan)
-        # The same batches' extents, every row (a few ints): the width the whole batch needs.
-        extents = batches(
+        # A process's part of a batch: the same batches' extents, every row (a few ints),
+        # give the width the whole batch needs.
+        extents = None if rows is None else batches(
             ArraySource({LENGTH: extent}), self.rows_per_step, **plan,
             buckets=None if grouped is None else (buckets, LENGTH, ()),
         )  # fmt: skip
-        for batch, whole in zip(loader, extents, strict=True):
+        for batch in loader:
             batch.pop(LENGTH, None)
+            need = None if extents is None else int(next(extents)[LENGTH].max())
             _check_label_tokens(batch["labels"], self.config.max_label_tokens)
-            yield trim_to_bucket(batch, buckets, padding_side, int(whole[LENGTH].max()))
+            yield trim_to_bucket(batch, buckets, padding_side, need)
 
     def fit(
         self, train: ArraySource, valid: dict[str, np.ndarray] | None, *, buckets: tuple[int, ...],
