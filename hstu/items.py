@@ -1,4 +1,5 @@
-"""The item table HSTU and SASRec score against: L2 normalisation and item scores."""
+"""The item table HSTU, SASRec and RecGPT score against: L2 normalisation, item scores
+and the tables full ranking multiplies queries with."""
 
 from __future__ import annotations
 
@@ -63,3 +64,22 @@ class ItemScores:
         """The encoder's output [B, D] at each `query_inputs` row's last item (eval mode)."""
         out = self(inputs["ids"], inputs["timestamps"], inputs["lengths"], True)
         return last_position(out, inputs["lengths"])
+
+    # Full ranking as `queries @ table.T` (`eval.sharded_ranking` splits the table's rows):
+    # the table ranked by and the table generated from (two-stage recall), with encoder
+    # outputs h [B, D] mapped into each table's space.
+    def ranking_table(self) -> jax.Array:
+        """The rows [num_items + 1, D'] `query_scores` ranks by (row 0 padding)."""
+        return self.item_table()
+
+    def ranking_queries(self, h: jax.Array) -> jax.Array:
+        """Encoder outputs h [B, D] as queries [B, D'] against `ranking_table`."""
+        return h
+
+    def generation_table(self) -> jax.Array:
+        """The rows [num_items + 1, D'] a generated item is the argmax over."""
+        return self.ranking_table()
+
+    def generation_queries(self, h: jax.Array) -> jax.Array:
+        """Encoder outputs h [B, D] as queries [B, D'] against `generation_table`."""
+        return self.ranking_queries(h)

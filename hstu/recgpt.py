@@ -241,6 +241,14 @@ class RecGPT(nnx.Module, ItemScores):
         """Softmax-head logits [..., num_items + 1] (padding item 0 at -inf)."""
         return self.head(h).at[..., 0].set(-jnp.inf)
 
+    def head_table(self) -> jax.Array:
+        """The head as rows [num_items + 1, D + 1] = [W^T, b]: its logits are
+        `with_bias_feature(h) @ head_table().T` (the bias rides along as a feature)."""
+        return jnp.concatenate([self.head.kernel[...].T, self.head.bias[...][:, None]], axis=1)
+
+    def _ranks_by_head(self) -> bool:
+        return bool(self.cfg.prompt_items) and self.cfg.rank_with == "head"
+
     def generation_logits(self, h: jax.Array) -> jax.Array:
         """What generated items are the argmax of: the head once prompt-tuning trains it
         (K > 0), else (a pre-trained model, whose head is untrained) the item table."""
@@ -249,9 +257,37 @@ class RecGPT(nnx.Module, ItemScores):
     def ranking_scores(self, h: jax.Array) -> jax.Array:
         """Scores [B, num_items + 1] of queries h [B, D]: by the item table, or by the head
         for a prompt-tuned model with `rank_with="head"`."""
-        if self.cfg.prompt_items and self.cfg.rank_with == "head":
-            return self.head_logits(h)
-        return self.item_scores(h)
+        return self.head_logits(h) if self._ranks_by_head() else self.item_scores(h)
+
+    def ranking_table(self) -> jax.Array:
+        return self.head_table() if self._ranks_by_head() else self.item_table()
+
+    def ranking_queries(self, h: jax.Array) -> jax.Array:
+        return with_bias_feature(h) if self._ranks_by_head() else h
+
+    def generation_table(self) -> jax.Array:
+        return self.head_table() if self.cfg.prompt_items else self.item_table()
+
+    def generation_queries(self, h: jax.Array) -> jax.Array:
+        return with_bias_feature(h) if self.cfg.prompt_items else h
+
+    def query_embeddings(self, inputs: dict[str, jax.Array]) -> jax.Array:
+        """The output [B, D] at each `query_inputs` row's last item (eval mode)."""
+        return last_position(self(inputs["ids"], users=inputs["users"]), inputs["lengths"])
+
+    def second_query(self, inputs: dict[str, jax.Array], generated: jax.Array) -> jax.Array:
+        """Two-stage recall's second query [B, D]: the output at the generated item
+        `generated` [B], appended to each row (segment 1; the oldest item dropped from a
+        full window)."""
+        ids, lengths = inputs["ids"], inputs["lengths"]
+        n = ids.shape[1]
+        generated = generated.astype(ids.dtype)
+        shifted = jnp.concatenate([ids[:, 1:], generated[:, None]], axis=1)
+        appended = ids.at[jnp.arange(len(ids)), jnp.minimum(lengths, n - 1)].set(generated)
+        ids2 = jnp.where((lengths >= n)[:, None], shifted, appended)
+        lengths2 = jnp.minimum(lengths + 1, n)
+        segments = (jnp.arange(n)[None, :] == (lengths2 - 1)[:, None]).astype(ids.dtype)
+        return last_position(self(ids2, users=inputs["users"], segments=segments), lengths2)
 
     def query_scores(self, inputs: dict[str, jax.Array], recall_n: int | None = None) -> jax.Array:
         """Scores [B, num_items + 1] of `hstu.trainer.query_inputs` rows (eval mode).
@@ -259,35 +295,31 @@ class RecGPT(nnx.Module, ItemScores):
         With `recall_n` = N (static: a top-N, where ranking the whole catalogue would cost
         a sort per row), two-stage recall (the code's `infer_GPT_recall_2`): stage 1 ranks the history's
         query; its top N (history items excluded by `inputs["mask"]`, when given) come
-        first, in order. The greedy generated item is then appended (segment 1; the oldest
-        item dropped from a full window) and the second query's scores order every other
-        item. Returned as scores: stage-1 items get RECALL_BONUS + (N - rank).
+        first, in order. The greedy generated item is then appended (`second_query`) and
+        the second query's scores order every other item. Returned as scores: stage-1
+        items get RECALL_BONUS + (N - rank).
         """
-        ids, lengths, users = inputs["ids"], inputs["lengths"], inputs["users"]
-        h1 = last_position(self(ids, users=users), lengths)
+        h1 = self.query_embeddings(inputs)
         s1 = self.ranking_scores(h1)
         if recall_n is None:
             return s1
         generated = jnp.argmax(self.generation_logits(h1), axis=-1)
-        n = ids.shape[1]
-        full = lengths >= n
-        shifted = jnp.concatenate([ids[:, 1:], generated[:, None]], axis=1)
-        appended = ids.at[jnp.arange(len(ids)), jnp.minimum(lengths, n - 1)].set(generated)
-        ids2 = jnp.where(full[:, None], shifted, appended)
-        lengths2 = jnp.minimum(lengths + 1, n)
-        segments = (jnp.arange(n)[None, :] == (lengths2 - 1)[:, None]).astype(ids.dtype)
-        s2 = self.ranking_scores(
-            last_position(self(ids2, users=users, segments=segments), lengths2)
-        )
+        s2 = self.ranking_scores(self.second_query(inputs, generated))
         if "mask" in inputs:
             s1 = jnp.where(inputs["mask"], -jnp.inf, s1)
         _, top = jax.lax.top_k(s1, recall_n)
+        rows = jnp.arange(len(h1))[:, None]
         bonus = (
             jnp.zeros_like(s2)
-            .at[jnp.arange(len(ids))[:, None], top]
+            .at[rows, top]
             .set(RECALL_BONUS + jnp.arange(recall_n, 0, -1, dtype=s2.dtype))
         )
         return jnp.where(bonus > 0, bonus, s2)
+
+
+def with_bias_feature(h: jax.Array) -> jax.Array:
+    """h [..., D] -> [..., D + 1] with a last feature of 1 (`RecGPT.head_table`'s bias)."""
+    return jnp.concatenate([h, jnp.ones((*h.shape[:-1], 1), h.dtype)], axis=-1)
 
 
 def head_from_items(model: RecGPT) -> None:
@@ -359,13 +391,9 @@ def prompt_loss(model: RecGPT, batch: dict[str, jax.Array], rng: jax.Array):
     ids, segments, targets = generate_prompts(model, batch["ids"], batch["lengths"], batch["users"])
     out = model(ids, users=batch["users"], segments=segments, deterministic=False,
                 rngs=nnx.Rngs(dropout=rng))  # fmt: skip
-    # The head's bias rides along as a feature column: logits = [h, 1] . [W^T, b].
-    ones = jnp.ones((*out.shape[:-1], 1), out.dtype)
-    table = jnp.concatenate([model.head.kernel[...].T, model.head.bias[...][:, None]], axis=1)
     weights = (targets != 0).astype(out.dtype)
-    cfg = model.cfg
     loss = chunked_softmax_loss(
-        jnp.concatenate([out, ones], axis=-1), table, targets, weights, 1.0, cfg.softmax_chunk
+        with_bias_feature(out), model.head_table(), targets, weights, 1.0, model.cfg.softmax_chunk
     )
     return loss, {}
 

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from eval import data
 from eval.training import RunDir, load_run_checkpoint
@@ -58,9 +59,10 @@ def _both(trainer: Trainer, ds, split, protocol: str, recall_n: int | None = Non
 
 
 def _stage(ds, split, preset: str, overrides: dict, protocol: str, folder: pathlib.Path | None,
-           start_from: Trainer | None, config: dict, overwrite: bool, progress: bool) -> tuple[Trainer, dict]:  # fmt: skip
+           start_from: Trainer | None, config: dict, overwrite: bool, progress: bool,
+           mesh: Mesh | None, shard_items: bool) -> tuple[Trainer, dict]:  # fmt: skip
     """One trained stage: fitted (or resumed) in `folder`, or reloaded when finished there."""
-    trainer = make_trainer(preset, ds.num_items, overrides)
+    trainer = make_trainer(preset, ds.num_items, overrides, mesh, shard_items)
     if start_from is not None:  # copies: the new state's buffers are donated to its steps
         graphdef, weights = nnx.split(start_from.state.model())
         model = nnx.merge(graphdef, jax.tree.map(jnp.copy, weights))
@@ -97,10 +99,13 @@ def fit_recgpt(
     config: dict | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    mesh: Mesh | None = None,
+    shard_items: bool = False,
 ) -> tuple[Trainer, dict]:
     """Trains the stages and measures the ablation; returns the final trainer (best K,
     `recall_n` = the N chosen at k = 10) and {"ablation", "stages", "recall_n"}.
-    `overrides` set both stages, `prompt_overrides` (e.g. its epochs) prompt-tuning on top."""
+    `overrides` set both stages, `prompt_overrides` (e.g. its epochs) prompt-tuning on top;
+    `mesh`, `shard_items`: every stage's (`hstu.trainer.Trainer`)."""
     if not prompt_lengths or min(prompt_lengths) < 1:
         raise ValueError(f"prompt_lengths must be >= 1, got {list(prompt_lengths)}")
     config = config or {}
@@ -111,7 +116,8 @@ def fit_recgpt(
     def stage(name: str, k: int, start: Trainer | None) -> tuple[Trainer, dict]:
         settings = {**overrides, **((prompt_overrides or {}) if k else {}), "prompt_items": k}
         return _stage(ds, split, preset, settings, protocol, folder(name), start,
-                      {**config, "stage": name, "settings": settings}, overwrite, progress)  # fmt: skip
+                      {**config, "stage": name, "settings": settings}, overwrite, progress,
+                      mesh, shard_items)  # fmt: skip
 
     pre, pre_info = stage("pretrain", 0, None)
     stages = {"pretrain": pre_info}

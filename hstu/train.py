@@ -12,7 +12,8 @@ overrides: what `python -m hstu.evaluate --run=<out>` rebuilds the model from),
 resumes from the last checkpoint; a finished run prints its result and leaves it alone.
 
 `--mesh=data:8` (axes `data`, `model`) splits each batch over the devices of the run;
-`--shard_items` splits the item table's rows over `model`. A multi-process run
+`--shard_items` splits the item table's rows over `model` (and RecGPT's softmax head's
+items: every stage, two-stage recall ranked per shard). A multi-process run
 (`eval.distributed`, `python -m tools.launch`) spans every process's devices, by default
 all over `data`. The mesh is not part of the run's flags: a run written by N processes
 resumes on M.
@@ -93,8 +94,6 @@ def train(dataset: str, data_dir: str, preset: str, overrides: dict, out: str | 
         config |= {"prompt_lengths": list(prompt_lengths), "recall_shares": list(recall_shares),
                    "prompt_max_steps": prompt_max_steps}  # fmt: skip
     device_mesh = run_mesh(mesh, ("data", "model"))
-    if recgpt and (device_mesh is not None or shard_items):
-        raise FlagError(f"--preset={preset}: RecGPT runs on one device (no --mesh, --shard_items)")
     info = {"mesh": dict(device_mesh.shape) if device_mesh else None, "shard_items": shard_items,
             "processes": jax.process_count()}  # fmt: skip
     run = RunDir(out, "hstu", config, info=info, overwrite=overwrite) if out else None
@@ -114,11 +113,12 @@ def train(dataset: str, data_dir: str, preset: str, overrides: dict, out: str | 
                 prompt_lengths=prompt_lengths, recall_shares=recall_shares,
                 prompt_overrides={"max_steps": prompt_max_steps} if prompt_max_steps else None,
                 out=run.path if run else None, config=config, overwrite=overwrite,
-                progress=progress,
+                progress=progress, mesh=device_mesh, shard_items=shard_items,
             )  # fmt: skip
             best = stages["stages"][f"prompt_k{stages['ablation']['best_K']}"]
             info = {k: best[k] for k in ("steps", "best_step", "stopped_early", "valid")}
-            info |= {"ablation": stages["ablation"], "recall_n": stages["recall_n"]}
+            info |= {"ablation": stages["ablation"], "recall_n": stages["recall_n"],
+                     "item_table_split": trainer.sharded_table}  # fmt: skip
         else:
             trainer = make_trainer(preset, ds.num_items, overrides, device_mesh, shard_items)
             fitted = trainer.fit(ds, split, run, protocol, progress=progress)

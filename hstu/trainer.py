@@ -162,34 +162,54 @@ def stochastic_length(
 
 
 def item_table_shardings(mesh: Mesh, shard_items: bool):
-    """Sharding rule: the item table (and its optimizer moments) split over 'model' rows
-    when `shard_items` and the rows divide evenly; everything else replicated."""
+    """Sharding rule: with `shard_items`, the item table split over 'model' rows and a
+    softmax head over the catalogue (RecGPT's `head`: kernel [D, N + 1], bias [N + 1])
+    over its item axis, with their optimizer moments, where they divide evenly;
+    everything else replicated."""
+    parts = mesh.shape["model"]
 
     def spec(path, leaf):
-        is_table = shard_items and any(getattr(p, "key", None) == "item_emb" for p in path)
-        rows_split = is_table and leaf.ndim == 2 and leaf.shape[0] % mesh.shape["model"] == 0
-        return NamedSharding(mesh, P("model", None) if rows_split else P())
+        keys = {getattr(p, "key", None) for p in path}
+        if shard_items and "item_emb" in keys and leaf.ndim == 2 and leaf.shape[0] % parts == 0:
+            return NamedSharding(mesh, P("model", None))
+        if shard_items and "head" in keys and leaf.ndim and leaf.shape[-1] % parts == 0:
+            return NamedSharding(mesh, P(*[None] * (leaf.ndim - 1), "model"))
+        return NamedSharding(mesh, P())
 
     return lambda tree: jax.tree.map_with_path(spec, tree)
+
+
+def _at_target_time(inputs: dict) -> dict:
+    ts = scatter_target_timestamps(inputs["timestamps"], inputs["lengths"], inputs["target_ts"])
+    return {**inputs, "timestamps": ts}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _query_scores(graphdef, params, frozen, rest, inputs, recall_n):
     model = nnx.merge(graphdef, params, frozen, rest)
-    ts = scatter_target_timestamps(inputs["timestamps"], inputs["lengths"], inputs["target_ts"])
-    return model.query_scores({**inputs, "timestamps": ts}, recall_n)
+    return model.query_scores(_at_target_time(inputs), recall_n)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _query_embeddings(graphdef, params, frozen, rest, inputs):
+def _queries(graphdef, params, frozen, rest, inputs):
+    """Queries against the ranking and the generation table (`hstu.items.ItemScores`)."""
     model = nnx.merge(graphdef, params, frozen, rest)
-    ts = scatter_target_timestamps(inputs["timestamps"], inputs["lengths"], inputs["target_ts"])
-    return model.query_embeddings({**inputs, "timestamps": ts})
+    h = model.query_embeddings(_at_target_time(inputs))
+    return model.ranking_queries(h), model.generation_queries(h)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _item_table(graphdef, params, frozen, rest):
-    return nnx.merge(graphdef, params, frozen, rest).item_table()
+def _second_queries(graphdef, params, frozen, rest, inputs, generated):
+    """Two-stage recall's second queries against the ranking table (RecGPT)."""
+    model = nnx.merge(graphdef, params, frozen, rest)
+    return model.ranking_queries(model.second_query(_at_target_time(inputs), generated))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _tables(graphdef, params, frozen, rest, generation: bool):
+    """The ranking table (and, with `generation`, the generation table)."""
+    model = nnx.merge(graphdef, params, frozen, rest)
+    return model.ranking_table(), model.generation_table() if generation else None
 
 
 def padded_history(examples: EvalExamples, index: np.ndarray, width: int) -> np.ndarray:
@@ -272,21 +292,38 @@ class Trainer:
     def sharded_ranking(self, examples: EvalExamples, ks=DEFAULT_KS,
                         filter_history: bool = True) -> dict[str, float]:  # fmt: skip
         """Full-ranking metrics computed per shard of the split item table
-        (`eval.sharded_ranking`): no [batch, num_items] array on one device."""
+        (`eval.sharded_ranking`): no [batch, num_items] array on one device. With
+        `recall_n` = N, two-stage recall as `query_scores` ranks: stage 1's top N (history
+        out) and the generated item come from per-shard top-k lists; the second query's
+        rank among the items outside stage 1's list follows them."""
         s = self.state
-        table = _item_table(s.eval_def, s.params, s.frozen, s.rest)  # once per evaluation
-        width = max(int(examples.history.lengths.max(initial=0)), 1) if filter_history else 1
+        model = (s.eval_def, s.params, s.frozen, s.rest)
+        n = self.recall_n
+        table, generation = _tables(*model, n is not None)  # once per evaluation
+        # One static width per power of two: validation and test share their compilations.
+        longest = int(examples.history.lengths.max(initial=0)) if filter_history else 1
+        width = 1 << max(longest - 1, 0).bit_length()
 
         def ranks(index: np.ndarray) -> jax.Array:
             inputs = query_inputs(examples, index, self.model_cfg.max_seq_len)
-            queries = _query_embeddings(s.eval_def, s.params, s.frozen, s.rest, inputs)
+            queries, generating = _queries(*model, inputs)
             history = (
                 padded_history(examples, index, width)
                 if filter_history
                 else np.zeros((len(index), 1), np.int32)
             )
             targets = examples.targets[index].astype(np.int32)
-            return ranks_and_top_k(queries, table, targets, history, k=1, mesh=s.mesh)[0]
+            if n is None:
+                return ranks_and_top_k(queries, table, targets, history, k=1, mesh=s.mesh)[0]
+            first = ranks_and_top_k(queries, table, targets, history, k=n, mesh=s.mesh)[1]
+            nothing = np.zeros((len(index), 1), np.int32)
+            generated = ranks_and_top_k(generating, generation, targets, nothing, k=1,
+                                        mesh=s.mesh)[1][:, 0]  # fmt: skip
+            second = _second_queries(*model, inputs, generated)
+            rest = ranks_and_top_k(second, table, targets, jnp.concatenate([history, first], 1),
+                                   k=1, mesh=s.mesh)[0]  # fmt: skip
+            hit = first == targets[:, None]
+            return jnp.where(hit.any(1), jnp.argmax(hit, 1) + 1, n + rest)
 
         return protocols.full_ranking_by_ranks(ranks, examples, ks, self.cfg.eval_batch_size)
 
@@ -294,7 +331,7 @@ class Trainer:
                  filter_history: bool = True, ks=DEFAULT_KS, seed: int = 0) -> dict[str, float]:  # fmt: skip
         """Metrics on `examples`: full ranking (history filtered or not) or 100 sampled negatives."""
         bs = self.cfg.eval_batch_size
-        if protocol == "full" and self.sharded_table and self.recall_n is None:
+        if protocol == "full" and self.sharded_table:
             return self.sharded_ranking(examples, ks, filter_history)
         if protocol == "full":
             return protocols.full_ranking(

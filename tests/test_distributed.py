@@ -17,6 +17,7 @@ from flax import nnx
 from tiny import (
     REPO,
     TINY_HSTU,
+    flat,
     random_hf_qwen,
     sft_args,
     sid_args,
@@ -87,6 +88,40 @@ def test_two_processes_of_four_devices_match_one_of_eight(two_processes, tmp_pat
     assert _valid(two) == pytest.approx(_valid(tmp_path / "one"), abs=1e-6)
     for protocol, metrics in one["test"].items():
         assert result["test"][protocol] == pytest.approx(metrics, abs=1e-6), protocol
+
+
+RECGPT = dict(max_seq_len=8, embedding_dim=8, num_blocks=1, ffn_dim=16, batch_size=8,
+              max_steps=4, eval_every=1, learning_rate=5e-3)  # fmt: skip
+
+
+@pytest.mark.slow  # 90 s: every stage's and every recall cutoff's compilations, twice
+def test_recgpt_two_processes_of_four_devices_match_one_of_eight(two_processes, tmp_path):
+    """Every RecGPT stage (pre-training, prompt-tuning) with the item table and head split
+    over 'model' across 2 processes: the losses, the ablation and the test metrics of one
+    process with 8 devices (the split-table ranking itself is tested in `make test`:
+    `test_recgpt_ranks_on_a_split_table_as_on_one_device`)."""
+    folder, _ = two_processes
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices")
+    stages = dict(prompt_lengths=(1,), recall_shares=(0.9,), prompt_max_steps=3)
+    args = ["-m", "hstu.train", "--dataset=ml-100k", f"--data_dir={folder}", "--preset=recgpt",
+            f"--out={tmp_path / 'two'}", f"--mesh={MESH}", "--shard_items",
+            "--prompt_lengths=1", "--recall_shares=0.9", "--prompt_max_steps=3",
+            *(f"--{k}={v}" for k, v in RECGPT.items())]  # fmt: skip
+    done = _launch(args, {"LLM4REC_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stdout[-3000:]
+    _reads_half(done.stdout)
+    one = train.train("ml-100k", str(folder), "recgpt", RECGPT, str(tmp_path / "one"),
+                      progress=False, mesh=MESH, shard_items=True, **stages)  # fmt: skip
+    two = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert two["item_table_split"] and one["item_table_split"]  # ranked per shard
+    for stage, steps in (("pretrain", 4), ("prompt_k1", 3)):
+        losses = train_losses(tmp_path / "two" / stage)
+        assert len(losses) == steps, stage
+        assert losses == pytest.approx(train_losses(tmp_path / "one" / stage), abs=1e-5), stage
+    assert flat(two["ablation"]) == pytest.approx(flat(one["ablation"]), abs=1e-6)
+    for protocol, metrics in one["test"].items():
+        assert two["test"][protocol] == pytest.approx(metrics, abs=1e-6), protocol
 
 
 def test_a_two_process_checkpoint_resumes_in_one_process(two_processes, tmp_path):
@@ -206,6 +241,39 @@ def test_sharded_full_ranking_equals_the_unsharded_one():
     np.testing.assert_array_equal(
         np.asarray(top), np.argsort(-ranked, axis=1, kind="stable")[:, :k]
     )
+
+
+@pytest.mark.parametrize("preset,prompt_items", [("recgpt", 0), ("recgpt", 1), ("recgpt-code", 1)])
+def test_recgpt_ranks_on_a_split_table_as_on_one_device(preset, prompt_items):
+    """RecGPT's item table and softmax head split over 'model': full ranking by either,
+    and two-stage recall (stage 1's top N, the generated item, the second query's ranks)
+    per shard, give the one-device metrics."""
+    from tiny import ring_split
+
+    from hstu.trainer import make_trainer
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices")
+    ds, sp = ring_split(num_items=39)  # 40 rows: 10 per shard
+    settings = dict(max_seq_len=8, embedding_dim=8, num_blocks=1, ffn_dim=16,
+                    prompt_items=prompt_items, user_buckets=64)  # fmt: skip
+    one = make_trainer(preset, ds.num_items, settings)
+    model = one.state.model()
+    model.head.bias[...] = jax.random.normal(jax.random.key(1), model.head.bias.shape)
+    one.state.update_from(model)
+    mesh = distributed.make_mesh({"data": 2, "model": 4})
+    split = make_trainer(preset, ds.num_items, settings, mesh, shard_items=True)
+    split.state.update_from(one.state.model())  # placed as the split state's own
+    head = split.state.params["head"]
+    assert split.sharded_table and head["kernel"].sharding.spec == jax.P(None, "model")
+    assert head["bias"].sharding.spec == jax.P("model")
+    for recall_n in (None, 4):
+        for filtered in (True, False):
+            one.recall_n = split.recall_n = recall_n
+            expected = one.evaluate(ds, sp.test, "full", filtered, (1, 5, 10))
+            assert split.evaluate(ds, sp.test, "full", filtered, (1, 5, 10)) == pytest.approx(
+                expected, abs=1e-6
+            ), (recall_n, filtered)
 
 
 @pytest.mark.parametrize("tuning", ["lora", pytest.param("full", marks=pytest.mark.slow)])

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tiny import assert_killed, run_module, train_losses, write_tiny_ml100k
+from tiny import assert_killed, flat, run_module, train_losses, write_tiny_ml100k
 
 from hstu import convert, train
 from hstu.losses import negatives_not_in, next_item_loss
@@ -200,18 +200,12 @@ def test_train_runs_every_stage_and_resumes_exactly(tmp_path):
     assert (tmp_path / "killed" / "pretrain" / "checkpoints" / "latest").is_dir()
     assert not (tmp_path / "killed" / "pretrain" / "result.json").exists()
     resumed = _run(folder, tmp_path / "killed")
-    assert _flat(resumed["ablation"]) == pytest.approx(_flat(full["ablation"]), abs=1e-6)
+    assert flat(resumed["ablation"]) == pytest.approx(flat(full["ablation"]), abs=1e-6)
     for s in stages:
         assert train_losses(tmp_path / "killed" / s) == pytest.approx(
             train_losses(tmp_path / "full" / s), abs=1e-6
         ), s
     assert _run(folder, tmp_path / "killed") == resumed  # finished: left alone
-
-
-def _flat(tree, prefix=""):
-    if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}/").items()}
-    return {prefix: tree}
 
 
 def test_every_recgpt_setting_has_a_train_flag():

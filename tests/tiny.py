@@ -278,6 +278,13 @@ def kill_and_resume(args: list[str], out: pathlib.Path, resume, kill_at: str = "
     return json.loads((out / "result.json").read_text())
 
 
+def flat(tree, prefix: str = "") -> dict:
+    """A nested dict as {"a/b/...": leaf} (for `pytest.approx`, which compares flat ones)."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}{key}/").items()}
+    return {prefix: tree}
+
+
 def train_losses(out: pathlib.Path) -> list[float]:
     """The train-loss records of a run folder, in order."""
     from eval.training import read_records

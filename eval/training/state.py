@@ -275,8 +275,13 @@ class TrainState:
         )
 
     def update_from(self, model: nnx.Module) -> None:
-        """Takes params and rest back from a model changed outside the step (e.g. a hook)."""
-        _, self.params, _, self.rest = nnx.split(model, *self.filters)
+        """Takes params and rest back from a model changed outside the step (e.g. a hook,
+        or weights copied from another run), placed as the state's own on a mesh."""
+        _, params, _, rest = nnx.split(model, *self.filters)
+        if self.mesh is not None:
+            params_sh, rest_sh, _ = self._shardings.tree()
+            params, rest = place((params, rest), (params_sh, rest_sh))
+        self.params, self.rest = params, rest
 
     # -- checkpoints ----------------------------------------------------------------------
     def checkpoint(self, with_optimizer: bool = True) -> dict[str, Any]:
