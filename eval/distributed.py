@@ -15,8 +15,8 @@ global batch in every process, and each builds its own rows of it), which
 `TrainState.put_batch` joins into one global array
 (`jax.make_array_from_process_local_data`); models and constants the processes hold alike
 are placed with `place` / `replicate`; evaluation batches are split over the data axis
-like training batches and their results gathered (`to_host`). `--mesh` flags (`parse_mesh`, `make_mesh`,
-`run_mesh`) lay every device of the run out over named axes.
+like training batches and their results gathered (`to_host`). `--mesh` flags
+(`parse_mesh`, `make_mesh`, `run_mesh`) lay every device of the run out over named axes.
 """
 
 from __future__ import annotations

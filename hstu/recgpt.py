@@ -293,9 +293,9 @@ class RecGPT(nnx.Module, ItemScores):
         """Scores [B, num_items + 1] of `hstu.trainer.query_inputs` rows (eval mode).
 
         With `recall_n` = N (static: a top-N, where ranking the whole catalogue would cost
-        a sort per row), two-stage recall (the code's `infer_GPT_recall_2`): stage 1 ranks the history's
-        query; its top N (history items excluded by `inputs["mask"]`, when given) come
-        first, in order. The greedy generated item is then appended (`second_query`) and
+        a sort per row), two-stage recall (the code's `infer_GPT_recall_2`): stage 1 ranks
+        the history's query; its top N (history items excluded by `inputs["mask"]`, when
+        given) come first, in order. The greedy generated item is then appended (`second_query`) and
         the second query's scores order every other item. Returned as scores: stage-1
         items get RECALL_BONUS + (N - rank).
         """
