@@ -248,14 +248,12 @@ def generative_ranking(
 
 
 @jax.jit
-def _grounding_ranks_chunk(
-    gen_emb: jax.Array,
-    item_emb: jax.Array,
-    pop_norm: jax.Array,
-    targets: jax.Array,
-    gammas: jax.Array,
+def grounding_scores(
+    gen_emb: jax.Array, item_emb: jax.Array, pop_norm: jax.Array, gamma: jax.Array | float
 ) -> jax.Array:
-    """Ranks [G, C] of the targets under each gamma for one chunk of C generated embeddings."""
+    """BIGRec grounding scores [B, N+1] (lower = better): `dist_norm * (1 + pop_norm) **
+    -gamma`, dist_norm the L2 distance of each generated embedding [B, d] to every item
+    embedding [N+1, d], min-max normalised over items 1..N of its row."""
     sq = (
         jnp.sum(gen_emb**2, axis=1)[:, None]
         + jnp.sum(item_emb**2, axis=1)[None, :]
@@ -265,10 +263,32 @@ def _grounding_ranks_chunk(
     lo = jnp.min(dist[:, 1:], axis=1, keepdims=True)
     span = jnp.max(dist[:, 1:], axis=1, keepdims=True) - lo
     dist_norm = jnp.where(span > 0, (dist - lo) / jnp.where(span > 0, span, 1.0), 0.0)
+    return dist_norm * (1.0 + pop_norm)[None, :] ** -gamma
+
+
+def popularity_share(popularity: np.ndarray, num_rows: int, where: str) -> np.ndarray:
+    """Popularity [N+1] (e.g. training counts) / its maximum over items 1..N, float32."""
+    popularity = np.asarray(popularity, dtype=np.float64)
+    if popularity.shape != (num_rows,) or (popularity < 0).any():
+        raise ValueError(f"{where}: popularity must be non-negative [{num_rows}]")
+    top = popularity[1:].max(initial=0.0)
+    if top <= 0:
+        raise ValueError(f"{where}: popularity is zero for every item")
+    return (popularity / top).astype(np.float32)
+
+
+@jax.jit
+def _grounding_ranks_chunk(
+    gen_emb: jax.Array,
+    item_emb: jax.Array,
+    pop_norm: jax.Array,
+    targets: jax.Array,
+    gammas: jax.Array,
+) -> jax.Array:
+    """Ranks [G, C] of the targets under each gamma for one chunk of C generated embeddings."""
 
     def ranks_for(gamma):
-        score = dist_norm * (1.0 + pop_norm)[None, :] ** -gamma  # lower = better
-        return target_ranks_jax(-score, targets)
+        return target_ranks_jax(-grounding_scores(gen_emb, item_emb, pop_norm, gamma), targets)
 
     return jax.lax.map(ranks_for, gammas)
 
@@ -281,12 +301,9 @@ def grounding_ranks(
     gammas: Sequence[float] = (0.0,),
     chunk_size: int = 256,
 ) -> np.ndarray:
-    """BIGRec grounding ranks [G, B]: items ranked by popularity-adjusted L2 distance.
-
-    For each generated embedding, `score = dist_norm * (1 + pop_norm) ** -gamma` (lower is
-    better), with dist_norm the L2 distance to every item embedding min-max normalised over
-    items 1..N of that row, and pop_norm = popularity / max(popularity). Distances are
-    computed in matrix form over row chunks of `chunk_size` (last chunk padded).
+    """BIGRec grounding ranks [G, B]: items ranked by popularity-adjusted L2 distance
+    (`grounding_scores` under each gamma, pop_norm = popularity / max(popularity)), over
+    row chunks of `chunk_size` (last chunk padded).
     """
     gen_emb = np.asarray(gen_emb, dtype=np.float32)
     item_emb = np.asarray(item_emb, dtype=np.float32)
@@ -302,13 +319,7 @@ def grounding_ranks(
             raise ValueError("grounding_ranks: gamma != 0 needs `popularity`")
         pop_norm = np.zeros(len(item_emb), dtype=np.float32)
     else:
-        popularity = np.asarray(popularity, dtype=np.float64)
-        if popularity.shape != (len(item_emb),) or (popularity < 0).any():
-            raise ValueError(f"grounding_ranks: popularity must be non-negative [{len(item_emb)}]")
-        top = popularity[1:].max(initial=0.0)
-        if top <= 0:
-            raise ValueError("grounding_ranks: popularity is zero for every item")
-        pop_norm = (popularity / top).astype(np.float32)
+        pop_norm = popularity_share(popularity, len(item_emb), "grounding_ranks")
     ranks = []
     for index, n in _padded_batches(len(gen_emb), chunk_size):
         chunk = _grounding_ranks_chunk(

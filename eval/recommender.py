@@ -29,6 +29,8 @@ class Recommender(abc.ABC):
     """Base class: implement `fit` and one of `score` / `rank`."""
 
     needs: tuple[str, ...] = ()  # registered models whose `workdir` files `fit` reads
+    # Item fields `fit` generates or embeds text from: where no item has any, it is not run.
+    item_text: tuple[str, ...] = ()
 
     def __init__(
         self, workdir: pathlib.Path | None = None, inputs: Mapping[str, pathlib.Path] | None = None

@@ -79,6 +79,9 @@ class HSTUConfig(LossConfig):
     num_buckets: int = 128
     n_norm: NNorm = "padded"
     attention_impl: Impl = "xla"
+    # True: the reference's L2-normalised outputs and items (cosine at `temperature`);
+    # False: a learned LayerNorm on the outputs and raw item rows (SASRec's dot product).
+    l2_norm_output: bool = True
 
 
 def _layer_norm(x: jax.Array, eps: float = LN_EPS) -> jax.Array:
@@ -201,10 +204,13 @@ class HSTULayer(nnx.Module):
 
 
 class HSTU(nnx.Module, ItemScores):
-    """HSTU encoder: `__call__(ids, timestamps, lengths) -> [B, N, D]` L2-normalised; items
-    are scored by cosine (`ItemScores`)."""
+    """HSTU encoder: `__call__(ids, timestamps, lengths) -> [B, N, D]`; items are scored by
+    cosine (`ItemScores`), or by dot product against a LayerNorm-ed output when not
+    `l2_norm_output`."""
 
-    normalize_items = True
+    @property
+    def normalize_items(self) -> bool:
+        return self.cfg.l2_norm_output
 
     def __init__(self, cfg: HSTUConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -224,6 +230,7 @@ class HSTU(nnx.Module, ItemScores):
         )
         self.emb_dropout = Dropout(cfg.dropout_rate)
         self.layers = nnx.List([HSTULayer(cfg, rngs=rngs) for _ in range(cfg.num_blocks)])
+        self.last_norm = None if cfg.l2_norm_output else nnx.LayerNorm(d, epsilon=LN_EPS, rngs=rngs)
 
     def __call__(
         self,
@@ -249,4 +256,6 @@ class HSTU(nnx.Module, ItemScores):
         for layer in self.layers:
             x = layer(x, timestamps, lengths, deterministic=deterministic, rngs=rngs)
         row_valid = (jnp.arange(n)[None, :] < lengths[:, None])[..., None]
+        if self.last_norm is not None:
+            return jnp.where(row_valid, self.last_norm(x), 0.0)
         return l2_normalize(jnp.where(row_valid, x, 0.0))

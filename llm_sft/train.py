@@ -167,6 +167,7 @@ def run(
             hf_checkpoint, model_config, compute, param_dtype, train.seed, device_mesh
         )
         ds = data.load(dataset, data_dir, fmt=fmt)
+        ds.require_text("BIGRec's title generation")
         split = data.split(ds)
         tokenizer = resolve_tokenizer(
             tokenizer_dir, hf_checkpoint, ds, model_cfg.vocab_size, rd.path

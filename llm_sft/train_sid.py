@@ -181,6 +181,7 @@ def run(
             return rd.result
         device_mesh = make_mesh(**parse_mesh(mesh, MESH_AXES))
         ds = data.load(dataset, data_dir, fmt=fmt)
+        ds.require_text("the semantic-ID LLM's text-to-ID tasks")
         split = data.split(ds)
         codes = read_item_codes(semantic_ids, ds, codebook_size)
         model, model_cfg = load_model(

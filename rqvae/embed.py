@@ -125,6 +125,7 @@ def item_texts(ds: Dataset, fields: Sequence[str] = DEFAULT_FIELDS) -> list[str]
         raise FlagError(
             f"--fields: {unknown} not in {ds.name}'s item fields {['title', *ds.items.fields]}"
         )
+    ds.require_text("the item-text embedding", fields)
     return [ds.items.text(i, fields) for i in range(1, ds.num_items + 1)]
 
 

@@ -61,6 +61,7 @@ class TigerTrainConfig:
     codebook_size: int | None = None  # codes per level; None: the index's largest code + 1
     num_epochs: int = 200
     max_steps: int | None = None  # when set, overrides num_epochs
+    min_steps: int = 0  # more epochs than num_epochs when they give fewer steps (small data)
     batch_size: int = 256
     learning_rate: float = 1e-3
     weight_decay: float = 0.035
@@ -217,6 +218,12 @@ def init_state(
     return TrainState(model, make_optimizer(opt, total), mesh=mesh)
 
 
+def training_steps(config: TigerTrainConfig, steps_per_epoch: int) -> int:
+    """`max_steps`, else whole epochs: `num_epochs`, or more to reach `min_steps`."""
+    epochs = max(config.num_epochs, -(-config.min_steps // steps_per_epoch))
+    return total_steps(steps_per_epoch, epochs, config.max_steps)
+
+
 def fit_tiger(
     ds: Dataset, split: Split, index: Index, config: TigerTrainConfig = TigerTrainConfig(),
     run: RunDir | None = None, progress: bool = False, mesh: Mesh | None = None,
@@ -235,7 +242,7 @@ def fit_tiger(
         raise ValueError("fit_tiger: the training split has no (history, next item) example")
     batch_size = min(config.batch_size, len(source))
     steps_per_epoch = len(source) // batch_size
-    total = total_steps(steps_per_epoch, config.num_epochs, config.max_steps)
+    total = training_steps(config, steps_per_epoch)
     state = init_state(config, si, total, mesh)
     valid_rows = np.arange(len(split.valid))
     if config.max_valid is not None and config.max_valid < len(valid_rows):

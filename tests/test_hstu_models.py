@@ -164,6 +164,23 @@ def test_hstu_causal_padding_and_pallas():
     np.testing.assert_allclose(fused, out, atol=1e-5, rtol=0)
 
 
+def test_hstu_without_l2_norm_scores_layer_normed_outputs_by_dot_product():
+    """`l2_norm_output=False`: outputs LayerNorm-ed (zero at padding), raw item rows."""
+    model = _random_model(HSTU, HSTUConfig(l2_norm_output=False, **HSTU_KW))
+    ids, ts, lengths = _batch(lengths=(12, 5))
+    out = np.asarray(model(jnp.asarray(ids), jnp.asarray(ts), jnp.asarray(lengths)))
+    x = out[0]  # every position valid; the norm's scale and bias are N(0, 0.1) here
+    norm = model.last_norm
+    raw = (x - np.asarray(norm.bias[...])) / np.asarray(norm.scale[...])
+    np.testing.assert_allclose(raw.mean(-1), 0.0, atol=1e-4)
+    np.testing.assert_allclose(raw.var(-1), 1.0, rtol=1e-3)
+    assert not out[1, 5:].any()
+    table = np.asarray(model.item_emb.embedding[...])
+    np.testing.assert_allclose(np.asarray(model.item_table()), table)
+    scores = np.asarray(model.item_scores(jnp.asarray(out[0, -1])))
+    np.testing.assert_allclose(scores[1:], table[1:] @ out[0, -1], rtol=1e-5, atol=1e-5)
+
+
 def test_sampled_softmax_known_answer():
     rng = np.random.default_rng(0)
     q, pos = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 3, 4))
@@ -203,6 +220,17 @@ def test_bce_loss_known_answer():
     "cls,cfg",
     [
         (HSTU, HSTUConfig(num_negatives=16, dropout_rate=0.0, **{**HSTU_KW, "num_blocks": 1})),
+        (
+            HSTU,
+            HSTUConfig(
+                **{**HSTU_KW, "num_blocks": 1},
+                num_negatives=16,
+                dropout_rate=0.0,
+                l2_norm_output=False,
+                temperature=1.0,
+                item_dropout=0.2,
+            ),  # fmt: skip
+        ),
         pytest.param(
             SASRec, SASRecConfig(loss="bce", dropout_rate=0.0, **SASREC_KW), marks=pytest.mark.slow
         ),

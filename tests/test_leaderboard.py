@@ -147,6 +147,30 @@ def test_leaderboard_runs_a_model_after_the_models_it_needs(tmp_path):
         )
 
 
+def test_the_text_models_are_not_run_on_items_without_text(tmp_path):
+    root = tmp_path / "root"
+    (root / "yelp-p5").mkdir(parents=True)
+    rows = [" ".join(map(str, [u, *(1 + (u + j) % 6 for j in range(5))])) for u in range(1, 9)]
+    (root / "yelp-p5" / "sequential_data.txt").write_text("\n".join(rows) + "\n")
+    models = ["most-popular", "tiger", "sid-llm", "bigrec"]
+    entry = leaderboard.run(["yelp-p5"], models, "demo", 1, str(root))["yelp-p5"]
+    assert list(entry["models"]) == ["most-popular"]
+    assert entry["not_run"] == {
+        "tiger": "no item has a title / brand / categories / description (it reads item text)",
+        "sid-llm": "no item has a title (it reads item text)",
+        "bigrec": "no item has a title (it reads item text)",
+    }
+    assert "- bigrec not run: no item has a title (it reads item text)." in leaderboard.notes(entry)
+    # Called directly, the model says which data set and why.
+    from llm_sft.recommender import BigRecRecommender
+
+    ds = data.load("yelp-p5", root / "yelp-p5")
+    with pytest.raises(FlagError, match=r"--dataset=yelp-p5: none of its 6 items has a title"):
+        BigRecRecommender().fit(ds, data.split(ds), budget="demo", seed=0)
+    ds.items.titles[3] = "a title"
+    assert ds.items.has_text() and not ds.items.has_text(("brand",))
+
+
 @pytest.mark.parametrize("budget", ["full", "demo"])
 def test_the_full_budget_applies_a_data_sets_validation_chosen_overrides(monkeypatch, budget):
     from types import SimpleNamespace

@@ -60,6 +60,35 @@ def test_bigrec_recommender_end_to_end(tmp_path, monkeypatch):
     assert 0 <= metrics["NDCG@10"] <= metrics["HR@10"] <= metrics["HR@20"] <= 1
 
 
+def test_bigrec_ranks_past_the_first_beams_by_popularity_grounding(tmp_path, monkeypatch):
+    budget = dataclasses.replace(tiny_bigrec_budget(), beam_items=3, gamma=2.0)
+    monkeypatch.setitem(recommender.BUDGETS, "demo", budget)
+    ds = data.load("ml-100k", write_tiny_ml100k(tmp_path / "ml-100k"))
+    sp = data.split(ds)
+    rec = recommender.BigRecRecommender()
+    rec.fit(ds, sp, budget="demo", seed=0)
+    index = np.arange(len(sp.test))
+    lists = rec.rank(sp.test, index, 20)
+    rec.cfg = dataclasses.replace(budget, beam_items=None)
+    beams = rec.rank(sp.test, index, 20)
+    np.testing.assert_array_equal(lists[:, :3], beams[:, :3])
+    pop = np.bincount(sp.train.values, minlength=ds.num_items + 1).astype(np.float64)
+    for row, items in enumerate(lists):
+        history = set(sp.test.history[row].tolist())
+        # BIGRec's grounding by hand: distance to the top beam's title embedding, min-max
+        # normalised over the catalogue, divided by (1 + popularity share) ** gamma.
+        dist = np.linalg.norm(rec.item_emb[1:] - rec.item_emb[items[0]], axis=1)
+        score = (
+            (dist - dist.min()) / (dist.max() - dist.min()) * (1 + pop[1:] / pop[1:].max()) ** -2.0
+        )
+        order = [i + 1 for i in np.argsort(score, kind="stable")]
+        expected = [i for i in order if i not in history and i not in items[:3]]
+        expected = (expected + [0] * 20)[:17]
+        np.testing.assert_array_equal(items[3:], expected)
+        # Every slot the catalogue can fill is filled.
+        assert (items > 0).sum() == min(20, ds.num_items - len(history - {0}))
+
+
 def test_long_titles_are_cut_to_leave_room_for_a_prompt(tmp_path, monkeypatch):
     from llm_sft.data import shorten_titles
 

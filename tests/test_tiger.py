@@ -209,6 +209,16 @@ def test_fit_tiger_learns_deterministic_transitions_and_ranks_collisions():
     assert metrics["HR@5"] > 0.75
 
 
+def test_training_steps_are_whole_epochs_up_to_min_steps():
+    from rqvae.tiger_trainer import TigerTrainConfig, training_steps
+
+    demo = TigerTrainConfig(num_epochs=3, min_steps=450)
+    assert training_steps(demo, 151) == 453  # ml-100k: 3 epochs are enough
+    assert training_steps(demo, 41) == 451  # amazon-cds-vinyl-2018: 11 epochs
+    assert training_steps(TigerTrainConfig(num_epochs=3), 41) == 123
+    assert training_steps(TigerTrainConfig(max_steps=7, min_steps=450), 41) == 7
+
+
 def test_load_index_keys_are_item_rows(tmp_path):
     from rqvae import ids, tiger_trainer
 

@@ -12,7 +12,9 @@ every learned model that does not beat the count baselines), `<out>/leaderboard.
 `--seeds=N` trains every model N times (seeds 0..N-1) and reports mean ± std; differences
 within the spread are called ties. A model that builds on another's files (`sid-llm` on
 `tiger`'s semantic IDs) runs after it; each run's files are kept under
-`<out>/work/<dataset>/seed<k>/<model>/`.
+`<out>/work/<dataset>/seed<k>/<model>/`. The models that read item text (`tiger`, `bigrec`,
+`sid-llm`) are not run on a data set whose items have none (the P5 sets: ids only); the
+note under its table says so.
 """
 
 from __future__ import annotations
@@ -74,6 +76,16 @@ def ordered(models: list[str]) -> list[str]:
     return done
 
 
+def not_runnable(cls: type[Recommender], ds: data.Dataset, not_run: dict[str, str]) -> str:
+    """Why `cls` cannot run on `ds` ('' if it can): no item text for a text model, or a
+    model it reads the files of did not run."""
+    if cls.item_text and not ds.items.has_text(cls.item_text):
+        return f"no item has a {' / '.join(cls.item_text)} (it reads item text)"
+    if missing := [need for need in cls.needs if need in not_run]:
+        return f"it reads the files of {', '.join(missing)}, not run"
+    return ""
+
+
 def data_dir(name: str, root: str | None) -> pathlib.Path:
     """Where the raw files of `name` are: under `root`, else fetched (ml-100k only)."""
     if root:
@@ -108,11 +120,15 @@ def run(
         protocol = get_spec(name, fmt).protocol
         entry = {"protocol": protocol, "split": sp.rule, **sp.summary(), "models": {}}
         for model in models:
+            cls, not_run = recommender_class(model), entry.setdefault("not_run", {})
+            if why := not_runnable(cls, ds, not_run):
+                logging.warning("%s / %s: not run: %s", name, model, why)
+                not_run[model] = why
+                continue
             runs = []
             for seed in range(seeds):
                 logging.info("%s / %s (seed %d): training", name, model, seed)
                 folder = work / name / f"seed{seed}"
-                cls = recommender_class(model)
                 rec = cls(folder / model, {need: folder / need for need in cls.needs})
                 start = time.perf_counter()
                 info = rec.fit(ds, sp, budget=budget, seed=seed)
@@ -154,6 +170,8 @@ def notes(entry: dict, metric: str = "NDCG@10") -> list[str]:
         gain = learned[best]["test"][metric] - base
         rel = f" ({gain / base:+.0%})" if base > 0 else ""
         lines.append(f"- best learned model: {best}, {metric} {gain:+.4f} vs transitions{rel}.")
+    for model, why in entry.get("not_run", {}).items():
+        lines.append(f"- {model} not run: {why}.")
     return lines
 
 

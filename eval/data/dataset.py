@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from eval.errors import FlagError
+
 
 @dataclasses.dataclass
 class DropReport:
@@ -47,6 +49,11 @@ class ItemTable:
     @property
     def num_items(self) -> int:
         return len(self.original_ids) - 1
+
+    def has_text(self, keys: Sequence[str] = ("title",)) -> bool:
+        """Whether any item 1..N has a non-empty value in one of `keys` (P5 data has none)."""
+        columns = [self.titles if key == "title" else self.fields.get(key, []) for key in keys]
+        return any(any(column[1:]) for column in columns)
 
     def text(self, item: int, keys: Sequence[str] = ("title",)) -> str:
         """`Key: value; ...` text of one item from the named fields (empty fields skipped)."""
@@ -158,6 +165,16 @@ class Dataset:
     @property
     def num_interactions(self) -> int:
         return int(len(self.sequences.values))
+
+    def require_text(self, who: str, keys: Sequence[str] = ("title",)) -> None:
+        """`FlagError` unless some item has text in `keys`: `who` (a model that generates or
+        embeds item text) cannot run on ids alone."""
+        if not self.items.has_text(keys):
+            raise FlagError(
+                f"--dataset={self.name}: none of its {self.num_items} items has a "
+                f"{' / '.join(keys)} ({who} needs item text; use a data set with titles, "
+                "e.g. ml-100k or amazon-scientific-2018)"
+            )
 
     def item_popularity(self) -> np.ndarray:
         """Interaction count per item id (index 0 = padding = 0)."""
