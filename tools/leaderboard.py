@@ -76,13 +76,10 @@ def ordered(models: list[str]) -> list[str]:
     return done
 
 
-def not_runnable(cls: type[Recommender], ds: data.Dataset, not_run: dict[str, str]) -> str:
-    """Why `cls` cannot run on `ds` ('' if it can): no item text for a text model, or a
-    model it reads the files of did not run."""
+def not_runnable(cls: type[Recommender], ds: data.Dataset) -> str:
+    """Why `cls` cannot run on `ds` ('' if it can): a text model on items without text."""
     if cls.item_text and not ds.items.has_text(cls.item_text):
         return f"no item has a {' / '.join(cls.item_text)} (it reads item text)"
-    if missing := [need for need in cls.needs if need in not_run]:
-        return f"it reads the files of {', '.join(missing)}, not run"
     return ""
 
 
@@ -120,10 +117,10 @@ def run(
         protocol = get_spec(name, fmt).protocol
         entry = {"protocol": protocol, "split": sp.rule, **sp.summary(), "models": {}}
         for model in models:
-            cls, not_run = recommender_class(model), entry.setdefault("not_run", {})
-            if why := not_runnable(cls, ds, not_run):
+            cls = recommender_class(model)
+            if why := not_runnable(cls, ds):
                 logging.warning("%s / %s: not run: %s", name, model, why)
-                not_run[model] = why
+                entry.setdefault("not_run", {})[model] = why
                 continue
             runs = []
             for seed in range(seeds):
