@@ -143,7 +143,7 @@ class BigRecRecommender(Recommender):
 
     def fit(self, ds: Dataset, split: Split, *, budget: str, seed: int) -> dict:
         cfg = self.cfg = BUDGETS[budget]
-        ds.require_text("BIGRec")
+        ds.require_text("BIGRec", self.item_text)
         start = time.perf_counter()
         titles = sft_data.shorten_titles(ds.items.titles, cfg.max_title_chars)
         noun = sft_data.item_noun(ds.name)
@@ -296,7 +296,7 @@ class SidLLMRecommender(Recommender):
 
     def fit(self, ds: Dataset, split: Split, *, budget: str, seed: int) -> dict:
         cfg = self.cfg = SID_BUDGETS[budget]
-        ds.require_text("the SID LLM")
+        ds.require_text("the SID LLM", self.item_text)
         index = self.inputs.get("tiger")
         path = index / "semantic_ids.json" if index else None
         if path is None or not path.exists():

@@ -179,6 +179,8 @@ def test_hstu_without_l2_norm_scores_layer_normed_outputs_by_dot_product():
     np.testing.assert_allclose(np.asarray(model.item_table()), table)
     scores = np.asarray(model.item_scores(jnp.asarray(out[0, -1])))
     np.testing.assert_allclose(scores[1:], table[1:] @ out[0, -1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="reference HSTU has L2-normalised outputs"):
+        convert.torch_state_dict_to_flax({}, model)  # no reference weights for `last_norm`
 
 
 def test_sampled_softmax_known_answer():
