@@ -75,11 +75,14 @@ def title_trie(titles: Sequence[str], tokenizer) -> Trie:
     return response_trie([sft_data.response_text(t) for t in titles[1:]], tokenizer)
 
 
-def title_items(trie: Trie) -> dict[int, list[int]]:
-    """Canonical trie title -> every item id with that token sequence, ascending."""
+def title_items(trie: Trie, popularity: np.ndarray | None = None) -> dict[int, list[int]]:
+    """Canonical trie title -> every item id with that token sequence, ascending; with
+    `popularity` [N+1], the most popular first (ties ascending): P(item | title)."""
     groups: dict[int, list[int]] = {}
     for index, canonical in enumerate(trie.canonical):
         groups.setdefault(int(canonical), []).append(index + 1)
+    if popularity is not None:
+        groups = {t: sorted(items, key=lambda i: -popularity[i]) for t, items in groups.items()}
     return groups
 
 

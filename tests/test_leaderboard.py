@@ -85,6 +85,8 @@ def test_leaderboard_writes_tables(tmp_path, monkeypatch):
     monkeypatch.setitem(tiger_recommender.BUDGETS, "demo", tiny_tiger_budget())
     monkeypatch.setitem(llm_recommender.BUDGETS, "demo", tiny_bigrec_budget())
     monkeypatch.setitem(llm_recommender.SID_BUDGETS, "demo", tiny_sid_budget())
+    # A data set's validation-chosen stage-2 override replaces the budget's 2 steps.
+    monkeypatch.setitem(llm_recommender.STAGE2_OVERRIDES, "demo", {"ml-100k": dict(max_steps=3)})
     monkeypatch.setattr(
         tiger_recommender,
         "item_embeddings",
@@ -99,7 +101,8 @@ def test_leaderboard_writes_tables(tmp_path, monkeypatch):
     # sid-llm trained on the IDs tiger wrote: one token per code, per level, plus 2.
     ids = read_index(work / "ml-100k" / "seed0" / "tiger" / "semantic_ids.json")
     sid = results["ml-100k"]["models"]["sid-llm"]["runs"][0]
-    assert sid["sid_tokens"] == 2 + ids.shape[1] * (ids.max() + 1) and sid["stage2"]["steps"] == 2
+    assert sid["sid_tokens"] == 2 + ids.shape[1] * (ids.max() + 1)
+    assert sid["stage2"]["steps"] == 3 and sid["overrides"] == {"max_steps": 3}
     leaderboard.write(results, tmp_path / "out", "demo")
     table = (tmp_path / "out" / "leaderboard.md").read_text()
     assert all(f"| {name} |" in table for name in leaderboard.RECOMMENDERS) and "NDCG@20" in table

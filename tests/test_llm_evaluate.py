@@ -52,6 +52,9 @@ def test_items_of_beams_lists_shared_titles_at_the_beam_position(tokenizer):
     trie = ev.title_trie(TITLES, tokenizer)
     groups = ev.title_items(trie)
     assert groups == {0: [1, 3], 1: [2, 5], 3: [4], 5: [6], 6: [7]}
+    # With popularity [N + 1]: the most popular item of a shared title first, ties ascending.
+    popularity = np.array([0, 1, 4, 2, 0, 4, 0, 0])
+    assert ev.title_items(trie, popularity) == {0: [3, 1], 1: [2, 5], 3: [4], 5: [6], 6: [7]}
     beams = np.array([[1, 0, 3, -1], [5, -1, -1, -1]])  # canonical title indices, -1 = empty
     np.testing.assert_array_equal(ev.items_of_beams(beams, groups, 6), [[2, 5, 1, 3, 4, 0], [6, 0, 0, 0, 0, 0]])  # fmt: skip
     np.testing.assert_array_equal(ev.items_of_beams(beams, groups, 3), [[2, 5, 1], [6, 0, 0]])
