@@ -71,7 +71,7 @@ BUDGETS: dict[str, dict] = {
 # hold ~3 hits and picked an epoch at random (every epoch on 2,000 examples: NDCG@10 peaks
 # at 0.0057-0.0076 in epochs 5-10, then falls; test 0.0040 with 300, 0.0057 with 1,000,
 # most-popular 0.0043). ml-100k keeps 300: its result is the same with all 943 users, and
-# the demo's time is not.
+# the demo has little time to spare.
 TIGER_OVERRIDES: dict[str, dict[str, dict]] = {
     "demo": {"amazon-cds-vinyl-2018": dict(max_valid=1000)}
 }

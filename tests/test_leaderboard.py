@@ -87,6 +87,7 @@ def test_leaderboard_writes_tables(tmp_path, monkeypatch):
     monkeypatch.setitem(llm_recommender.SID_BUDGETS, "demo", tiny_sid_budget())
     # A data set's validation-chosen stage-2 override replaces the budget's 2 steps.
     monkeypatch.setitem(llm_recommender.STAGE2_OVERRIDES, "demo", {"ml-100k": dict(max_steps=3)})
+    monkeypatch.setitem(tiger_recommender.TIGER_OVERRIDES, "demo", {"ml-100k": dict(max_valid=5)})
     monkeypatch.setattr(
         tiger_recommender,
         "item_embeddings",
@@ -103,6 +104,7 @@ def test_leaderboard_writes_tables(tmp_path, monkeypatch):
     sid = results["ml-100k"]["models"]["sid-llm"]["runs"][0]
     assert sid["sid_tokens"] == 2 + ids.shape[1] * (ids.max() + 1)
     assert sid["stage2"]["steps"] == 3 and sid["overrides"] == {"max_steps": 3}
+    assert results["ml-100k"]["models"]["tiger"]["runs"][0]["overrides"] == {"max_valid": 5}
     leaderboard.write(results, tmp_path / "out", "demo")
     table = (tmp_path / "out" / "leaderboard.md").read_text()
     assert all(f"| {name} |" in table for name in leaderboard.RECOMMENDERS) and "NDCG@20" in table
