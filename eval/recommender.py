@@ -31,12 +31,19 @@ class Recommender(abc.ABC):
     needs: tuple[str, ...] = ()  # registered models whose `workdir` files `fit` reads
     # Item fields `fit` generates or embeds text from: where no item has any, it is not run.
     item_text: tuple[str, ...] = ()
+    # Budget -> data set -> config overrides that validation chose for that data set; `fit`
+    # applies `tuned_for(budget, ds.name)` over the budget's config and reports it.
+    tuned: Mapping[str, Mapping[str, dict]] = {}
 
     def __init__(
         self, workdir: pathlib.Path | None = None, inputs: Mapping[str, pathlib.Path] | None = None
     ):
         self.workdir = workdir  # where `fit` writes files for later models (None: nowhere)
         self.inputs = dict(inputs or {})  # {needed model: its workdir}
+
+    def tuned_for(self, budget: str, dataset: str) -> dict:
+        """The overrides `tuned` holds for `dataset` at `budget` ({} where none)."""
+        return dict(self.tuned.get(budget, {}).get(dataset, {}))
 
     @abc.abstractmethod
     def fit(self, ds: Dataset, split: Split, *, budget: str, seed: int) -> dict:

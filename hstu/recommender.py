@@ -41,8 +41,6 @@ class _Sequential(Recommender):
     # "movielens" / "other" -> preset name; a data set's own name, where validation chose
     # another preset for it, overrides its family's.
     presets: dict[str, str]
-    # Data set name -> preset overrides of the `full` budget, each chosen on validation.
-    full_overrides: dict[str, dict] = {}
 
     def preset(self, ds: Dataset) -> str:
         family = "movielens" if is_movielens(ds.name) else "other"
@@ -53,7 +51,7 @@ class _Sequential(Recommender):
         overrides = {"max_seq_len": spec.max_seq_len if spec else None, **BUDGETS[budget]}
         if budget == "demo" and ds.num_items > FULL_SOFTMAX_MAX_ITEMS:
             overrides |= DEMO_LARGE_CATALOGUE
-        tuned = self.full_overrides.get(ds.name, {}) if budget == "full" else {}
+        tuned = self.tuned_for(budget, ds.name)
         preset = self.preset(ds)
         self.trainer: Trainer = make_trainer(
             preset, ds.num_items, {**overrides, **tuned, "seed": seed}
@@ -129,4 +127,4 @@ class SASRecRecommender(_Sequential):
     0.0542 (seeds 0, 1) at the preset's 0.2 (docs/results.md)."""
 
     presets = {"movielens": "sasrec-ml", "other": "sasrec-ss"}
-    full_overrides = {"amazon-cds-vinyl-2018": dict(dropout_rate=0.5)}
+    tuned = {"full": {"amazon-cds-vinyl-2018": dict(dropout_rate=0.5)}}

@@ -287,25 +287,21 @@ SID_BUDGETS: dict[str, SidLLMConfig] = {
 }  # fmt: skip
 
 
-# Budget -> data set -> stage-2 `TrainConfig` overrides, each chosen on validation.
-# amazon-cds-vinyl-2018 at `demo`: 800 steps are 2 epochs of its 6,452 packed rows (ml-100k's
-# are 0.69 of 18,631), and the model tied most-popular (NDCG@10 on 2,000 validation rows
-# 0.0047, most-popular 0.0051); 1,600 steps: 0.0132. Its signal is memorised co-purchases
-# (transitions 0.0386 on test, most-popular 0.0043).
-STAGE2_OVERRIDES: dict[str, dict[str, dict]] = {
-    "demo": {"amazon-cds-vinyl-2018": dict(max_steps=1600)}
-}
-
-
 class SidLLMRecommender(Recommender):
     """A Qwen3-architecture LM that answers with semantic IDs (the `tiger` entry's file);
     ranks by trie-constrained beam search over the IDs."""
 
     needs = ("tiger",)
     item_text = ("title",)
+    # Stage-2 `TrainConfig` overrides. amazon-cds-vinyl-2018 at `demo`: 800 steps are 2
+    # epochs of its 6,452 packed rows (ml-100k's are 0.69 of 18,631), and the model tied
+    # most-popular (NDCG@10 on 2,000 validation rows 0.0047, most-popular 0.0051); 1,600
+    # steps: 0.0132. Its signal is memorised co-purchases (transitions 0.0386 on test,
+    # most-popular 0.0043).
+    tuned = {"demo": {"amazon-cds-vinyl-2018": dict(max_steps=1600)}}
 
     def fit(self, ds: Dataset, split: Split, *, budget: str, seed: int) -> dict:
-        tuned = STAGE2_OVERRIDES.get(budget, {}).get(ds.name, {})
+        tuned = self.tuned_for(budget, ds.name)
         cfg = SID_BUDGETS[budget]
         cfg = self.cfg = dataclasses.replace(cfg, stage2=dataclasses.replace(cfg.stage2, **tuned))
         ds.require_text("the SID LLM", self.item_text)

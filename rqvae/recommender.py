@@ -66,17 +66,6 @@ BUDGETS: dict[str, dict] = {
 }
 
 
-# Budget -> data set -> TIGER overrides, each chosen on validation. amazon-cds-vinyl-2018 at
-# `demo`: selection on 1,000 validation examples instead of 300. Its HR@10 is ~1%, so 300
-# hold ~3 hits and picked an epoch at random (every epoch on 2,000 examples: NDCG@10 peaks
-# at 0.0057-0.0076 in epochs 5-10, then falls; test 0.0040 with 300, 0.0057 with 1,000,
-# most-popular 0.0043). ml-100k keeps 300: its result is the same with all 943 users, and
-# the demo has little time to spare.
-TIGER_OVERRIDES: dict[str, dict[str, dict]] = {
-    "demo": {"amazon-cds-vinyl-2018": dict(max_valid=1000)}
-}
-
-
 def item_embeddings(ds: Dataset) -> np.ndarray:
     """all-MiniLM-L6-v2 embeddings [N, 384] of items 1..N (the item fields the data set has)."""
     fields = [f for f in embed.DEFAULT_FIELDS if f == "title" or f in ds.items.fields]
@@ -88,6 +77,12 @@ class TigerRecommender(Recommender):
     """TIGER over semantic IDs learned from item text (full pipeline in `fit`)."""
 
     item_text = embed.DEFAULT_FIELDS
+    # amazon-cds-vinyl-2018 at `demo`: selection on 1,000 validation examples instead of 300.
+    # Its HR@10 is ~1%, so 300 hold ~3 hits and picked an epoch at random (every epoch on
+    # 2,000 examples: NDCG@10 peaks at 0.0057-0.0076 in epochs 5-10, then falls; test 0.0040
+    # with 300, 0.0057 with 1,000, most-popular 0.0043). ml-100k keeps 300: its result is the
+    # same with all 943 users, and the demo has little time to spare.
+    tuned = {"demo": {"amazon-cds-vinyl-2018": dict(max_valid=1000)}}
 
     def fit(self, ds: Dataset, split: Split, *, budget: str, seed: int) -> dict:
         cfg = BUDGETS[budget]
@@ -104,7 +99,7 @@ class TigerRecommender(Recommender):
         self.index: SemanticIndex = as_semantic_index(
             np.concatenate([np.zeros((1, unique.shape[1]), unique.dtype), unique]),
         )
-        tuned = TIGER_OVERRIDES.get(budget, {}).get(ds.name, {})
+        tuned = self.tuned_for(budget, ds.name)
         self.config = dataclasses.replace(cfg["tiger"], **tuned, seed=seed)
         self.model: Tiger = fit_tiger(ds, split, self.index, self.config)
         return {

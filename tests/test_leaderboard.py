@@ -85,9 +85,11 @@ def test_leaderboard_writes_tables(tmp_path, monkeypatch):
     monkeypatch.setitem(tiger_recommender.BUDGETS, "demo", tiny_tiger_budget())
     monkeypatch.setitem(llm_recommender.BUDGETS, "demo", tiny_bigrec_budget())
     monkeypatch.setitem(llm_recommender.SID_BUDGETS, "demo", tiny_sid_budget())
-    # A data set's validation-chosen stage-2 override replaces the budget's 2 steps.
-    monkeypatch.setitem(llm_recommender.STAGE2_OVERRIDES, "demo", {"ml-100k": dict(max_steps=3)})
-    monkeypatch.setitem(tiger_recommender.TIGER_OVERRIDES, "demo", {"ml-100k": dict(max_valid=5)})
+    # A data set's validation-chosen overrides (`Recommender.tuned`) replace the budget's.
+    tuned = {"sid-llm": dict(max_steps=3), "tiger": dict(max_valid=5), "sasrec": dict(num_epochs=1)}
+    for name, fields in tuned.items():
+        cls = leaderboard.recommender_class(name)
+        monkeypatch.setattr(cls, "tuned", {"demo": {"ml-100k": fields}})
     monkeypatch.setattr(
         tiger_recommender,
         "item_embeddings",
@@ -103,8 +105,9 @@ def test_leaderboard_writes_tables(tmp_path, monkeypatch):
     ids = read_index(work / "ml-100k" / "seed0" / "tiger" / "semantic_ids.json")
     sid = results["ml-100k"]["models"]["sid-llm"]["runs"][0]
     assert sid["sid_tokens"] == 2 + ids.shape[1] * (ids.max() + 1)
-    assert sid["stage2"]["steps"] == 3 and sid["overrides"] == {"max_steps": 3}
-    assert results["ml-100k"]["models"]["tiger"]["runs"][0]["overrides"] == {"max_valid": 5}
+    assert sid["stage2"]["steps"] == 3
+    for name, fields in tuned.items():
+        assert results["ml-100k"]["models"][name]["runs"][0]["overrides"] == fields
     leaderboard.write(results, tmp_path / "out", "demo")
     table = (tmp_path / "out" / "leaderboard.md").read_text()
     assert all(f"| {name} |" in table for name in leaderboard.RECOMMENDERS) and "NDCG@20" in table
