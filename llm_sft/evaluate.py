@@ -22,10 +22,10 @@ the longest title). Then:
   interactions in the training split).
 
 Beams -> item ids (``items_of_beams``, shared with ``llm_sft.recommender``): a title shared
-by several items stands for all of them, listed in ascending item id order at that beam's
-position (later beams move down), and lists are cut at k. The id lists are written to the
-JSON output; the title-match metrics above rank titles, not ids, so shared titles never
-push a hit down there.
+by several items stands for all of them at that beam's position, the most popular in
+training first (ties by ascending id; later beams move down), and lists are cut at k.
+The id lists are written to the JSON output; the title-match metrics above rank titles,
+not ids, so shared titles never push a hit down there.
 
 Batches are left padded to one width (the longest prompt, rounded up to a multiple of 8)
 and the last batch is padded with copies of its last row, so decoding compiles once.
@@ -98,7 +98,8 @@ def items_of_beams(
 ) -> np.ndarray:  # fmt: skip
     """Ranked item ids [B, k] (0 = empty slot) from canonical beam titles [B, R] (-1 = none).
 
-    A title shared by several items puts all of them, ascending, at that beam's position.
+    A title shared by several items puts all of them, in `groups`' order, at that beam's
+    position.
     ``exclude[b]``: item ids left out of row b (e.g. its history); later items move up.
     """
     out = np.zeros((len(beam_titles), k), np.int32)
@@ -274,7 +275,7 @@ def evaluate_model(
     result: dict[str, Any] = {
         "title_match": protocols.generative_ranking(generated, examples.targets, titles, ks),
         "empty_slots": int((~filled).sum()),
-        "items": items_of_beams(beams.titles, title_items(trie), num_beams),
+        "items": items_of_beams(beams.titles, title_items(trie, popularity), num_beams),
         "top1": [row[0] if row else "" for row in generated],
     }
     if unconstrained:
