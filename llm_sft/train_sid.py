@@ -70,7 +70,7 @@ from llm_sft.train import (
     model_source,
     resolve_tokenizer,
 )
-from llm_sft.trainer import TrainConfig, Trainer, label_budget
+from llm_sft.trainer import RANKING_SELECT, TrainConfig, Trainer, Validate, label_budget
 
 RECIPES: dict[str, dict[str, TrainConfig]] = {
     "sid-qwen3": {
@@ -86,11 +86,12 @@ STAGE1_FLAGS = {"max_steps": "stage1_steps", "learning_rate": "stage1_learning_r
 
 
 def _fit_stage(name, model, trainable, trains: str, train: TrainConfig, arrays, valid, rd, mesh,
-               max_length, overwrite, progress):  # fmt: skip
+               max_length, overwrite, progress, select=("loss", "min")):  # fmt: skip
     """One stage, in its own run folder `<rd>/<name>` unless `rd` is None (`trains`: what
     it trains); returns (model, its summary). The LM head runs on the scored positions only
-    (`max_label_tokens`: the most any training or validation row holds)."""
-    labels = [a["labels"] for a in (arrays, valid) if a is not None]
+    (`max_label_tokens`: the most any training or validation row holds). `valid`, `select`:
+    as `Trainer.fit`'s."""
+    labels = [a["labels"] for a in (arrays, valid) if isinstance(a, dict)]
     train = dataclasses.replace(train, max_label_tokens=label_budget(*labels))
     config = {"train": dataclasses.asdict(train), "trains": trains}
     folder = RunDir(rd.path / name, "llm_sft.sid", config, overwrite=overwrite) if rd else None
@@ -98,13 +99,14 @@ def _fit_stage(name, model, trainable, trains: str, train: TrainConfig, arrays, 
         trainer = Trainer(model, mesh, train, len(arrays["input_ids"]), trainable)
         info = trainer.fit(
             ArraySource(arrays), valid, buckets=sft_data.buckets_for(max_length), run=stage,
-            progress=progress,
+            progress=progress, select=select,
         )  # fmt: skip
         summary = {
             "steps": info.steps,
             "best_step": info.best_step,
-            "valid_loss": info.valid.get("loss"),
+            f"valid_{select[0]}": info.valid.get(select[0]),
             "final_loss": float(np.mean(info.losses[-10:])) if info.losses else None,
+            "curve": [[step, value] for step, value in info.curve],  # as result.json holds it
         }
         if stage:
             stage.write_result(summary)
@@ -115,10 +117,12 @@ def train_stages(
     model: Qwen, sid_ids: np.ndarray, arrays: dict[str, np.ndarray],
     valid: dict[str, np.ndarray] | None, *, stage1: TrainConfig, stage2: TrainConfig,
     lora_r: int, mesh, max_length: int, rd: RunDir | None = None, overwrite: bool = False,
-    progress: bool = True,
+    progress: bool = True, stage2_valid: Validate | None = None,
 ) -> tuple[Qwen, dict[str, dict]]:  # fmt: skip
     """Stage 1 (rows `sid_ids` only), then stage 2 (everything, or LoRA r=`lora_r` + the
-    rows); returns the merged model and {"stage1", "stage2"} summaries."""
+    rows); returns the merged model and {"stage1", "stage2"} summaries. Both stages select
+    on `valid`'s token loss, except that stage 2 selects on `stage2_valid`'s NDCG@10 where
+    it is given (a recommender's ranking of validation examples)."""
     fit = dict(arrays=arrays, valid=valid, rd=rd, mesh=mesh, max_length=max_length,
                overwrite=overwrite, progress=progress)  # fmt: skip
     model, s1 = _fit_stage(
@@ -130,6 +134,8 @@ def train_stages(
         lora = LoRAConfig(r=lora_r, alpha=2.0 * lora_r, target_modules=("q", "k", "v", "o"))
         model = apply_lora(apply_rows(model, sid_ids), lora, rngs=nnx.Rngs(stage2.seed))
         trainable, trains = nnx.Any(LoRAParam, RowParam), f"LoRA r={lora_r} + new token rows"
+    if stage2_valid is not None:
+        fit |= dict(valid=stage2_valid, select=RANKING_SELECT)
     model, s2 = _fit_stage("stage2", model, trainable, trains, stage2, **fit)
     if lora_r:
         model = merge_rows(merge_lora(model))

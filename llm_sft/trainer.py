@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import math
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -39,6 +39,10 @@ from llm_sft.model import ModelConfig, Qwen
 
 DATA_AXES = ("data", "fsdp")
 LENGTH = "_length"  # the loader's length key under `group_by_length` (not a model input)
+# A validation function: the model (eval mode) -> metrics, one of which selection reads;
+# a recommender's ranking of validation examples is selected on NDCG@10.
+Validate = Callable[[Qwen], Mapping[str, float]]
+RANKING_SELECT = ("NDCG@10", "max")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,22 +268,28 @@ class Trainer:
             yield trim_to_bucket(batch, buckets, padding_side, need)
 
     def fit(
-        self, train: ArraySource, valid: dict[str, np.ndarray] | None, *, buckets: tuple[int, ...],
-        padding_side: str = "right", run: RunDir | None = None, progress: bool = True,
+        self, train: ArraySource, valid: dict[str, np.ndarray] | Validate | None, *,
+        buckets: tuple[int, ...], padding_side: str = "right", run: RunDir | None = None,
+        progress: bool = True, select: tuple[str, str] = ("loss", "min"),
     ) -> FitResult:  # fmt: skip
-        """Trains to ``total_steps`` with selection on the validation token loss (the best
-        state is loaded at the end); ``run``: the run folder (checkpoints, metrics, resume)."""
+        """Trains to ``total_steps`` with selection on validation (the best state is loaded
+        at the end): ``valid`` is rows whose token loss is selected on, or a function of the
+        model returning metrics (a recommender's ranking metrics), of which ``select`` =
+        (name, "max" | "min") names the one; ``run``: the run folder (checkpoints, metrics,
+        resume)."""
         cfg = self.config
         rows = self.state.shard_rows(self.rows_per_step, cfg.gradient_accumulation_steps)
+        validate = valid
+        if isinstance(valid, dict):
+            validate = lambda _: {"loss": self.evaluate(valid, buckets, padding_side)}  # noqa: E731
         task = Task(
             loss=self.loss,
             batches=functools.partial(self.batches, train, buckets, padding_side, rows=rows),
-            validate=None if valid is None else (lambda _: {"loss": self.evaluate(valid, buckets, padding_side)}),
-            schedule=lr_schedule(self.optimizer, self.total_steps),
+            validate=validate, schedule=lr_schedule(self.optimizer, self.total_steps),
         )  # fmt: skip
         loop = LoopConfig(
-            self.total_steps, eval_every_steps(cfg.eval_every, self.steps_per_epoch), cfg.patience, "loss",
-            "min", gradient_accumulation_steps=cfg.gradient_accumulation_steps, log_every=cfg.log_every,
-            seed=cfg.seed, progress=progress, desc="sft",
+            self.total_steps, eval_every_steps(cfg.eval_every, self.steps_per_epoch), cfg.patience, *select,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps, log_every=cfg.log_every,
+            seed=cfg.seed, progress=progress, desc="sft", steps_per_epoch=self.steps_per_epoch,
         )  # fmt: skip
         return fit(self.state, task, loop, run)

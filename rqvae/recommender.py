@@ -101,7 +101,7 @@ class TigerRecommender(Recommender):
         )
         tuned = self.tuned_for(budget, ds.name)
         self.config = dataclasses.replace(cfg["tiger"], **tuned, seed=seed)
-        self.model: Tiger = fit_tiger(ds, split, self.index, self.config)
+        self.model: Tiger = fit_tiger(ds, split, self.index, self.config, progress=True)
         return {
             "overrides": tuned,
             "embed_s": round(embed_s, 1),

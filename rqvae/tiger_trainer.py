@@ -244,11 +244,7 @@ def fit_tiger(
     steps_per_epoch = len(source) // batch_size
     total = training_steps(config, steps_per_epoch)
     state = init_state(config, si, total, mesh)
-    valid_rows = np.arange(len(split.valid))
-    if config.max_valid is not None and config.max_valid < len(valid_rows):
-        valid_rows = np.sort(
-            np.random.default_rng(config.seed).choice(valid_rows, config.max_valid, replace=False)
-        )
+    valid_rows = split.valid.sample_rows(config.max_valid, config.seed)
     logging.info(
         "TIGER: %d training examples, %d steps/epoch, %s", len(source), steps_per_epoch, cfg
     )
@@ -271,7 +267,7 @@ def fit_tiger(
     )  # fmt: skip
     loop = LoopConfig(
         total, eval_every_steps(config.eval_every, steps_per_epoch), config.patience, "HR@10",
-        seed=config.seed, progress=progress, desc="tiger",
+        seed=config.seed, progress=progress, desc="tiger", steps_per_epoch=steps_per_epoch,
     )  # fmt: skip
     fit(state, task, loop, run)
     return state.model()

@@ -1,5 +1,6 @@
 """eval baselines, the Recommender protocol dispatch and tools.leaderboard end to end."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -84,7 +85,9 @@ def test_leaderboard_writes_tables(tmp_path, monkeypatch):
     )  # fmt: skip
     monkeypatch.setitem(tiger_recommender.BUDGETS, "demo", tiny_tiger_budget())
     monkeypatch.setitem(llm_recommender.BUDGETS, "demo", tiny_bigrec_budget())
-    monkeypatch.setitem(llm_recommender.SID_BUDGETS, "demo", tiny_sid_budget())
+    # The SID LLM keeps its best stage-2 state by the ranking of 4 validation rows.
+    sid_budget = dataclasses.replace(tiny_sid_budget(), max_valid=4)
+    monkeypatch.setitem(llm_recommender.SID_BUDGETS, "demo", sid_budget)
     # A data set's validation-chosen overrides (`Recommender.tuned`) replace the budget's.
     tuned = {"sid-llm": dict(max_steps=3), "tiger": dict(max_valid=5), "sasrec": dict(num_epochs=1)}
     for name, fields in tuned.items():
@@ -105,7 +108,8 @@ def test_leaderboard_writes_tables(tmp_path, monkeypatch):
     ids = read_index(work / "ml-100k" / "seed0" / "tiger" / "semantic_ids.json")
     sid = results["ml-100k"]["models"]["sid-llm"]["runs"][0]
     assert sid["sid_tokens"] == 2 + ids.shape[1] * (ids.max() + 1)
-    assert sid["stage2"]["steps"] == 3
+    assert sid["stage2"]["steps"] == 3 and sid["stage2"]["best_step"] == 3
+    assert [step for step, _ in sid["curve"]] == [3] and "valid_NDCG@10" in sid["stage2"]
     for name, fields in tuned.items():
         assert results["ml-100k"]["models"][name]["runs"][0]["overrides"] == fields
     leaderboard.write(results, tmp_path / "out", "demo")

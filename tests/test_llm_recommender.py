@@ -89,6 +89,34 @@ def test_bigrec_ranks_past_the_first_beams_by_popularity_grounding(tmp_path, mon
         assert (items > 0).sum() == min(20, ds.num_items - len(history - {0}))
 
 
+def test_bigrec_keeps_the_state_with_the_best_validation_ranking(tmp_path, monkeypatch):
+    """With `max_valid`, every evaluation ranks the same validation rows; the state with
+    the best NDCG@10 is the one `rank` uses afterwards."""
+    budget = tiny_bigrec_budget()
+    train = dataclasses.replace(budget.train, max_steps=None, num_epochs=4, learning_rate=3e-2)
+    budget = dataclasses.replace(budget, train=train, max_valid=6, beam_items=2, gamma=1.0)
+    monkeypatch.setitem(recommender.BUDGETS, "demo", budget)
+    ds = data.load("ml-100k", write_tiny_ml100k(tmp_path / "ml-100k"))
+    sp = data.split(ds)
+    rec = recommender.BigRecRecommender()
+    seen = []  # (step's validation NDCG@10, its lists) of each evaluation
+    real = recommender.evaluate
+
+    def spy(r, ds_, examples):
+        out = real(r, ds_, examples)
+        seen.append((out["NDCG@10"], r.rank(examples, np.arange(len(examples)), 20)))
+        return out
+
+    monkeypatch.setattr(recommender, "evaluate", spy)
+    info = rec.fit(ds, sp, budget="demo", seed=0)
+    assert info["steps"] == 4 * 3 and [s for s, _ in info["curve"]] == [3, 6, 9, 12]
+    assert [v for _, v in info["curve"]] == [v for v, _ in seen]
+    best = int(np.argmax([v for v, _ in seen]))  # the first of ties, as the loop keeps
+    assert info["best_step"] == 3 * (best + 1) and info["valid_NDCG@10"] == seen[best][0]
+    valid = sp.valid.take(sp.valid.sample_rows(6, 0))
+    np.testing.assert_array_equal(rec.rank(valid, np.arange(len(valid)), 20), seen[best][1])
+
+
 def test_long_titles_are_cut_to_leave_room_for_a_prompt(tmp_path, monkeypatch):
     from llm_sft.data import shorten_titles
 

@@ -126,6 +126,14 @@ class EvalExamples:
     def __len__(self) -> int:
         return len(self.targets)
 
+    def sample_rows(self, max_rows: int | None, seed: int) -> np.ndarray:
+        """A fixed seeded subset of `max_rows` row indices, ascending (all rows when
+        `max_rows` is None or not below their number): the rows a trainer selects on."""
+        rows = np.arange(len(self))
+        if max_rows is None or max_rows >= len(rows):
+            return rows
+        return np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
+
     def take(self, rows: np.ndarray) -> EvalExamples:
         """Rows `rows` of every field, in that order."""
         rows = np.asarray(rows)
