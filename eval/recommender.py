@@ -12,8 +12,10 @@ SID LLM on TIGER's semantic IDs) reads it from a file: a recommender names the m
 from __future__ import annotations
 
 import abc
+import dataclasses
 import pathlib
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +34,8 @@ class Recommender(abc.ABC):
     # Item fields `fit` generates or embeds text from: where no item has any, it is not run.
     item_text: tuple[str, ...] = ()
     # Budget -> data set -> config overrides that validation chose for that data set; `fit`
-    # applies `tuned_for(budget, ds.name)` over the budget's config and reports it.
+    # applies `tuned_for(budget, ds.name)` over the budget's config (`replace_nested`) and
+    # reports it.
     tuned: Mapping[str, Mapping[str, dict]] = {}
 
     def __init__(
@@ -60,6 +63,18 @@ class Recommender(abc.ABC):
     @property
     def generative(self) -> bool:
         return type(self).rank is not Recommender.rank
+
+
+def replace_nested(config: Any, overrides: Mapping[str, Any]) -> Any:
+    """Dataclass `config` with `overrides`; a mapping given for a dataclass field overrides
+    that field's own fields (e.g. {"stage2": {"num_epochs": 8}})."""
+    fields = {
+        k: replace_nested(getattr(config, k), v)
+        if isinstance(v, Mapping) and dataclasses.is_dataclass(getattr(config, k))
+        else v
+        for k, v in overrides.items()
+    }
+    return dataclasses.replace(config, **fields)
 
 
 def evaluate(

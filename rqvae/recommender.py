@@ -17,7 +17,7 @@ import numpy as np
 
 from eval.data.dataset import Dataset, EvalExamples
 from eval.data.splits import Split
-from eval.recommender import Recommender
+from eval.recommender import Recommender, replace_nested
 from rqvae import embed, ids
 from rqvae.model import RQVAEConfig
 from rqvae.stats import code_stats
@@ -100,7 +100,7 @@ class TigerRecommender(Recommender):
             np.concatenate([np.zeros((1, unique.shape[1]), unique.dtype), unique]),
         )
         tuned = self.tuned_for(budget, ds.name)
-        self.config = dataclasses.replace(cfg["tiger"], **tuned, seed=seed)
+        self.config = replace_nested(cfg["tiger"], {**tuned, "seed": seed})
         self.model: Tiger = fit_tiger(ds, split, self.index, self.config, progress=True)
         return {
             "overrides": tuned,

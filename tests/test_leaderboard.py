@@ -1,6 +1,5 @@
 """eval baselines, the Recommender protocol dispatch and tools.leaderboard end to end."""
 
-import dataclasses
 import json
 
 import numpy as np
@@ -85,11 +84,14 @@ def test_leaderboard_writes_tables(tmp_path, monkeypatch):
     )  # fmt: skip
     monkeypatch.setitem(tiger_recommender.BUDGETS, "demo", tiny_tiger_budget())
     monkeypatch.setitem(llm_recommender.BUDGETS, "demo", tiny_bigrec_budget())
-    # The SID LLM keeps its best stage-2 state by the ranking of 4 validation rows.
-    sid_budget = dataclasses.replace(tiny_sid_budget(), max_valid=4)
-    monkeypatch.setitem(llm_recommender.SID_BUDGETS, "demo", sid_budget)
-    # A data set's validation-chosen overrides (`Recommender.tuned`) replace the budget's.
-    tuned = {"sid-llm": dict(max_steps=3), "tiger": dict(max_valid=5), "sasrec": dict(num_epochs=1)}
+    monkeypatch.setitem(llm_recommender.SID_BUDGETS, "demo", tiny_sid_budget())
+    # A data set's validation-chosen overrides (`Recommender.tuned`) replace the budget's;
+    # the SID LLM's keep its best stage-2 state by the ranking of 4 validation rows.
+    tuned = {
+        "sid-llm": dict(max_valid=4, stage2=dict(max_steps=3)),
+        "tiger": dict(max_valid=5),
+        "sasrec": dict(num_epochs=1),
+    }
     for name, fields in tuned.items():
         cls = leaderboard.recommender_class(name)
         monkeypatch.setattr(cls, "tuned", {"demo": {"ml-100k": fields}})
@@ -201,3 +203,20 @@ def test_the_full_budget_applies_a_data_sets_validation_chosen_overrides(monkeyp
         recommender.SASRecRecommender().fit(ds, None, budget=budget, seed=0)
     assert built["preset"] == "sasrec-ss"
     assert built.get("dropout_rate") == (0.5 if budget == "full" else None)
+
+
+def test_replace_nested_overrides_the_fields_of_a_dataclass_field():
+    from eval.recommender import replace_nested
+    from llm_sft.recommender import SidLLMConfig
+    from llm_sft.trainer import TrainConfig
+
+    cfg = SidLLMConfig(
+        model={"a": 1, "b": 2}, stage1=TrainConfig(), stage2=TrainConfig(max_steps=5)
+    )
+    out = replace_nested(
+        cfg, {"max_valid": 9, "stage2": {"max_steps": None, "num_epochs": 8}, "model": {"a": 3}}
+    )
+    assert (
+        out.max_valid == 9 and out.stage1 == cfg.stage1 and out.model == {"a": 3}
+    )  # a dict: replaced
+    assert out.stage2 == TrainConfig(max_steps=None, num_epochs=8) and cfg.stage2.max_steps == 5
