@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -47,6 +47,23 @@ class Recommender(abc.ABC):
     def tuned_for(self, budget: str, dataset: str) -> dict:
         """The overrides `tuned` holds for `dataset` at `budget` ({} where none)."""
         return dict(self.tuned.get(budget, {}).get(dataset, {}))
+
+    def validation(
+        self, ds: Dataset, split: Split, max_rows: int | None, seed: int,
+        use: Callable[[Any], None],
+    ) -> Callable[[Any], dict[str, float]] | None:  # fmt: skip
+        """A trainer's validation function (None where `max_rows` is None): `use(model)`
+        makes `rank` / `score` read that model, then `evaluate` on a fixed seeded subset
+        of `max_rows` validation examples (`EvalExamples.sample_rows`)."""
+        if max_rows is None:
+            return None
+        valid = split.valid.take(split.valid.sample_rows(max_rows, seed))
+
+        def validate(model: Any) -> dict[str, float]:
+            use(model)
+            return evaluate(self, ds, valid)
+
+        return validate
 
     @abc.abstractmethod
     def fit(self, ds: Dataset, split: Split, *, budget: str, seed: int) -> dict:

@@ -46,16 +46,20 @@ class _Sequential(Recommender):
         family = "movielens" if is_movielens(ds.name) else "other"
         return self.presets.get(ds.name, self.presets[family])
 
-    def fit(self, ds: Dataset, split: Split, *, budget: str, seed: int) -> dict:
+    def budget_overrides(self, ds: Dataset, budget: str) -> dict:
+        """The preset overrides of `budget` on `ds` (before `tuned`): its history length,
+        the budget's settings, the demo's sampled softmax on a large catalogue."""
         spec = data.DATASETS.get(ds.name)
         overrides = {"max_seq_len": spec.max_seq_len if spec else None, **BUDGETS[budget]}
         if budget == "demo" and ds.num_items > FULL_SOFTMAX_MAX_ITEMS:
             overrides |= DEMO_LARGE_CATALOGUE
-        tuned = self.tuned_for(budget, ds.name)
-        preset = self.preset(ds)
-        self.trainer: Trainer = make_trainer(
-            preset, ds.num_items, {**overrides, **tuned, "seed": seed}
-        )
+        return overrides
+
+    def fit(self, ds: Dataset, split: Split, *, budget: str, seed: int) -> dict:
+        spec = data.DATASETS.get(ds.name)
+        preset, tuned = self.preset(ds), self.tuned_for(budget, ds.name)
+        overrides = {**self.budget_overrides(ds, budget), **tuned, "seed": seed}
+        self.trainer: Trainer = make_trainer(preset, ds.num_items, overrides)
         protocol = spec.protocol if spec else "full"
         info = self.trainer.fit(ds, split, None, protocol, progress=True)
         return {
@@ -91,10 +95,8 @@ class RecGPTRecommender(_Sequential):
     def fit(self, ds: Dataset, split: Split, *, budget: str, seed: int) -> dict:
         spec = data.DATASETS.get(ds.name)
         plan = self.prompt_budgets[budget]
-        overrides = {"max_seq_len": spec.max_seq_len if spec else None, **BUDGETS[budget]}
-        if budget == "demo" and ds.num_items > FULL_SOFTMAX_MAX_ITEMS:
-            overrides |= DEMO_LARGE_CATALOGUE
-        overrides |= {**plan["arch"], "seed": seed}
+        tuned = self.tuned_for(budget, ds.name)  # pre-training settings, over the budget's
+        overrides = {**self.budget_overrides(ds, budget), **plan["arch"], **tuned, "seed": seed}
         protocol = spec.protocol if spec else "full"
         self.trainer, info = fit_recgpt(
             ds, split, overrides, preset=self.preset(ds), protocol=protocol,
@@ -104,7 +106,8 @@ class RecGPTRecommender(_Sequential):
         self.ablation = info["ablation"]
         best = info["stages"][f"prompt_k{info['ablation']['best_K']}"]
         return {
-            "preset": self.preset(ds), "steps": best["steps"], "best_step": best["best_step"],
+            "preset": self.preset(ds), "overrides": tuned, "steps": best["steps"],
+            "best_step": best["best_step"],
             "stopped_early": best["stopped_early"], "valid_NDCG@10": best["valid"].get("NDCG@10"),
             "curve": best["curve"], "recall_n": info["recall_n"],
             "pretrain_valid_NDCG@10": info["stages"]["pretrain"]["valid"].get("NDCG@10"),

@@ -34,7 +34,7 @@ from eval.data.splits import Split
 from eval.errors import MissingFileError
 from eval.metrics import history_mask
 from eval.protocols import grounding_scores, popularity_share
-from eval.recommender import Recommender, evaluate, replace_nested
+from eval.recommender import Recommender, replace_nested
 from llm_sft import data as sft_data
 from llm_sft.evaluate import (
     decode_batched,
@@ -218,14 +218,7 @@ class BigRecRecommender(Recommender):
         self.titles, self.noun = titles, noun
         if cfg.beam_items is not None:
             self.pop_norm = popularity_share(counts, ds.num_items + 1, "BigRecRecommender")
-        validate = None
-        if cfg.max_valid is not None:  # selection on the ranking of a fixed validation subset
-            valid = split.valid.take(split.valid.sample_rows(cfg.max_valid, seed))
-
-            def validate(model: Qwen) -> dict[str, float]:
-                self._use(model)
-                return evaluate(self, ds, valid)
-
+        validate = self.validation(ds, split, cfg.max_valid, seed, self._use)
         prepared = time.perf_counter()
         info = trainer.fit(ArraySource(arrays), validate, buckets=buckets, select=RANKING_SELECT)
         self._use(trainer.model())
@@ -386,14 +379,9 @@ class SidLLMRecommender(Recommender):
         prepared = time.perf_counter()
         stage1, stage2 = (dataclasses.replace(c, seed=seed) for c in (cfg.stage1, cfg.stage2))
         self.tokenizer, self.codes, self.ds = tok, codes, ds
-        validate = None
-        if cfg.max_valid is not None:
-            valid = split.valid.take(split.valid.sample_rows(cfg.max_valid, seed))
-
-            def validate(model: Qwen) -> dict[str, float]:
-                self.model = model
-                return evaluate(self, ds, valid)
-
+        validate = self.validation(
+            ds, split, cfg.max_valid, seed, lambda model: setattr(self, "model", model)
+        )
         self.model, stages = train_stages(
             model, sid_ids, arrays, None, stage1=stage1, stage2=stage2, lora_r=0, mesh=mesh,
             max_length=cfg.max_length, stage2_valid=validate,

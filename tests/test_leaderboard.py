@@ -86,7 +86,7 @@ def test_leaderboard_writes_tables(tmp_path, monkeypatch):
     monkeypatch.setitem(llm_recommender.BUDGETS, "demo", tiny_bigrec_budget())
     monkeypatch.setitem(llm_recommender.SID_BUDGETS, "demo", tiny_sid_budget())
     # A data set's validation-chosen overrides (`Recommender.tuned`) replace the budget's;
-    # the SID LLM's keep its best stage-2 state by the ranking of 4 validation rows.
+    # the SID LLM's also keep its best stage-2 state by the ranking of 4 validation rows.
     tuned = {
         "sid-llm": dict(max_valid=4, stage2=dict(max_steps=3)),
         "tiger": dict(max_valid=5),

@@ -11,6 +11,7 @@ from flax import nnx
 from tiny import tiny_bigrec_budget, write_tiny_ml100k
 
 from eval import data
+from eval import recommender as eval_recommender
 from eval.recommender import evaluate
 from llm_sft import recommender
 from llm_sft.data import IGNORE
@@ -100,14 +101,14 @@ def test_bigrec_keeps_the_state_with_the_best_validation_ranking(tmp_path, monke
     sp = data.split(ds)
     rec = recommender.BigRecRecommender()
     seen = []  # (step's validation NDCG@10, its lists) of each evaluation
-    real = recommender.evaluate
+    real = eval_recommender.evaluate
 
     def spy(r, ds_, examples):
         out = real(r, ds_, examples)
         seen.append((out["NDCG@10"], r.rank(examples, np.arange(len(examples)), 20)))
         return out
 
-    monkeypatch.setattr(recommender, "evaluate", spy)
+    monkeypatch.setattr(eval_recommender, "evaluate", spy)
     info = rec.fit(ds, sp, budget="demo", seed=0)
     assert info["steps"] == 4 * 3 and [s for s, _ in info["curve"]] == [3, 6, 9, 12]
     assert [v for _, v in info["curve"]] == [v for v, _ in seen]
