@@ -220,7 +220,9 @@ class BigRecRecommender(Recommender):
             self.pop_norm = popularity_share(counts, ds.num_items + 1, "BigRecRecommender")
         validate = self.validation(ds, split, cfg.max_valid, seed, self._use)
         prepared = time.perf_counter()
-        info = trainer.fit(ArraySource(arrays), validate, buckets=buckets, select=RANKING_SELECT)
+        info = trainer.fit(
+            ArraySource(arrays), validate, buckets=buckets, select=RANKING_SELECT, desc="bigrec"
+        )
         self._use(trainer.model())
         losses = info.losses
         return {

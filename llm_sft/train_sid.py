@@ -99,7 +99,7 @@ def _fit_stage(name, model, trainable, trains: str, train: TrainConfig, arrays, 
         trainer = Trainer(model, mesh, train, len(arrays["input_ids"]), trainable)
         info = trainer.fit(
             ArraySource(arrays), valid, buckets=sft_data.buckets_for(max_length), run=stage,
-            progress=progress, select=select,
+            progress=progress, select=select, desc=f"sid {name}",
         )  # fmt: skip
         summary = {
             "steps": info.steps,

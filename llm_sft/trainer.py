@@ -270,13 +270,13 @@ class Trainer:
     def fit(
         self, train: ArraySource, valid: dict[str, np.ndarray] | Validate | None, *,
         buckets: tuple[int, ...], padding_side: str = "right", run: RunDir | None = None,
-        progress: bool = True, select: tuple[str, str] = ("loss", "min"),
+        progress: bool = True, select: tuple[str, str] = ("loss", "min"), desc: str = "sft",
     ) -> FitResult:  # fmt: skip
         """Trains to ``total_steps`` with selection on validation (the best state is loaded
         at the end): ``valid`` is rows whose token loss is selected on, or a function of the
         model returning metrics (a recommender's ranking metrics), of which ``select`` =
         (name, "max" | "min") names the one; ``run``: the run folder (checkpoints, metrics,
-        resume)."""
+        resume); ``desc`` opens the progress lines."""
         cfg = self.config
         rows = self.state.shard_rows(self.rows_per_step, cfg.gradient_accumulation_steps)
         validate = valid
@@ -290,6 +290,6 @@ class Trainer:
         loop = LoopConfig(
             self.total_steps, eval_every_steps(cfg.eval_every, self.steps_per_epoch), cfg.patience, *select,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps, log_every=cfg.log_every,
-            seed=cfg.seed, progress=progress, desc="sft", steps_per_epoch=self.steps_per_epoch,
+            seed=cfg.seed, progress=progress, desc=desc, steps_per_epoch=self.steps_per_epoch,
         )  # fmt: skip
         return fit(self.state, task, loop, run)

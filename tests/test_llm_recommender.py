@@ -13,6 +13,7 @@ from tiny import tiny_bigrec_budget, write_tiny_ml100k
 from eval import data
 from eval import recommender as eval_recommender
 from eval.recommender import evaluate
+from eval.training import loop
 from llm_sft import recommender
 from llm_sft.data import IGNORE
 from llm_sft.model import ModelConfig, Qwen
@@ -109,7 +110,12 @@ def test_bigrec_keeps_the_state_with_the_best_validation_ranking(tmp_path, monke
         return out
 
     monkeypatch.setattr(eval_recommender, "evaluate", spy)
+    lines = []  # the progress lines, one per evaluation
+    monkeypatch.setattr(loop.logging, "info", lambda msg, *a: lines.append(msg % a if a else msg))
     info = rec.fit(ds, sp, budget="demo", seed=0)
+    assert [m.split(" (")[0] for m in lines if "ETA" in m] == [
+        f"bigrec: step {s}/12" for s in (3, 6, 9, 12)
+    ]
     assert info["steps"] == 4 * 3 and [s for s, _ in info["curve"]] == [3, 6, 9, 12]
     assert [v for _, v in info["curve"]] == [v for v, _ in seen]
     best = int(np.argmax([v for v, _ in seen]))  # the first of ties, as the loop keeps
