@@ -40,8 +40,11 @@ Entry = tuple[str, tuple[Any, ...], str, int | None]
 
 
 def _hstu_entries(cfg: HSTUConfig) -> Iterator[Entry]:
-    if not cfg.l2_norm_output:
-        raise ValueError("the reference HSTU has L2-normalised outputs, not l2_norm_output=False")
+    if not cfg.l2_norm_output or cfg.positions != "start":
+        raise ValueError(
+            f"the reference HSTU has L2-normalised outputs and positions from the start, not "
+            f"l2_norm_output={cfg.l2_norm_output}, positions={cfg.positions!r}"
+        )
     yield "_embedding_module._item_emb.weight", ("item_emb", "embedding"), "copy", None
     yield "_input_features_preproc._pos_emb.weight", ("pos_emb", "embedding"), "copy", None
     for i in range(cfg.num_blocks):

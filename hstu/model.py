@@ -4,7 +4,8 @@ Follows the research model of facebookresearch/generative-recommenders
 (`generative_recommenders/research/modeling/sequential/hstu.py`, arXiv:2402.17152) on
 dense right-padded batches:
 
-* input: `item_emb[ids] * sqrt(D) + pos_emb[0..N)`, dropout, zeroed at padding (id 0);
+* input: `item_emb[ids] * sqrt(D) + pos_emb[0..N)` (or aligned on the newest item:
+  `positions`), dropout, zeroed at padding (id 0);
 * each layer: `u, v, q, k = split(SiLU(LN(x) @ W_uvqk))`, pointwise causal attention with a
   per-layer relative position + bucketed time bias shared across heads, then
   `x + o(Dropout(LN(attn) * u))` (LayerNorms without parameters, eps 1e-6);
@@ -29,6 +30,7 @@ from hstu.attention import Impl, NNorm, hstu_attention
 from hstu.dropout import Dropout
 from hstu.items import ItemScores, l2_normalize
 from hstu.losses import LossConfig
+from hstu.sasrec import Positions, position_ids
 
 LN_EPS = 1e-6
 TIME_BUCKET_DIVISOR = 0.301
@@ -82,6 +84,9 @@ class HSTUConfig(LossConfig):
     # True: the reference's L2-normalised outputs and items (cosine at `temperature`);
     # False: a learned LayerNorm on the outputs and raw item rows (SASRec's dot product).
     l2_norm_output: bool = True
+    # Position embeddings from the oldest item ("start", the reference) or aligned on the
+    # newest ("end"), as `SASRecConfig.positions`.
+    positions: Positions = "start"
 
 
 def _layer_norm(x: jax.Array, eps: float = LN_EPS) -> jax.Array:
@@ -251,7 +256,7 @@ class HSTU(nnx.Module, ItemScores):
             raise ValueError(f"HSTU: input length {n} exceeds max_seq_len {self.cfg.max_seq_len}")
         valid = (ids != 0)[..., None]
         x = self.item_rows(ids, item_table) * math.sqrt(self.cfg.embedding_dim)
-        x = x + self.pos_emb(jnp.arange(n))
+        x = x + self.pos_emb(position_ids(ids, self.cfg.max_seq_len, self.cfg.positions))
         x = self.emb_dropout(x, deterministic=deterministic, rngs=rngs) * valid
         for layer in self.layers:
             x = layer(x, timestamps, lengths, deterministic=deterministic, rngs=rngs)

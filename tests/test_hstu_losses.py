@@ -227,16 +227,23 @@ def test_ligr_sasrec_is_causal_and_differs_from_the_paper_block():
         build_model(SASRecConfig(layer_type="nope", **kw))
 
 
-def test_end_aligned_positions_put_every_last_item_at_the_same_position():
-    kw = dict(num_items=NUM_ITEMS, max_seq_len=5, embedding_dim=D, num_blocks=1, dropout_rate=0.0)
+@pytest.mark.parametrize("config", [SASRecConfig, HSTUConfig])
+def test_end_aligned_positions_put_every_last_item_at_the_same_position(config):
+    kw = dict(num_items=NUM_ITEMS, max_seq_len=5, embedding_dim=D, num_blocks=0, dropout_rate=0.0)
     ids = jnp.asarray([[5, 6, 7, 0, 0], [1, 0, 0, 0, 0]])
     np.testing.assert_array_equal(position_ids(ids, 5, "end"), [[2, 3, 4, 4, 4], [4, 4, 4, 4, 4]])
     np.testing.assert_array_equal(position_ids(ids, 5, "start"), range(5))
-    # Before attention, the newest item's input does not depend on how many items precede it.
-    first = build_model(SASRecConfig(positions="end", **{**kw, "num_blocks": 0}))
-    np.testing.assert_allclose(
-        first(jnp.asarray([[7, 0]]))[0, 0], first(jnp.asarray([[3, 7]]))[0, 1], atol=1e-6
-    )
+
+    def newest(model, row):  # the newest item's output, before any attention
+        ids = jnp.asarray([row])
+        n = int((ids != 0).sum())
+        args = () if config is SASRecConfig else (jnp.zeros_like(ids), jnp.asarray([n]))
+        return model(ids, *args)[0, n - 1]
+
+    # The newest item's input does not depend on how many items precede it; from the start, it does.
+    end, start = (build_model(config(positions=p, **kw)) for p in ("end", "start"))
+    np.testing.assert_allclose(newest(end, [7, 0]), newest(end, [3, 7]), atol=1e-6)
+    assert not np.allclose(newest(start, [7, 0]), newest(start, [3, 7]), atol=1e-3)
 
 
 def test_every_trainer_setting_has_a_train_flag():
