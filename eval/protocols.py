@@ -253,7 +253,9 @@ def grounding_scores(
 ) -> jax.Array:
     """BIGRec grounding scores [B, N+1] (lower = better): `dist_norm * (1 + pop_norm) **
     -gamma`, dist_norm the L2 distance of each generated embedding [B, d] to every item
-    embedding [N+1, d], min-max normalised over items 1..N of its row."""
+    embedding [N+1, d], min-max normalised over items 1..N of its row; where all N are
+    equally far (e.g. a model whose title embeddings collapsed), dist_norm is 1, so that
+    popularity orders them rather than the item ids."""
     sq = (
         jnp.sum(gen_emb**2, axis=1)[:, None]
         + jnp.sum(item_emb**2, axis=1)[None, :]
@@ -262,7 +264,7 @@ def grounding_scores(
     dist = jnp.sqrt(jnp.maximum(sq, 0.0))
     lo = jnp.min(dist[:, 1:], axis=1, keepdims=True)
     span = jnp.max(dist[:, 1:], axis=1, keepdims=True) - lo
-    dist_norm = jnp.where(span > 0, (dist - lo) / jnp.where(span > 0, span, 1.0), 0.0)
+    dist_norm = jnp.where(span > 0, (dist - lo) / jnp.where(span > 0, span, 1.0), 1.0)
     return dist_norm * (1.0 + pop_norm)[None, :] ** -gamma
 
 

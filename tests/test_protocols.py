@@ -241,6 +241,13 @@ def test_grounding_matches_numpy_reference():
     )
 
 
+def test_grounding_orders_equally_far_items_by_popularity():
+    item_emb = np.ones((5, 3), np.float32)  # every item embedded alike
+    popularity = np.array([0, 1, 9, 4, 0], dtype=np.float64)
+    ranks = grounding_ranks(item_emb[:2], item_emb, np.array([2, 3]), popularity, gammas=(1.0,))
+    np.testing.assert_array_equal(ranks, [[1, 2]])  # popularity order: 2, 3, 1, 4
+
+
 def test_grounding_needs_popularity_for_gamma():
     with pytest.raises(ValueError, match="needs `popularity`"):
         grounding_ranking(GEN_EMB, ITEM_EMB, TARGETS, ks=(1,), gamma=1.0)
