@@ -57,7 +57,7 @@ class Recommender(abc.ABC):
         of `max_rows` validation examples (`EvalExamples.sample_rows`)."""
         if max_rows is None:
             return None
-        valid = split.valid.take(split.valid.sample_rows(max_rows, seed))
+        valid = validation_rows(split, max_rows, seed)
 
         def validate(model: Any) -> dict[str, float]:
             use(model)
@@ -94,6 +94,16 @@ def replace_nested(config: Any, overrides: Mapping[str, Any]) -> Any:
     return dataclasses.replace(config, **fields)
 
 
+def validation_rows(split: Split, max_rows: int, seed: int) -> EvalExamples:
+    """The fixed seeded subset of `max_rows` validation examples a run selects on."""
+    return split.valid.take(split.valid.sample_rows(max_rows, seed))
+
+
+def row_chunks(n: int) -> list[np.ndarray]:
+    """Indices of `n` examples in the chunks (~256 each) that `evaluate` ranks."""
+    return np.array_split(np.arange(n), max(1, n // 256))
+
+
 def evaluate(
     rec: Recommender,
     ds: Dataset,
@@ -107,12 +117,7 @@ def evaluate(
         if protocol != "full":
             raise ValueError(f"protocol {protocol!r} needs scores; {type(rec).__name__} only ranks")
         k = max(ks)
-        lists = np.concatenate(
-            [
-                rec.rank(examples, idx, k)
-                for idx in np.array_split(np.arange(len(examples)), max(1, len(examples) // 256))
-            ]
-        )
+        lists = np.concatenate([rec.rank(examples, idx, k) for idx in row_chunks(len(examples))])
         return {
             **metrics_from_ranks(ranks_from_lists(lists, examples.targets), ks),
             "num_examples": len(examples),

@@ -32,9 +32,9 @@ from eval.data.examples import ArraySource
 from eval.data.formats import read_item_codes
 from eval.data.splits import Split
 from eval.errors import MissingFileError
-from eval.metrics import history_mask
+from eval.metrics import DEFAULT_KS, history_mask, metrics_from_ranks, ranks_from_lists
 from eval.protocols import grounding_scores, popularity_share
-from eval.recommender import Recommender, replace_nested
+from eval.recommender import Recommender, replace_nested, row_chunks, validation_rows
 from llm_sft import data as sft_data
 from llm_sft.evaluate import (
     decode_batched,
@@ -86,6 +86,10 @@ class BigRecConfig:
     # None: the beams alone (items past them are not ranked).
     beam_items: int | None = None
     gamma: float = 0.0  # grounding's popularity exponent (BIGRec; 0: distance alone)
+    # With `max_valid`: after training, the (beam_items, gamma) pair of these grids (empty:
+    # the value above) with the best NDCG@10 on the validation rows (beams decoded once).
+    beam_items_grid: tuple[int, ...] = ()
+    gamma_grid: tuple[float, ...] = ()
     # Validation rows ranked at each evaluation (`train.eval_every`, default once an epoch)
     # to keep the best state by NDCG@10, stopping after `train.patience` evaluations without
     # a better one. None: no validation; the last state is kept.
@@ -158,7 +162,10 @@ class BigRecRecommender(Recommender):
     tuned = {
         "demo": {
             "amazon-cds-vinyl-2018": dict(
-                max_valid=1000, train=dict(max_steps=None, num_epochs=10, patience=3)
+                max_valid=1000,
+                train=dict(max_steps=None, num_epochs=10, patience=3),
+                beam_items_grid=(1, 2, 3, 5, 10),
+                gamma_grid=(0.0, 2.0, 4.0, 8.0, 16.0, 64.0),
             )
         }
     }
@@ -218,15 +225,24 @@ class BigRecRecommender(Recommender):
         self.titles, self.noun = titles, noun
         if cfg.beam_items is not None:
             self.pop_norm = popularity_share(counts, ds.num_items + 1, "BigRecRecommender")
+        if (cfg.beam_items_grid or cfg.gamma_grid) and (
+            cfg.max_valid is None or cfg.beam_items is None
+        ):
+            raise ValueError(
+                "BigRecConfig: beam_items_grid / gamma_grid need max_valid and beam_items"
+            )
         validate = self.validation(ds, split, cfg.max_valid, seed, self._use)
         prepared = time.perf_counter()
         info = trainer.fit(
             ArraySource(arrays), validate, buckets=buckets, select=RANKING_SELECT, desc="bigrec"
         )
         self._use(trainer.model())
+        if cfg.beam_items_grid or cfg.gamma_grid:
+            self.cfg = self._choose_list(validation_rows(split, cfg.max_valid, seed))
         losses = info.losses
         return {
             "overrides": tuned,
+            "list": {"beam_items": self.cfg.beam_items, "gamma": self.cfg.gamma},
             "steps": info.steps,
             "best_step": info.best_step,
             "stopped_early": info.stopped_early,
@@ -246,7 +262,30 @@ class BigRecRecommender(Recommender):
             emb = embed_texts(model, self.tokenizer, list(self.titles[1:]))
             self.item_emb = np.concatenate([np.zeros_like(emb[:1]), emb])
 
+    def _choose_list(self, valid: EvalExamples) -> BigRecConfig:
+        """`cfg` with the grids' (beam_items, gamma) of the best NDCG@10 on `valid` (the
+        first of ties, grids in their order)."""
+        cfg, k = self.cfg, max(DEFAULT_KS)
+        chunks = [self._beams(valid, index, k) for index in row_chunks(len(valid))]
+        best, choice = -1.0, None
+        for beams in cfg.beam_items_grid or (cfg.beam_items,):
+            for gamma in cfg.gamma_grid or (cfg.gamma,):
+                ranked = np.concatenate([self._grounded(*c, k, beams, gamma) for c in chunks])
+                ndcg = metrics_from_ranks(ranks_from_lists(ranked, valid.targets), (10,))["NDCG@10"]
+                if ndcg > best:
+                    best, choice = ndcg, dict(beam_items=beams, gamma=float(gamma))
+        return dataclasses.replace(cfg, **choice)
+
     def rank(self, examples: EvalExamples, index: np.ndarray, k: int) -> np.ndarray:
+        lists, history = self._beams(examples, index, k)
+        cfg = self.cfg
+        if cfg.beam_items is None:
+            return lists
+        return self._grounded(lists, history, k, cfg.beam_items, cfg.gamma)
+
+    def _beams(self, examples: EvalExamples, index: np.ndarray, k: int):
+        """The items of the beams [len(index), k] and the examples' histories (None
+        without `filter_history`)."""
         cfg, tok, depth = self.cfg, self.tokenizer, self.trie.depth
         prompts = prompts_for(
             examples, self.titles, self.noun, tok, template=cfg.template, max_length=cfg.max_length,
@@ -264,16 +303,17 @@ class BigRecRecommender(Recommender):
             max_new_tokens=depth, length_penalty=cfg.length_penalty,
             keep=None if history is None else unseen_items(history, len(self.titles) - 1),
         )  # fmt: skip
-        lists = items_of_beams(out.titles, self.groups, k, history)
-        return lists if cfg.beam_items is None else self._grounded(lists, history, k)
+        return items_of_beams(out.titles, self.groups, k, history), history
 
-    def _grounded(self, lists: np.ndarray, history, k: int) -> np.ndarray:
+    def _grounded(
+        self, lists: np.ndarray, history, k: int, beam_items: int, gamma: float
+    ) -> np.ndarray:
         """The first `beam_items` of `lists` [B, k], then the catalogue by grounding of the
-        top beam (history and those items left out)."""
-        first = lists[:, : self.cfg.beam_items]
+        top beam with popularity exponent `gamma` (history and those items left out)."""
+        first = lists[:, :beam_items]
         scores = np.array(
-            grounding_scores(self.item_emb[lists[:, 0]], self.item_emb, self.pop_norm, self.cfg.gamma)
-        )  # fmt: skip
+            grounding_scores(self.item_emb[lists[:, 0]], self.item_emb, self.pop_norm, gamma)
+        )
         num_items = scores.shape[1] - 1
         drop = np.zeros(scores.shape, bool) if history is None else history_mask(history, num_items)
         np.put_along_axis(drop, first, True, axis=1)

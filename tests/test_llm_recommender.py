@@ -12,7 +12,7 @@ from tiny import tiny_bigrec_budget, write_tiny_ml100k
 
 from eval import data
 from eval import recommender as eval_recommender
-from eval.recommender import evaluate
+from eval.recommender import evaluate, validation_rows
 from eval.training import loop
 from llm_sft import recommender
 from llm_sft.data import IGNORE
@@ -122,6 +122,31 @@ def test_bigrec_keeps_the_state_with_the_best_validation_ranking(tmp_path, monke
     assert info["best_step"] == 3 * (best + 1) and info["valid_NDCG@10"] == seen[best][0]
     valid = sp.valid.take(sp.valid.sample_rows(6, 0))
     np.testing.assert_array_equal(rec.rank(valid, np.arange(len(valid)), 20), seen[best][1])
+
+
+def test_bigrec_chooses_its_list_on_validation(tmp_path, monkeypatch):
+    """With grids, `fit` keeps the (beam_items, gamma) pair with the best validation
+    NDCG@10 (the first of ties), as `evaluate` measures each on the same rows."""
+    grid = dict(beam_items_grid=(0, 1, 3), gamma_grid=(0.0, 8.0))
+    budget = dataclasses.replace(tiny_bigrec_budget(), beam_items=2, gamma=1.0, **grid)
+    monkeypatch.setitem(recommender.BUDGETS, "demo", budget)
+    ds = data.load("ml-100k", write_tiny_ml100k(tmp_path / "ml-100k"))
+    sp = data.split(ds)
+    rec = recommender.BigRecRecommender()
+    with pytest.raises(ValueError, match="need max_valid"):
+        rec.fit(ds, sp, budget="demo", seed=0)
+    monkeypatch.setitem(recommender.BUDGETS, "demo", dataclasses.replace(budget, max_valid=8))
+    info = rec.fit(ds, sp, budget="demo", seed=0)
+    chosen = rec.cfg
+    valid = validation_rows(sp, 8, 0)
+    ndcg = {}
+    for beams in grid["beam_items_grid"]:
+        for gamma in grid["gamma_grid"]:
+            rec.cfg = dataclasses.replace(chosen, beam_items=beams, gamma=gamma)
+            ndcg[beams, gamma] = evaluate(rec, ds, valid)["NDCG@10"]
+    best = max(ndcg, key=ndcg.get)  # the first of ties, in grid order
+    assert info["list"] == {"beam_items": best[0], "gamma": best[1]}
+    assert (chosen.beam_items, chosen.gamma) == best
 
 
 def test_long_titles_are_cut_to_leave_room_for_a_prompt(tmp_path, monkeypatch):
