@@ -309,7 +309,8 @@ class BigRecRecommender(Recommender):
         self, lists: np.ndarray, history, k: int, beam_items: int, gamma: float
     ) -> np.ndarray:
         """The first `beam_items` of `lists` [B, k], then the catalogue by grounding of the
-        top beam with popularity exponent `gamma` (history and those items left out)."""
+        top beam with popularity exponent `gamma` (history and those items left out; ties
+        most popular first)."""
         first = lists[:, :beam_items]
         scores = np.array(
             grounding_scores(self.item_emb[lists[:, 0]], self.item_emb, self.pop_norm, gamma)
@@ -319,7 +320,10 @@ class BigRecRecommender(Recommender):
         np.put_along_axis(drop, first, True, axis=1)
         drop[:, 0] = True
         scores[drop] = np.inf
-        rest = np.argsort(scores, axis=1, kind="stable")[:, : k - first.shape[1]]
+        # Ties (e.g. the items sharing the top beam's title, all at distance 0) go most
+        # popular first, as a shared title's items do in the beams.
+        popular = np.broadcast_to(-self.pop_norm, scores.shape)
+        rest = np.lexsort((popular, scores), axis=1)[:, : k - first.shape[1]]
         rest = np.where(np.isfinite(np.take_along_axis(scores, rest, axis=1)), rest, 0)
         return np.concatenate([first, rest.astype(first.dtype)], axis=1)
 

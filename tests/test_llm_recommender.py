@@ -83,7 +83,7 @@ def test_bigrec_ranks_past_the_first_beams_by_popularity_grounding(tmp_path, mon
         score = (
             (dist - dist.min()) / (dist.max() - dist.min()) * (1 + pop[1:] / pop[1:].max()) ** -2.0
         )
-        order = [i + 1 for i in np.argsort(score, kind="stable")]
+        order = [i + 1 for i in np.lexsort((-pop[1:], score))]  # ties: most popular first
         expected = [i for i in order if i not in history and i not in items[:3]]
         expected = (expected + [0] * 20)[:17]
         np.testing.assert_array_equal(items[3:], expected)
@@ -122,6 +122,16 @@ def test_bigrec_keeps_the_state_with_the_best_validation_ranking(tmp_path, monke
     assert info["best_step"] == 3 * (best + 1) and info["valid_NDCG@10"] == seen[best][0]
     valid = sp.valid.take(sp.valid.sample_rows(6, 0))
     np.testing.assert_array_equal(rec.rank(valid, np.arange(len(valid)), 20), seen[best][1])
+
+
+def test_bigrec_grounding_puts_tied_items_most_popular_first():
+    rec = recommender.BigRecRecommender()
+    rec.item_emb = np.array([[0, 0], [1, 0], [1, 0], [1, 0], [0, 1]], np.float32)  # 1-3: one title
+    rec.pop_norm = np.array([0.0, 0.1, 0.5, 1.0, 0.2], np.float32)
+    # The top beam (item 1), then its title's other items at distance 0, most popular first.
+    np.testing.assert_array_equal(
+        rec._grounded(np.array([[1, 0]]), None, 4, 1, 0.0), [[1, 3, 2, 4]]
+    )
 
 
 def test_bigrec_chooses_its_list_on_validation(tmp_path, monkeypatch):
