@@ -27,7 +27,7 @@ import time
 import jax
 import numpy as np
 
-from eval.data.dataset import Dataset, EvalExamples
+from eval.data.dataset import Dataset, EvalExamples, Ragged
 from eval.data.examples import ArraySource
 from eval.data.formats import read_item_codes
 from eval.data.splits import Split
@@ -285,7 +285,9 @@ class BigRecRecommender(Recommender):
             return lists
         return self._grounded(lists, history, k, cfg.beam_items, cfg.gamma)
 
-    def _beams(self, examples: EvalExamples, index: np.ndarray, k: int):
+    def _beams(
+        self, examples: EvalExamples, index: np.ndarray, k: int
+    ) -> tuple[np.ndarray, Ragged | None]:
         """The items of the beams [len(index), k] and the examples' histories (None
         without `filter_history`)."""
         cfg, tok, depth = self.cfg, self.tokenizer, self.trie.depth
@@ -308,7 +310,7 @@ class BigRecRecommender(Recommender):
         return items_of_beams(out.titles, self.groups, k, history), history
 
     def _grounded(
-        self, lists: np.ndarray, history, k: int, beam_items: int, gamma: float
+        self, lists: np.ndarray, history: Ragged | None, k: int, beam_items: int, gamma: float
     ) -> np.ndarray:
         """The first `beam_items` of `lists` [B, k], then the catalogue by grounding of the
         top beam with popularity exponent `gamma` (history and those items left out; ties
