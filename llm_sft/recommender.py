@@ -175,6 +175,12 @@ class BigRecRecommender(Recommender):
     def fit(self, ds: Dataset, split: Split, *, budget: str, seed: int) -> dict:
         tuned = self.tuned_for(budget, ds.name)
         cfg = self.cfg = replace_nested(BUDGETS[budget], tuned)
+        if (cfg.beam_items_grid or cfg.gamma_grid) and (
+            cfg.max_valid is None or cfg.beam_items is None
+        ):
+            raise ValueError(
+                "BigRecConfig: beam_items_grid / gamma_grid need max_valid and beam_items"
+            )
         ds.require_text("BIGRec", self.item_text)
         start = time.perf_counter()
         titles = sft_data.shorten_titles(ds.items.titles, cfg.max_title_chars)
@@ -227,12 +233,6 @@ class BigRecRecommender(Recommender):
         self.titles, self.noun = titles, noun
         if cfg.beam_items is not None:
             self.pop_norm = popularity_share(counts, ds.num_items + 1, "BigRecRecommender")
-        if (cfg.beam_items_grid or cfg.gamma_grid) and (
-            cfg.max_valid is None or cfg.beam_items is None
-        ):
-            raise ValueError(
-                "BigRecConfig: beam_items_grid / gamma_grid need max_valid and beam_items"
-            )
         validate = self.validation(ds, split, cfg.max_valid, seed, self._use)
         prepared = time.perf_counter()
         info = trainer.fit(
