@@ -147,6 +147,17 @@ def train_tokenizer(
         return sft_data.train_bpe_tokenizer(corpus, vocab_size, folder)
 
 
+# BIGRec's `demo` overrides on the Amazon title sets (`BigRecRecommender.tuned`, the reason
+# there): the last item as history, every prefix, the best state and list on validation.
+_BIGREC_LAST_ITEM = dict(
+    max_valid=1000,
+    max_history=1,
+    max_examples=None,
+    beam_items_grid=(1, 2, 3, 5, 10),
+    gamma_grid=(0.0, 2.0, 4.0, 8.0, 16.0, 64.0),
+)
+
+
 class BigRecRecommender(Recommender):
     """BIGRec: a Qwen-architecture LM fine-tuned to generate the next title; ranks by
     trie-constrained beam search."""
@@ -162,20 +173,13 @@ class BigRecRecommender(Recommender):
     # 0.0155 +- 0.0058 vs most-popular's 0.0043 (history 10, patience 3: 0.0040 +- 0.0011);
     # Scientific, 15 epochs, seeds 0-1 0.0350 +- 0.0003 vs 0.0167 (1,600 steps, history 10:
     # 0.0193, seed 0).
-    _last_item = dict(
-        max_valid=1000,
-        max_history=1,
-        max_examples=None,
-        beam_items_grid=(1, 2, 3, 5, 10),
-        gamma_grid=(0.0, 2.0, 4.0, 8.0, 16.0, 64.0),
-    )
     tuned = {
         "demo": {
             "amazon-cds-vinyl-2018": dict(
-                _last_item, train=dict(max_steps=None, num_epochs=40, patience=40)
+                _BIGREC_LAST_ITEM, train=dict(max_steps=None, num_epochs=40, patience=40)
             ),
             "amazon-scientific-2018": dict(
-                _last_item, train=dict(max_steps=None, num_epochs=15, patience=15)
+                _BIGREC_LAST_ITEM, train=dict(max_steps=None, num_epochs=15, patience=15)
             ),
         }
     }
