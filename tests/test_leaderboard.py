@@ -205,6 +205,28 @@ def test_the_full_budget_applies_a_data_sets_validation_chosen_overrides(monkeyp
     assert built.get("dropout_rate") == (0.5 if budget == "full" else None)
 
 
+@pytest.mark.parametrize(("budget", "num_items"), [("demo", 10), ("demo", 5000), ("full", 5000)])
+def test_recgpt_demo_prompt_tunes_one_epoch_on_a_large_catalogue(monkeypatch, budget, num_items):
+    from types import SimpleNamespace
+
+    from hstu import recommender
+
+    called = {}
+
+    def fit_recgpt(ds, split, overrides, **kwargs):
+        called.update(overrides=overrides, **kwargs)
+        raise StopIteration  # planned: nothing to train
+
+    monkeypatch.setattr(recommender, "fit_recgpt", fit_recgpt)
+    ds = SimpleNamespace(name="amazon-sports-2014", num_items=num_items)
+    with pytest.raises(StopIteration):
+        recommender.RecGPTRecommender().fit(ds, None, budget=budget, seed=0)
+    large = budget == "demo" and num_items > recommender.FULL_SOFTMAX_MAX_ITEMS
+    plan = recommender.RecGPTRecommender.prompt_budgets[budget]["prompt_overrides"]
+    assert called["prompt_overrides"].get("num_epochs") == (1 if large else plan.get("num_epochs"))
+    assert (called["overrides"].get("loss") == "sampled_softmax") == large
+
+
 def test_replace_nested_overrides_the_fields_of_a_dataclass_field():
     from eval.recommender import replace_nested
     from llm_sft.recommender import SidLLMConfig
