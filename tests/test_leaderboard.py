@@ -205,7 +205,9 @@ def test_the_full_budget_applies_a_data_sets_validation_chosen_overrides(monkeyp
     assert built.get("dropout_rate") == (0.5 if budget == "full" else None)
 
 
-@pytest.mark.parametrize(("budget", "num_items"), [("demo", 10), ("demo", 5000), ("full", 5000)])
+@pytest.mark.parametrize(
+    ("budget", "num_items"), [("demo", 10), ("demo", 5000), ("demo", 20_000), ("full", 20_000)]
+)
 def test_recgpt_demo_prompt_tunes_one_epoch_on_a_large_catalogue(monkeypatch, budget, num_items):
     from types import SimpleNamespace
 
@@ -221,10 +223,14 @@ def test_recgpt_demo_prompt_tunes_one_epoch_on_a_large_catalogue(monkeypatch, bu
     ds = SimpleNamespace(name="amazon-sports-2014", num_items=num_items)
     with pytest.raises(StopIteration):
         recommender.RecGPTRecommender().fit(ds, None, budget=budget, seed=0)
-    large = budget == "demo" and num_items > recommender.FULL_SOFTMAX_MAX_ITEMS
+    # 5,000 items: sampled softmax, all 10 prompt epochs; 20,000: one prompt epoch.
     plan = recommender.RecGPTRecommender.prompt_budgets[budget]["prompt_overrides"]
-    assert called["prompt_overrides"].get("num_epochs") == (1 if large else plan.get("num_epochs"))
-    assert (called["overrides"].get("loss") == "sampled_softmax") == large
+    one_epoch = budget == "demo" and num_items > recommender.DEMO_PROMPT_MAX_ITEMS
+    assert called["prompt_overrides"].get("num_epochs") == (
+        1 if one_epoch else plan.get("num_epochs")
+    )
+    sampled = budget == "demo" and num_items > recommender.FULL_SOFTMAX_MAX_ITEMS
+    assert (called["overrides"].get("loss") == "sampled_softmax") == sampled
 
 
 def test_replace_nested_overrides_the_fields_of_a_dataclass_field():
