@@ -126,7 +126,7 @@ BUDGETS: dict[str, BigRecConfig] = {
         model=dict(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32),
         vocab_size=8192, max_length=512, max_title_chars=256,
         train=TrainConfig(learning_rate=1e-3, warmup_ratio=0.03, per_device_train_batch_size=64, num_epochs=30,
-                          patience=30, log_every=100, group_by_length=True),
+                          log_every=100, group_by_length=True),
         max_valid=2000,
     ),
 }  # fmt: skip
@@ -178,10 +178,10 @@ class BigRecRecommender(Recommender):
     tuned = {
         "demo": {
             "amazon-cds-vinyl-2018": dict(
-                _BIGREC_LAST_ITEM, train=dict(max_steps=None, num_epochs=40, patience=40)
+                _BIGREC_LAST_ITEM, train=dict(max_steps=None, num_epochs=40)
             ),
             "amazon-scientific-2018": dict(
-                _BIGREC_LAST_ITEM, train=dict(max_steps=None, num_epochs=15, patience=15)
+                _BIGREC_LAST_ITEM, train=dict(max_steps=None, num_epochs=15)
             ),
         }
     }
@@ -385,7 +385,7 @@ SID_BUDGETS: dict[str, SidLLMConfig] = {
         model=dict(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32),
         stage1=TrainConfig(learning_rate=1e-3, schedule="constant", per_device_train_batch_size=64, max_steps=2000, log_every=100),
         stage2=TrainConfig(learning_rate=1e-3, warmup_ratio=0.03, per_device_train_batch_size=32, num_epochs=30,
-                           patience=30, log_every=100),
+                           log_every=100),
         vocab_size=8192, tasks=SIDTasks(max_history=20), max_length=512, max_valid=2000,
     ),
 }  # fmt: skip
