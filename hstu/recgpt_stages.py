@@ -3,11 +3,13 @@ per N, and the ablation of all three (`fit_recgpt`; `python -m hstu.train --pres
 
 1. pre-training (`prompt_items` = 0) from scratch;
 2. prompt-tuning for every K in `prompt_lengths`, each from the pre-trained weights with a
-   fresh optimizer (the code's `run_finetune_full`), selected on validation;
-3. two-stage recall on the best K: for each cutoff k of `CUTOFFS` and each share s of
+   fresh optimizer (the code's `run_finetune_full`); validation picks the best K, or the
+   pre-trained model (K = 0) when no K beats it;
+3. two-stage recall on that model: for each cutoff k of `CUTOFFS` and each share s of
    `recall_shares`, N = round(s k) items from stage 1 and k - N from stage 2 (the paper's
-   N/M = 9/1, 8/2, 5/5 at k = 10); N is chosen per k on validation. The same N on the
-   pre-trained model tests the paper's "two-stage recall without prompt-tuning is worse".
+   N/M = 9/1, 8/2, 5/5 at k = 10); N is chosen per k on validation, N = k (one stage)
+   among them. The same N on the pre-trained model tests the paper's "two-stage recall
+   without prompt-tuning is worse".
 
 Each training stage is an `eval.training` run folder under `<out>/` (`pretrain`,
 `prompt_k<K>`): a rerun resumes the stage it stopped in and reloads finished ones.
@@ -102,8 +104,9 @@ def fit_recgpt(
     mesh: Mesh | None = None,
     shard_items: bool = False,
 ) -> tuple[Trainer, dict]:
-    """Trains the stages and measures the ablation; returns the final trainer (best K,
-    `recall_n` = the N chosen at k = 10) and {"ablation", "stages", "recall_n"}.
+    """Trains the stages and measures the ablation; returns the final trainer (best K, 0:
+    the pre-trained model; `recall_n` = the N chosen at k = 10, None: one stage) and
+    {"ablation", "stages", "recall_n", "best_stage"} (`best_stage`: its stage's name).
     `overrides` set both stages, `prompt_overrides` (e.g. its epochs) prompt-tuning on top;
     `mesh`, `shard_items`: every stage's (`hstu.trainer.Trainer`)."""
     if not prompt_lengths or min(prompt_lengths) < 1:
@@ -122,7 +125,8 @@ def fit_recgpt(
     pre, pre_info = stage("pretrain", 0, None)
     stages = {"pretrain": pre_info}
     ablation: dict[str, Any] = {"pretrain": _both(pre, ds, split, protocol), "prompt": {}}
-    best, best_k, best_valid = None, None, -1.0
+    # Pre-training is a candidate too (K = 0): a K must beat it on validation strictly.
+    best, best_k, best_valid = pre, 0, ablation["pretrain"]["valid"]["NDCG@10"]
     for k in prompt_lengths:
         tuned, info = stage(f"prompt_k{k}", k, pre)
         stages[f"prompt_k{k}"] = info
@@ -130,26 +134,34 @@ def fit_recgpt(
         score = ablation["prompt"][f"K={k}"]["valid"]["NDCG@10"]
         if score > best_valid:
             best, best_k, best_valid = tuned, k, score
+    one_stage = ablation["prompt"][f"K={best_k}"] if best_k else ablation["pretrain"]
     splits = recall_splits(recall_shares)
     ns = sorted({n for v in splits.values() for n in v}, reverse=True)
-    two_stage = {f"N={n}": _both(best, ds, split, protocol, n) for n in ns}
     pre_two_stage = {f"N={n}": _both(pre, ds, split, protocol, n) for n in ns}
+    if best is pre:
+        two_stage = pre_two_stage
+    else:
+        two_stage = {f"N={n}": _both(best, ds, split, protocol, n) for n in ns}
     selected = {}
     for k, candidates in splits.items():
-        n = max(candidates, key=lambda n: (two_stage[f"N={n}"]["valid"][f"NDCG@{k}"], n))
+        # N = k: one stage. Validation ties go to the larger N, one stage first.
+        runs = {n: two_stage[f"N={n}"] for n in candidates} | {k: one_stage}
+        n = max(runs, key=lambda n: (runs[n]["valid"][f"NDCG@{k}"], n))
+        pre_n = pre_two_stage[f"N={n}"] if n < k else ablation["pretrain"]
         selected[f"@{k}"] = {
-            "N": n, "M": k - n,
-            **{m: two_stage[f"N={n}"]["test"][f"{m}@{k}"] for m in ("HR", "NDCG")},
-            "pretrain+two_stage": {
-                m: pre_two_stage[f"N={n}"]["test"][f"{m}@{k}"] for m in ("HR", "NDCG")
-            },
+            "N": n, "M": k - n, **{m: runs[n]["test"][f"{m}@{k}"] for m in ("HR", "NDCG")},
+            "pretrain+two_stage": {m: pre_n["test"][f"{m}@{k}"] for m in ("HR", "NDCG")},
         }  # fmt: skip
     ablation |= {
         "best_K": best_k, "prompt+two_stage": two_stage, "pretrain+two_stage": pre_two_stage,
         "selected": selected,
     }  # fmt: skip
-    best.recall_n = selected["@10"]["N"]
-    return best, {"ablation": ablation, "stages": stages, "recall_n": best.recall_n}
+    n = selected["@10"]["N"]
+    best.recall_n = n if n < 10 else None
+    return best, {
+        "ablation": ablation, "stages": stages, "recall_n": best.recall_n,
+        "best_stage": f"prompt_k{best_k}" if best_k else "pretrain",
+    }  # fmt: skip
 
 
 def print_ablation(ablation: dict) -> None:
@@ -163,7 +175,8 @@ def print_ablation(ablation: dict) -> None:
     for name, value in ablation["prompt"].items():
         print(line(f"prompt {name}", value["test"]))
     for name, value in ablation["prompt+two_stage"].items():
-        print(line(f"prompt K={ablation['best_K']} two-stage {name}", value["test"]))
+        model = f"prompt K={ablation['best_K']}" if ablation["best_K"] else "pretrain"
+        print(line(f"{model} two-stage {name}", value["test"]))
     for k, sel in ablation["selected"].items():
         print(f"selected {k}: N={sel['N']} M={sel['M']} HR={sel['HR']:.4f} NDCG={sel['NDCG']:.4f} "
               f"(pretrain+two-stage: HR={sel['pretrain+two_stage']['HR']:.4f} "

@@ -115,7 +115,7 @@ def train(dataset: str, data_dir: str, preset: str, overrides: dict, out: str | 
                 out=run.path if run else None, config=config, overwrite=overwrite,
                 progress=progress, mesh=device_mesh, shard_items=shard_items,
             )  # fmt: skip
-            best = stages["stages"][f"prompt_k{stages['ablation']['best_K']}"]
+            best = stages["stages"][stages["best_stage"]]
             info = {k: best[k] for k in ("steps", "best_step", "stopped_early", "valid")}
             info |= {"ablation": stages["ablation"], "recall_n": stages["recall_n"],
                      "item_table_split": trainer.sharded_table}  # fmt: skip
