@@ -147,7 +147,7 @@ def fit_recgpt(
         # N = k: one stage. Validation ties go to the larger N, one stage first.
         runs = {n: two_stage[f"N={n}"] for n in candidates} | {k: one_stage}
         n = max(runs, key=lambda n: (runs[n]["valid"][f"NDCG@{k}"], n))
-        pre_n = pre_two_stage[f"N={n}"] if n < k else ablation["pretrain"]
+        pre_n = pre_two_stage[f"N={n}"] if n < k else ablation["pretrain"]  # same N
         selected[f"@{k}"] = {
             "N": n, "M": k - n, **{m: runs[n]["test"][f"{m}@{k}"] for m in ("HR", "NDCG")},
             "pretrain+two_stage": {m: pre_n["test"][f"{m}@{k}"] for m in ("HR", "NDCG")},
@@ -179,5 +179,5 @@ def print_ablation(ablation: dict) -> None:
         print(line(f"{model} two-stage {name}", value["test"]))
     for k, sel in ablation["selected"].items():
         print(f"selected {k}: N={sel['N']} M={sel['M']} HR={sel['HR']:.4f} NDCG={sel['NDCG']:.4f} "
-              f"(pretrain+two-stage: HR={sel['pretrain+two_stage']['HR']:.4f} "
+              f"(pretrain, same N: HR={sel['pretrain+two_stage']['HR']:.4f} "
               f"NDCG={sel['pretrain+two_stage']['NDCG']:.4f})")  # fmt: skip
