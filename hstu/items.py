@@ -1,12 +1,15 @@
 """The item table HSTU, SASRec and RecGPT score against: L2 normalisation, item scores
-and the tables full ranking multiplies queries with."""
+and the tables full ranking multiplies queries with; the positions of their inputs."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
 L2_EPS = 1e-6
+Positions = Literal["start", "end"]
 
 
 def l2_normalize(x: jax.Array, eps: float = L2_EPS) -> jax.Array:
@@ -22,6 +25,16 @@ def l2_normalize(x: jax.Array, eps: float = L2_EPS) -> jax.Array:
 def last_position(out: jax.Array, lengths: jax.Array) -> jax.Array:
     """out [B, N, ...] at each row's last real position (lengths - 1)."""
     return out[jnp.arange(out.shape[0]), jnp.maximum(lengths - 1, 0)]
+
+
+def position_ids(ids: jax.Array, max_seq_len: int, positions: Positions) -> jax.Array:
+    """Position of every slot of right-padded ids [B, N]: [N] from the start, or [B, N]
+    aligned so that each row's last item is at max_seq_len - 1 (padding clipped)."""
+    n = ids.shape[1]
+    if positions == "start":
+        return jnp.arange(n)
+    lengths = jnp.sum(ids != 0, axis=1, keepdims=True)
+    return jnp.clip(max_seq_len - lengths + jnp.arange(n), 0, max_seq_len - 1)
 
 
 class ItemScores:

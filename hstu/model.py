@@ -28,9 +28,8 @@ from flax import nnx
 
 from hstu.attention import Impl, NNorm, hstu_attention
 from hstu.dropout import Dropout
-from hstu.items import ItemScores, l2_normalize
+from hstu.items import ItemScores, Positions, l2_normalize, position_ids
 from hstu.losses import LossConfig
-from hstu.sasrec import Positions, position_ids
 
 LN_EPS = 1e-6
 TIME_BUCKET_DIVISOR = 0.301

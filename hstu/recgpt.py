@@ -36,9 +36,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hstu.dropout import Dropout
-from hstu.items import ItemScores, last_position
+from hstu.items import ItemScores, Positions, last_position, position_ids
 from hstu.losses import LossConfig, LossName, chunked_softmax_loss, next_item_loss
-from hstu.sasrec import Positions, position_ids
 
 Attention = Literal["softmax", "flow"]
 Placement = Literal["replace", "insert"]

@@ -22,11 +22,10 @@ from flax import nnx
 
 from hstu.attention import causal_blocks
 from hstu.dropout import Dropout
-from hstu.items import ItemScores, l2_normalize
+from hstu.items import ItemScores, Positions, l2_normalize, position_ids
 from hstu.losses import LossConfig, LossName
 
 LayerType = Literal["sasrec", "ligr"]
-Positions = Literal["start", "end"]
 
 LN_EPS = 1e-8
 # Xavier-normal for every matrix, as the reference implementations initialise SASRec; the
@@ -97,16 +96,6 @@ class SASRecConfig(LossConfig):
     # left-padded inputs; a query's position then says how recent, not how long, it is).
     positions: Positions = "start"
     ffn_multiplier: int = 1  # LiGR's SwiGLU hidden width, in multiples of embedding_dim
-
-
-def position_ids(ids: jax.Array, max_seq_len: int, positions: Positions) -> jax.Array:
-    """Position of every slot of right-padded ids [B, N]: [N] from the start, or [B, N]
-    aligned so that each row's last item is at max_seq_len - 1 (padding clipped)."""
-    n = ids.shape[1]
-    if positions == "start":
-        return jnp.arange(n)
-    lengths = jnp.sum(ids != 0, axis=1, keepdims=True)
-    return jnp.clip(max_seq_len - lengths + jnp.arange(n), 0, max_seq_len - 1)
 
 
 def _linear(d: int, rngs: nnx.Rngs) -> nnx.Linear:

@@ -15,9 +15,10 @@ from flax import nnx
 
 from hstu import losses
 from hstu.dropout import Dropout
+from hstu.items import position_ids
 from hstu.model import HSTUConfig
 from hstu.models import MODELS, build_model
-from hstu.sasrec import SASRecConfig, position_ids
+from hstu.sasrec import SASRecConfig
 from hstu.trainer import TrainConfig
 
 NUM_ITEMS, D = 37, 6
