@@ -156,8 +156,8 @@ def fit_recgpt(
         "best_K": best_k, "prompt+two_stage": two_stage, "pretrain+two_stage": pre_two_stage,
         "selected": selected,
     }  # fmt: skip
-    n = selected["@10"]["N"]
-    best.recall_n = n if n < 10 else None
+    at10 = selected["@10"]
+    best.recall_n = at10["N"] if at10["M"] else None  # M = 0: one stage
     return best, {
         "ablation": ablation, "stages": stages, "recall_n": best.recall_n,
         "best_stage": f"prompt_k{best_k}" if best_k else "pretrain",
